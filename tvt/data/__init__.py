@@ -1,0 +1,1 @@
+"""Datasets: the mini set built from installed wheels, rendered text, verified downloads."""

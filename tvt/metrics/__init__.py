@@ -1,0 +1,1 @@
+"""Image-quality metrics, including offline LPIPS/DISTS built from registry-shipped weights."""
