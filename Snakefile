@@ -1,0 +1,17 @@
+# TVT pipeline. Stages, commands, inputs, outputs and parameters come from the stage
+# registry in tvt/stages.py (the same one that generates dvc.yaml); the rules below only
+# turn it into Snakemake rules. Locally: `snakemake --cores 2 all`;
+# SLURM: `snakemake --profile profiles/slurm all`; paper mode: add `--configfile config/paper.yaml`.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/stages.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        STAGES["evaluate"].outs + STAGES["evaluate"].metrics,

@@ -1,0 +1,87 @@
+"""Config schema: both shipped configs validate; bad values give one line naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tvt import config
+from tvt.config import ConfigError
+
+MINI = config.load(config.REPO_ROOT / "config" / "config.yaml")
+
+
+def test_shipped_configs_validate():
+    paper = config.load(config.REPO_ROOT / "config" / "paper.yaml")
+    assert MINI["mode"] == "mini" and paper["mode"] == "paper"
+    assert paper["degrade"]["hr_size"] == 512 and paper["degrade"]["scale"] == 4
+
+
+def _error(mutate) -> str:
+    cfg = copy.deepcopy(MINI)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as info:
+        config.validate(cfg, "cfg.yaml")
+    message = str(info.value)
+    assert "\n" not in message  # one line
+    return message
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["degrade"].__setitem__("scale", -4), "cfg.yaml: degrade.scale: -4 must be >= 1"),
+        (lambda c: c["degrade"].__setitem__("scale", "four"), "degrade.scale: expected integer, got str 'four'"),
+        (lambda c: c["degrade"].__setitem__("hr_size", 130), "degrade.hr_size: 130 is not a multiple of degrade.scale"),
+        (lambda c: c["data"].__setitem__("colour", 1), "data.colour: unknown key (allowed: datasets, photos"),
+        (lambda c: c.__setitem__("trainig", {}), "trainig: unknown key"),
+        (lambda c: c["degrade"]["first"].pop("noise_range"), "degrade.first: missing required key 'noise_range'"),
+        (lambda c: c["degrade"]["second"].__setitem__("noise_range", [1, -2]), "degrade.second.noise_range[1]: -2 must be >= 0"),
+        (lambda c: c["evaluate"].__setitem__("test_sets", ["realsr"]), "evaluate.test_sets[0]: unknown dataset 'realsr'"),
+        (lambda c: c["evaluate"].__setitem__("methods", ["esrgan"]), "evaluate.methods[0]: 'esrgan' is not one of"),
+        (lambda c: c["data"].pop("photos"), "data.photos: required when data.source is 'mini'"),
+        (lambda c: c["degrade"].__setitem__("kernel_prob", [1.0]), "degrade.kernel_prob: 1 probabilities for 6 kernels"),
+        (lambda c: c["degrade"]["first"].__setitem__("gray_noise_prob", 1.5), "degrade.first.gray_noise_prob: 1.5 must be <= 1"),
+    ],
+)
+def test_bad_values_name_the_key(mutate, expected):
+    assert expected in _error(mutate)
+
+
+def test_missing_dataset_in_paper_mode_is_named():
+    paper = config.load(config.REPO_ROOT / "config" / "paper.yaml")
+    del paper["data"]["datasets"]["realsr"]
+    with pytest.raises(ConfigError, match=r"evaluate.test_sets\[1\]: unknown dataset 'realsr'"):
+        config.validate(paper)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: mini\nseed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_cli_reports_one_line_not_a_traceback(tmp_path):
+    cfg = copy.deepcopy(MINI)
+    cfg["degrade"]["scale"] = 0
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "tvt", "config", "validate", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"config error: {path}: degrade.scale: 0 must be >= 1"
+
+
+def test_stage_params_are_isolated():
+    p = config.stage_params(MINI, "evaluate")
+    assert set(p) == {"mode", "seed", "evaluate"}
+    changed = copy.deepcopy(MINI)
+    changed["evaluate"]["crop_border"] = 0
+    assert config.params_hash(config.stage_params(changed, "degrade")) == config.params_hash(
+        config.stage_params(MINI, "degrade"))
+    assert config.params_hash(config.stage_params(changed, "evaluate")) != config.params_hash(p)

@@ -1,0 +1,5 @@
+import sys
+
+from tvt.cli import main
+
+sys.exit(main())

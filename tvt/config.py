@@ -1,0 +1,154 @@
+"""Configuration: load a YAML config, validate it, hand each stage only its own section.
+
+The schema lives in ``workflow/schemas/config.schema.yaml`` (shared with Snakemake's
+``validate``). Errors are reported as *one line naming the key*, because a researcher
+who mistypes ``degrade.scale`` wants to know that, not read a jsonschema traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
+
+#: keys every stage may read besides its own section (changing them reruns everything)
+GLOBAL_KEYS = ("mode", "seed")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message is one line naming the offending key."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _describe(error) -> str:
+    """Turn one jsonschema error into 'key.path: what is wrong'."""
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        names = ", ".join(repr(e) for e in extra)
+        prefix = "" if where == "<top level>" else f"{where}."
+        return f"{prefix}{extra[0] if len(extra) == 1 else '{' + names + '}'}: unknown key{hint}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return f"{where}: missing required key '{missing}'"
+    if error.validator == "enum":
+        return f"{where}: {error.instance!r} is not one of {error.validator_value}"
+    if error.validator == "type":
+        return f"{where}: expected {error.validator_value}, got {type(error.instance).__name__} {error.instance!r}"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        word = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+        return f"{where}: {error.instance!r} must be {word[error.validator]} {error.validator_value}"
+    if error.validator == "anyOf" and error.context:
+        return _describe(min(error.context, key=lambda e: len(e.message)))
+    return f"{where}: {error.message}"
+
+
+def _semantic_checks(cfg: dict) -> None:
+    """Cross-field rules a JSON schema cannot express."""
+    deg = cfg["degrade"]
+    if len(deg["kernel_prob"]) != len(deg["kernel_list"]):
+        raise ConfigError(
+            f"degrade.kernel_prob: {len(deg['kernel_prob'])} probabilities for "
+            f"{len(deg['kernel_list'])} kernels in degrade.kernel_list"
+        )
+    if deg["hr_size"] % deg["scale"]:
+        raise ConfigError(f"degrade.hr_size: {deg['hr_size']} is not a multiple of degrade.scale ({deg['scale']})")
+    data = cfg["data"]
+    if data["source"] == "mini":
+        for key in ("photos", "text", "split"):
+            if key not in data:
+                raise ConfigError(f"data.{key}: required when data.source is 'mini'")
+        if data["photos"]["max_side"] < data["photos"]["min_side"]:
+            raise ConfigError("data.photos.max_side: must be >= data.photos.min_side")
+    else:
+        if "datasets" not in data:
+            raise ConfigError("data.datasets: required when data.source is 'download'")
+    known = set(data.get("datasets", {}))
+    for i, name in enumerate(cfg["evaluate"].get("test_sets", [])):
+        if name not in known:
+            raise ConfigError(
+                f"evaluate.test_sets[{i}]: unknown dataset {name!r} (defined in data.datasets: "
+                f"{', '.join(sorted(known)) or 'none'})"
+            )
+
+
+def validate(cfg: Any, source: str = "config") -> dict:
+    """Validate a config dict; raise :class:`ConfigError` with one readable line."""
+    import jsonschema
+
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(cfg).__name__}")
+    validator = jsonschema.Draft202012Validator(load_schema())
+    # prefer the deepest error: it names the most specific key
+    error = jsonschema.exceptions.best_match(
+        validator.iter_errors(cfg),
+        key=lambda e: (len(e.absolute_path), *jsonschema.exceptions.relevance(e)),
+    )
+    if error is not None:
+        raise ConfigError(f"{source}: {_describe(error)}")
+    try:
+        _semantic_checks(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load(path: str | Path | None = None) -> dict:
+    """Read and validate a config file (default: the mini config)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return validate(cfg, source=str(path))
+
+
+def get_section(cfg: dict, section: str):
+    """``cfg['a']['b']`` for the dotted name ``'a.b'`` (None where absent)."""
+    node = cfg
+    for part in section.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def stage_params(cfg: dict, section: str | None) -> dict:
+    """What one stage may read: the global keys plus its own (possibly dotted) section."""
+    params = {k: cfg[k] for k in GLOBAL_KEYS}
+    if section is not None:
+        params[section] = get_section(cfg, section)
+    return params
+
+
+def params_hash(params: dict) -> str:
+    """Stable short hash of a stage's parameters (used as Snakemake params and MLflow tag)."""
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

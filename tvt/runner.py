@@ -1,0 +1,152 @@
+"""Stage execution: what ``tvt stage NAME`` does, for Snakemake and DVC alike.
+
+Each stage reads its own config section, opens its MLflow run (nested under the
+pipeline run when there is one) and writes its outputs atomically: into ``<out>.tmp``
+first, renamed into place only when the stage succeeded, so a killed or failed stage
+never leaves a half-written output that a later run could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from tvt import config as config_mod
+from tvt import stages as stages_mod
+from tvt import tracking
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing input, unsupported mode); the message says why."""
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; move it onto ``path`` only on success."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _require(path: str | Path, produced_by: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} is missing: run the '{produced_by}' stage first "
+                         f"(e.g. `snakemake --cores 2 {produced_by}`)")
+    return path
+
+
+def _stage_data(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    data = cfg["data"]
+    with atomic_dir(stages_mod.DATA_DIR) as out:
+        if data["source"] == "mini":
+            from tvt.data.mini import build_mini_dataset
+
+            manifest = build_mini_dataset(data, out, cfg["seed"])
+        else:
+            from tvt.data.paper import assemble_paper_dataset
+
+            manifest = assemble_paper_dataset(data, out, Path(stages_mod.DATASETS_DIR))
+        from tvt.data.manifest import read_manifest
+
+        rows = read_manifest(manifest)
+        counts: dict[str, int] = {}
+        for row in rows:
+            key = f"n_{row['kind']}_{row['split']}"
+            counts[key] = counts.get(key, 0) + 1
+        run.log_metrics({"n_images": len(rows), **counts})
+        run.log_artifact(manifest)
+
+
+def _stage_download(name: str):
+    def handler(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+        from tvt.data.download import fetch_dataset
+
+        spec = cfg["data"]["datasets"][name]
+        target = fetch_dataset(name, spec, Path(stages_mod.DATASETS_DIR),
+                               trust_new_hashes=opts.get("trust_new_hashes", False))
+        run.log_artifact(target / ".complete", "download")
+
+    return handler
+
+
+def _stage_degrade(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.data.manifest import read_manifest
+    from tvt.degradation import synthesize_pairs
+
+    manifest = _require(Path(stages_mod.DATA_DIR) / "manifest.csv", "data")
+    deg = cfg["degrade"]
+    with atomic_dir(stages_mod.PAIRS_DIR) as out:
+        pairs = synthesize_pairs(manifest, out, deg, cfg["seed"], workers=deg["workers"])
+        rows = read_manifest(pairs)
+        run.log_metrics({"n_pairs": len(rows)})
+        run.log_artifact(pairs)
+
+
+def _stage_evaluate(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.evaluate import evaluate
+
+    pairs = _require(Path(stages_mod.PAIRS_DIR) / "pairs.csv", "degrade")
+    with atomic_dir(stages_mod.TABLES_DIR) as tables:
+        evaluate(cfg, pairs, tables, Path(stages_mod.METRICS_FILE), run)
+
+
+HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
+    "data": _stage_data,
+    "degrade": _stage_degrade,
+    "evaluate": _stage_evaluate,
+}
+
+
+def run_stage(name: str, config_path: str | Path, **opts) -> None:
+    """Run one stage of the pipeline described by ``config_path``."""
+    cfg = config_mod.load(config_path)
+    stage = stages_mod.stage_by_name(cfg, name)
+    handler = HANDLERS.get(name) or (_stage_download(name.removeprefix("download_"))
+                                     if name.startswith("download_") else None)
+    if handler is None:
+        raise StageError(f"stage {name!r} has no implementation in this version of tvt")
+    for dep in stage.deps:
+        producer = next((s.name for s in stages_mod.build_stages(cfg) if dep in s.outs), "?")
+        _require(dep, producer)
+    with tracking.stage_run(name, cfg, stage.section, config_path) as run:
+        handler(cfg, run, opts)
+
+
+def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: list[str] | None = None) -> int:
+    """Run the pipeline with Snakemake or DVC under one MLflow parent run.
+
+    Snakemake opens the parent run itself (``onstart`` in the Snakefile); for DVC this
+    function opens it and exports its id to the stage processes.
+    """
+    extra = [a for a in (extra or []) if a != "--"]
+    if engine == "snakemake":
+        cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(config_path), *extra]
+        return subprocess.call(cmd)
+    cfg = config_mod.load(config_path)
+    run_id = tracking.start_pipeline_run(cfg, config_path, "dvc")
+    code = subprocess.call(["dvc", "repro", *extra], env={**os.environ, tracking.PIPELINE_ENV: run_id})
+    tracking.end_pipeline_run(cfg, run_id, ok=code == 0)
+    return code

@@ -1,0 +1,152 @@
+"""The stage registry: the ONE definition of every pipeline stage.
+
+Snakemake (``workflow/rules/stages.smk``) builds its rules from this registry, and
+``dvc.yaml`` is generated from it (``tvt workflow dvc``; a test fails when the committed
+file drifts). Each stage names the config section it reads; Snakemake sees only that
+section's hash as a rule parameter and DVC only that section as ``params``, so editing
+e.g. ``evaluate`` never invalidates a training stage.
+
+A stage exists in a given config iff its section exists there: training stages appear in
+the DAG as their sections are configured, and the evaluation stage depends only on the
+methods it scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params
+
+RESOURCES = "resources"
+RESULTS = "results"
+DATA_DIR = f"{RESOURCES}/data"
+DATASETS_DIR = f"{RESOURCES}/datasets"
+PAIRS_DIR = f"{RESOURCES}/pairs"
+MODELS_DIR = f"{RESOURCES}/models"
+SD_DIR = f"{MODELS_DIR}/sd-base"
+CKPT_DIR = f"{RESOURCES}/checkpoints"
+METRICS_FILE = f"{RESULTS}/metrics.json"
+TABLES_DIR = f"{RESULTS}/tables"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Scheduler resources (Snakemake's standard names, used by the SLURM profile)."""
+
+    cpus: int = 2
+    mem_mb: int = 4000
+    runtime: int = 30  # minutes
+    gpus: int = 0
+
+    def snakemake(self) -> dict[str, int]:
+        res = {"mem_mb": self.mem_mb, "runtime": self.runtime, "cpus_per_task": self.cpus}
+        if self.gpus:
+            res.update(gpu=self.gpus, cpus_per_gpu=max(1, self.cpus // self.gpus))
+        return res
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    section: str | None  # config key the stage reads (besides GLOBAL_KEYS)
+    description: str
+    deps: tuple[str, ...] = ()  # data/model inputs produced by other stages or the user
+    code: tuple[str, ...] = ()  # package sources whose change should rerun the stage
+    outs: tuple[str, ...] = ()  # directories (cached, DVC-tracked)
+    metrics: tuple[str, ...] = ()  # small JSON files (not cached, `dvc metrics show`)
+    plots: tuple[str, ...] = ()
+    resources: Resources = field(default_factory=Resources)
+
+    def command(self, config_path: str) -> str:
+        return f"tvt stage {self.name} --config {config_path}"
+
+    def params(self, cfg: Mapping) -> dict:
+        return stage_params(cfg, self.section)
+
+    def params_hash(self, cfg: Mapping) -> str:
+        return params_hash(self.params(cfg))
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.deps + self.code
+
+
+def code_files(*paths: str) -> tuple[str, ...]:
+    """Expand package folders to their ``.py`` files (relative, POSIX, sorted).
+
+    Stages depend on individual source files, not folders: a folder would also change
+    when Python writes ``__pycache__`` into it, which would make DVC rerun for nothing.
+    """
+    files: list[str] = []
+    for rel in paths:
+        path = REPO_ROOT / rel
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files += [p.relative_to(REPO_ROOT).as_posix() for p in found if "__pycache__" not in p.parts]
+    return tuple(files)
+
+
+def method_model_dir(method: str) -> str | None:
+    """Where a trained restorer lives (None for training-free baselines)."""
+    return None if method == "bicubic" else f"{MODELS_DIR}/{method}"
+
+
+def build_stages(cfg: Mapping) -> list[Stage]:
+    """All stages of the pipeline for this config, in topological order."""
+    downloads = [
+        Stage(f"download_{name}", f"data.datasets.{name}", f"download and verify {name}",
+              code=code_files("tvt/data/download.py"), outs=(f"{DATASETS_DIR}/{name}",),
+              resources=Resources(cpus=1, mem_mb=2000, runtime=600))
+        for name in cfg["data"].get("datasets", {})
+    ] if cfg["data"]["source"] == "download" else []
+    stages = downloads + [
+        Stage("data", "data", "assemble the dataset and its manifest",
+              deps=tuple(o for d in downloads for o in d.outs),
+              code=code_files("tvt/data"), outs=(DATA_DIR,),
+              resources=Resources(cpus=1, mem_mb=4000, runtime=120)),
+        Stage("degrade", "degrade", "synthesise LR/HR pairs (Real-ESRGAN second-order degradation)",
+              deps=(DATA_DIR,), code=code_files("tvt/degradation.py"), outs=(PAIRS_DIR,),
+              resources=Resources(cpus=cfg["degrade"]["workers"], mem_mb=8000, runtime=240)),
+    ]
+    methods = list(cfg["evaluate"]["methods"])
+    eval_deps = [PAIRS_DIR] + [d for m in methods if (d := method_model_dir(m))]
+    stages.append(
+        Stage("evaluate", "evaluate", "score every method on the test split; write tables",
+              deps=tuple(eval_deps), code=code_files("tvt/evaluate.py", "tvt/metrics/fidelity.py"),
+              outs=(TABLES_DIR,), metrics=(METRICS_FILE,),
+              resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
+    return stages
+
+
+def stage_by_name(cfg: Mapping, name: str) -> Stage:
+    stages = {s.name: s for s in build_stages(cfg)}
+    if name not in stages:
+        raise KeyError(f"unknown stage {name!r} for this config (stages: {', '.join(stages)})")
+    return stages[name]
+
+
+def dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> dict:
+    """The dvc.yaml document for this config, generated from the registry."""
+    out: dict = {"stages": {}}
+    for st in build_stages(cfg):
+        keys = [*GLOBAL_KEYS] + ([st.section] if st.section else [])
+        entry: dict = {"cmd": st.command(config_path), "desc": st.description}
+        if st.inputs:
+            entry["deps"] = list(st.inputs)
+        entry["params"] = [{config_path: keys}]
+        if st.outs:
+            entry["outs"] = list(st.outs)
+        if st.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in st.metrics]
+        if st.plots:
+            entry["plots"] = [{p: {"cache": False}} for p in st.plots]
+        out["stages"][st.name] = entry
+    return out
+
+
+def render_dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> str:
+    import yaml
+
+    header = ("# GENERATED from tvt/stages.py by `tvt workflow dvc` -- do not edit by hand.\n"
+              "# tests/test_workflow.py fails when this file and the registry disagree.\n")
+    return header + yaml.safe_dump(dvc_yaml(cfg, config_path), sort_keys=False, width=100)
