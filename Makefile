@@ -13,7 +13,9 @@ export TVT_WEIGHTS_DIR ?= $(CURDIR)/.tvt-cache/weights
 
 demo: setup
 	snakemake --cores $(CORES) all
-	@echo; echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///results/mlflow.db --workers 1"
+	@echo; cat results/tables/metrics.md; echo
+	@tvt runs
+	@echo "Browse the runs: make mlflow-ui   (http://127.0.0.1:5000)"
 
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; \

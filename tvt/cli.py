@@ -63,6 +63,13 @@ def _cmd_pipeline(args) -> int:
     return run_pipeline(args.engine, args.config, cores=args.cores, extra=args.extra)
 
 
+def _cmd_runs(args) -> int:
+    from tvt import config, tracking
+
+    print(tracking.describe_latest_pipeline(config.load(args.config)))
+    return 0
+
+
 def _cmd_weights_fetch(args) -> int:
     from tvt.weights import fetch_perceptual_weights
 
@@ -122,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = wsub.add_parser("stages", help="list the stages of a config")
     q.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     q.set_defaults(func=_cmd_workflow_stages)
+
+    p = sub.add_parser("runs", help="show the newest MLflow pipeline run and its stage runs")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_runs)
 
     p = sub.add_parser("weights", help="offline weight cache (LPIPS/DISTS backbones)")
     ws = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")

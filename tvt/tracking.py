@@ -173,3 +173,26 @@ def stage_run(stage: str, cfg: Mapping, section: str | None, config_path: str | 
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def describe_latest_pipeline(cfg: Mapping) -> str:
+    """A short text view of the newest pipeline run and its stage runs (for the console)."""
+    mlflow = _mlflow(cfg)
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(cfg["tracking"]["experiment"])
+    parents = client.search_runs([exp.experiment_id], "tags.`tvt.kind` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        return f"no pipeline run yet in {tracking_uri(cfg)} (experiment {exp.name})"
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    lines = [f"MLflow {tracking_uri(cfg)} · experiment '{exp.name}' · pipeline run {parent.info.run_id} "
+             f"({parent.info.status})"]
+    for child in children:
+        seconds = ((child.info.end_time or child.info.start_time) - child.info.start_time) / 1000
+        lines.append(f"  └─ {child.data.tags.get('tvt.stage', child.info.run_name):18s} {child.info.status:9s} "
+                     f"{seconds:7.1f} s  {len(child.data.metrics)} metrics")
+    if not children:
+        lines.append("  (no stage ran in this invocation: everything was up to date)")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Parameters and compute of every network, counted from the real module definitions (DESIGN.md §1.6).
+
+The field reports "FLOPs" that are really multiply-accumulates (MACs) of convolutions and
+linear layers, and usually leaves attention-score matmuls (QKᵀ and softmax·V) out. Both
+are reported here, separately, because they tell different stories: CE-UNet saves conv
+MACs, yet its 2x-resolution replicas attend over 4x more tokens (16x more score MACs).
+
+Models are built on the meta device (no memory, no weights) and run once under
+``torch.utils.flop_counter.FlopCounterMode`` with SDPA forced to its math backend, so
+attention appears as ``bmm`` ops whatever the hardware; FLOPs are halved into MACs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from tvt import compat
+
+compat.apply()  # diffusers imports peft -> transformers -> torchvision
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tvt.models.ce_unet import CEUNet
+from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE, VAE_D4_PAPER
+from tvt.models.vae_d4 import VAED4
+
+_aten = torch.ops.aten
+_CONV_LINEAR_OPS = {_aten.convolution, _aten.mm, _aten.addmm}
+_ATTENTION_OPS = {_aten.bmm, _aten.baddbmm}
+_PROMPT_TOKENS = 77  # CLIP's context length
+
+NOTES = (
+    "VAE-D8 and SD UNet: Stable Diffusion 2.1-base; VAE-D4: the paper's compact VAE. "
+    "MACs: multiply-accumulates of convolutions and linear layers (what SR papers call FLOPs). "
+    "Attention MACs: QKᵀ and softmax·V matmuls, self- and cross-attention. "
+    "Total TFLOPs = 2 × (MACs + attention MACs), torch FlopCounterMode's convention. "
+    "Batch 1, one denoising step, 77-token prompt; the text encoder and prompt extractor are excluded; "
+    "the restorers' input is the LR image bicubic-upsampled to the output size (not counted)."
+)
+
+
+def count_macs(run: Callable[[], object]) -> tuple[float, float]:
+    """(conv + linear MACs, attention-score MACs) of ``run()``; any other counted op is an error."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        run()
+    flops = counter.get_flop_counts()["Global"]
+    unknown = set(flops) - _CONV_LINEAR_OPS - _ATTENTION_OPS
+    if unknown:
+        raise RuntimeError(f"count_macs: no MAC category for {sorted(map(str, unknown))}")
+    conv_linear = sum(flops.get(op, 0) for op in _CONV_LINEAR_OPS)
+    attention = sum(flops.get(op, 0) for op in _ATTENTION_OPS)
+    return conv_linear / 2, attention / 2
+
+
+def _millions(*modules: torch.nn.Module) -> float:
+    return sum(p.numel() for m in modules for p in m.parameters()) / 1e6
+
+
+def _shape(*dims: int) -> str:
+    return "×".join(map(str, dims))
+
+
+def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
+    """One row per network at an ``output_size``² output: name, params_M, gmacs, attn_gmacs, input_shape."""
+    if output_size % 16:
+        raise ValueError(
+            f"compute_complexity: output_size must be a multiple of 16 (VAE-D8 × CE stem); got {output_size}"
+        )
+    size, d8, d4 = output_size, output_size // 8, output_size // 4
+    with torch.device("meta"):
+        vae8 = AutoencoderKL(**SD21_BASE_VAE)
+        vae4 = VAED4(**VAE_D4_PAPER)
+        unet = UNet2DConditionModel(**SD21_BASE_UNET)
+        ce_unet = CEUNet(unet_config=SD21_BASE_UNET)
+        image = torch.empty(1, 3, size, size)
+        latent8, latent4 = torch.empty(1, 4, d8, d8), torch.empty(1, 4, d4, d4)
+        prompt = torch.empty(1, _PROMPT_TOKENS, SD21_BASE_UNET["cross_attention_dim"])
+
+        def restore(encoder, denoiser, decoder):
+            z = encoder.encode(image).latent_dist.mode()
+            return decoder.decode(denoiser(z, 1, prompt).sample).sample
+
+        lr = f"{_shape(1, 3, size, size)} (LR {size // scale}² ×{scale})"
+        rows = [
+            (
+                "VAE-D8 encoder",
+                (vae8.encoder, vae8.quant_conv),
+                _shape(1, 3, size, size),
+                lambda: vae8.encode(image),
+            ),
+            (
+                "VAE-D8 decoder",
+                (vae8.decoder, vae8.post_quant_conv),
+                _shape(1, 4, d8, d8),
+                lambda: vae8.decode(latent8),
+            ),
+            (
+                "VAE-D8 encoder + decoder",
+                (vae8,),
+                _shape(1, 3, size, size),
+                lambda: vae8.decode(vae8.encode(image).latent_dist.mode()),
+            ),
+            ("VAE-D4 encoder", (vae4.encoder, vae4.quant_conv), _shape(1, 3, size, size), lambda: vae4.encode(image)),
+            (
+                "VAE-D4 decoder",
+                (vae4.decoder, vae4.post_quant_conv),
+                _shape(1, 4, d4, d4),
+                lambda: vae4.decode(latent4),
+            ),
+            (
+                "VAE-D4 encoder + decoder",
+                (vae4,),
+                _shape(1, 3, size, size),
+                lambda: vae4.decode(vae4.encode(image).latent_dist.mode()),
+            ),
+            (f"SD UNet @ {d8}²", (unet,), _shape(1, 4, d8, d8), lambda: unet(latent8, 1, prompt)),
+            (f"SD UNet @ {d4}² (S4)", (unet,), _shape(1, 4, d4, d4), lambda: unet(latent4, 1, prompt)),
+            (f"CE-UNet @ {d4}²", (ce_unet,), _shape(1, 4, d4, d4), lambda: ce_unet(latent4, 1, prompt)),
+            ("TVT restorer (E4 + CE-UNet + D4)", (vae4, ce_unet), lr, lambda: restore(vae4, ce_unet, vae4)),
+            ("OSEDiff restorer (E8 + UNet + D8)", (vae8, unet), lr, lambda: restore(vae8, unet, vae8)),
+        ]
+        table = []
+        for name, modules, input_shape, run in rows:
+            macs, attention_macs = count_macs(run)
+            table.append(
+                {
+                    "name": name,
+                    "params_M": round(_millions(*modules), 3),
+                    "gmacs": round(macs / 1e9, 2),
+                    "attn_gmacs": round(attention_macs / 1e9, 2),
+                    "input_shape": input_shape,
+                }
+            )
+    return table
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """GitHub table of :func:`compute_complexity` rows, followed by the counting conventions."""
+    lines = [
+        "| Network | Input | Params (M) | MACs (G) | Attention MACs (G) | Total (TFLOPs) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        total_tflops = 2 * (r["gmacs"] + r["attn_gmacs"]) / 1e3
+        lines.append(
+            f"| {r['name']} | {r['input_shape']} | {r['params_M']:.2f} | {r['gmacs']:.1f} "
+            f"| {r['attn_gmacs']:.1f} | {total_tflops:.3f} |"
+        )
+    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+
+
+def to_json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    print(to_markdown(compute_complexity()))

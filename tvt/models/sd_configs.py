@@ -1,0 +1,125 @@
+"""Architecture configurations (constructor kwargs) of every network the project builds.
+
+Paper mode uses Stable Diffusion 2.1-base's own configurations — on a cluster its weights
+come from ``from_pretrained``; here they build the models on the meta device for the
+complexity table. Mini mode uses tiny networks of the *same architecture families*
+(same block types, same number of resolution levels, attention at the same places), so
+every code path is exercised on a CPU in seconds.
+
+All values are plain dicts: ``AutoencoderKL(**SD21_BASE_VAE)``,
+``UNet2DConditionModel(**SD21_BASE_UNET)``, ``VAED4(**VAE_D4_PAPER)``.
+"""
+
+from __future__ import annotations
+
+_SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+# stabilityai/stable-diffusion-2-1-base, vae/config.json: 83.65 M parameters, 8x ("VAE-D8").
+SD21_BASE_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 768,  # as on the hub; only AutoencoderKL's optional tiling reads it
+    "scaling_factor": 0.18215,
+}
+
+# stabilityai/stable-diffusion-2-1-base, unet/config.json: 865.9 M parameters.
+# (diffusers reads SD 2.x's ``attention_head_dim`` as the number of heads: 5/10/20/20 heads of 64.)
+SD21_BASE_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 64,
+    "down_block_types": _SD_DOWN_BLOCKS,
+    "up_block_types": _SD_UP_BLOCKS,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+# TVT's compact 4x VAE (DESIGN.md §1.1): no mid-block, no attention.
+VAE_D4_PAPER = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "encoder_channels": (128, 256, 256),
+    "encoder_layers_per_block": 2,
+    "decoder_channels": (256, 256, 128),
+    "decoder_layers_per_block": 3,
+    "mid_block": False,
+    "mid_block_attention": False,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+
+# Paper ablation V1: wider last stage (512) plus SD's mid-block with attention.
+VAE_D4_V1 = {
+    **VAE_D4_PAPER,
+    "encoder_channels": (128, 256, 512),
+    "decoder_channels": (512, 256, 128),
+    "mid_block": True,
+    "mid_block_attention": True,
+}
+
+# Paper ablation V2: wider last stage (512), no mid-block.
+VAE_D4_V2 = {**VAE_D4_PAPER, "encoder_channels": (128, 256, 512), "decoder_channels": (512, 256, 128)}
+
+# ---- mini mode: same families, a few hundred thousand to a few million parameters ----
+
+MINI_VAE_D8 = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (32, 64, 64, 64),
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 8,
+    "sample_size": 128,
+    "scaling_factor": 0.18215,
+}
+
+MINI_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 32,
+    "down_block_types": _SD_DOWN_BLOCKS,
+    "up_block_types": _SD_UP_BLOCKS,
+    "block_out_channels": (32, 64, 64, 64),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 8,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4, 4, 4),
+    "use_linear_projection": True,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+MINI_VAE_D4 = {
+    **VAE_D4_PAPER,
+    "encoder_channels": (32, 64, 64),
+    "encoder_layers_per_block": 1,
+    "decoder_channels": (64, 64, 32),
+    "decoder_layers_per_block": 2,
+    "norm_num_groups": 8,
+}
