@@ -51,13 +51,8 @@ LPIPS_WHEEL_WEIGHTS = Path(lpips.__file__).parent / "weights" / "v0.1"
 
 
 @pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory) -> Path:
-    configured = os.environ.get("TVT_WEIGHTS_DIR")
-    if configured and verify_cache(Path(configured)):
-        return Path(configured)
-    dest = tmp_path_factory.mktemp("tvt-weights")
-    fetch_perceptual_weights(dest)
-    return dest
+def weights_dir(perceptual_weights) -> Path:
+    return perceptual_weights
 
 
 @pytest.fixture(scope="module")

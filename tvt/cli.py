@@ -8,7 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from tvt.config import DEFAULT_CONFIG, ConfigError
+from tvt.config import ConfigError
+
+#: like Snakemake and DVC, commands read the config of the project in the current directory
+DEFAULT_CONFIG = Path("config/config.yaml")
 
 
 def _cmd_stage(args) -> int:
@@ -154,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # library chatter that says nothing about our stages
+        for name in ("bitsandbytes", "accelerate", "alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - known failure types get one readable line
+    except Exception as exc:
         from tvt.data.download import DownloadError
         from tvt.runner import StageError
 

@@ -50,6 +50,15 @@ def _describe(error) -> str:
         names = ", ".join(repr(e) for e in extra)
         prefix = "" if where == "<top level>" else f"{where}."
         return f"{prefix}{extra[0] if len(extra) == 1 else '{' + names + '}'}: unknown key{hint}"
+    if error.validator == "unevaluatedProperties":
+        allowed = set(error.schema.get("properties", {}))
+        for sub in error.schema.get("allOf", []):
+            ref = sub.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                allowed |= set(load_schema()["$defs"][ref.split("/")[-1]].get("properties", {}))
+        extra = sorted(set(error.instance) - allowed)
+        prefix = "" if where == "<top level>" else f"{where}."
+        return f"{prefix}{extra[0] if extra else '?'}: unknown key (allowed: {', '.join(sorted(allowed))})"
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return f"{where}: missing required key '{missing}'"
@@ -85,6 +94,15 @@ def _semantic_checks(cfg: dict) -> None:
     else:
         if "datasets" not in data:
             raise ConfigError("data.datasets: required when data.source is 'download'")
+    prior = cfg.get("prior")
+    if prior is not None:
+        need = ("vae", "unet") if prior["source"] == "train" else ("repo_id", "revision")
+        for key in need:
+            if key not in prior:
+                raise ConfigError(f"prior.{key}: required when prior.source is {prior['source']!r}")
+    for stage, upstream in (("decoder_transfer", "prior"), ("encoder_transfer", "decoder_transfer")):
+        if stage in cfg and upstream not in cfg:
+            raise ConfigError(f"{stage}: needs the '{upstream}' section (its input is that stage's output)")
     known = set(data.get("datasets", {}))
     for i, name in enumerate(cfg["evaluate"].get("test_sets", [])):
         if name not in known:

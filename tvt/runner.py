@@ -105,6 +105,38 @@ def _stage_degrade(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
         run.log_artifact(pairs)
 
 
+def _stage_prior(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    if cfg["prior"]["source"] == "hub":
+        from tvt.models.sd_weights import fetch_sd_base
+
+        with atomic_dir(stages_mod.SD_DIR) as out:
+            fetch_sd_base(cfg["prior"], out)
+        return
+    from tvt.training.prior import run_prior
+
+    run_prior(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR), _ckpt_dir("prior"), run)
+
+
+def _stage_decoder_transfer(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.training.vae_transfer import run_decoder_transfer
+
+    run_decoder_transfer(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR),
+                         Path(stages_mod.VAE_D4_DECODER_DIR), _ckpt_dir("decoder_transfer"), run)
+
+
+def _stage_encoder_transfer(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.training.vae_transfer import run_encoder_transfer
+
+    run_encoder_transfer(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.VAE_D4_DECODER_DIR),
+                         Path(stages_mod.VAE_D4_DIR), _ckpt_dir("encoder_transfer"), run)
+
+
+def _ckpt_dir(stage: str) -> Path:
+    """Checkpoints live outside the stage's output, so a rerun can resume from them
+    (Snakemake and DVC delete a stage's outputs before running it)."""
+    return Path(stages_mod.CKPT_DIR) / stage
+
+
 def _stage_evaluate(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
     from tvt.evaluate import evaluate
 
@@ -116,6 +148,9 @@ def _stage_evaluate(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None
 HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
     "data": _stage_data,
     "degrade": _stage_degrade,
+    "prior": _stage_prior,
+    "decoder_transfer": _stage_decoder_transfer,
+    "encoder_transfer": _stage_encoder_transfer,
     "evaluate": _stage_evaluate,
 }
 

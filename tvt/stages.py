@@ -26,6 +26,8 @@ PAIRS_DIR = f"{RESOURCES}/pairs"
 MODELS_DIR = f"{RESOURCES}/models"
 SD_DIR = f"{MODELS_DIR}/sd-base"
 CKPT_DIR = f"{RESOURCES}/checkpoints"
+VAE_D4_DECODER_DIR = f"{MODELS_DIR}/vae-d4-decoder"
+VAE_D4_DIR = f"{MODELS_DIR}/vae-d4"
 METRICS_FILE = f"{RESULTS}/metrics.json"
 TABLES_DIR = f"{RESULTS}/tables"
 
@@ -108,6 +110,34 @@ def build_stages(cfg: Mapping) -> list[Stage]:
               deps=(DATA_DIR,), code=code_files("tvt/degradation.py"), outs=(PAIRS_DIR,),
               resources=Resources(cpus=cfg["degrade"]["workers"], mem_mb=8000, runtime=240)),
     ]
+    gpu = cfg["mode"] == "paper"  # mini mode trains on CPU, also when submitted to SLURM
+    train_code = code_files("tvt/training/engine.py", "tvt/training/losses.py", "tvt/training/data.py")
+    if "prior" in cfg:
+        if cfg["prior"]["source"] == "train":
+            stages.append(Stage(
+                "prior", "prior", "pre-train the tiny SD (VAE-D8 + UNet) that mini mode uses as its prior",
+                deps=(PAIRS_DIR,), code=train_code + code_files("tvt/training/prior.py", "tvt/models/sd_configs.py"),
+                outs=(SD_DIR,), resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
+        else:
+            stages.append(Stage(
+                "prior", "prior", "download SD 2.1-base (pinned revision) and embed the fixed prompts",
+                code=code_files("tvt/models/sd_weights.py"), outs=(SD_DIR,),
+                resources=Resources(cpus=2, mem_mb=16000, runtime=120)))
+    if "decoder_transfer" in cfg:
+        stages.append(Stage(
+            "decoder_transfer", "decoder_transfer", "TVT stage 1: train the VAE-D4 decoder on frozen VAE-D8 latents",
+            deps=(PAIRS_DIR, SD_DIR), code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
+            outs=(VAE_D4_DECODER_DIR,),
+            resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
+                                gpus=8 if gpu else 0)))
+    if "encoder_transfer" in cfg:
+        stages.append(Stage(
+            "encoder_transfer", "encoder_transfer", "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
+            deps=(PAIRS_DIR, VAE_D4_DECODER_DIR),
+            code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
+            outs=(VAE_D4_DIR,),
+            resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=1440 if gpu else 120,
+                                gpus=8 if gpu else 0)))
     methods = list(cfg["evaluate"]["methods"])
     eval_deps = [PAIRS_DIR] + [d for m in methods if (d := method_model_dir(m))]
     stages.append(

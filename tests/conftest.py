@@ -1,0 +1,25 @@
+"""Fixtures shared across the suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: the classic Set5/Set14 images beside the checkout (test and benchmark data, not product)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def perceptual_weights(tmp_path_factory) -> Path:
+    """The offline LPIPS/DISTS weight cache: $TVT_WEIGHTS_DIR when complete (the Makefile
+    fills it during set-up), else fetched once into a temporary folder."""
+    from tvt.weights import fetch_perceptual_weights, verify_cache
+
+    configured = os.environ.get("TVT_WEIGHTS_DIR")
+    if configured and verify_cache(Path(configured)):
+        return Path(configured)
+    dest = tmp_path_factory.mktemp("tvt-weights")
+    fetch_perceptual_weights(dest)
+    return dest

@@ -1,0 +1,152 @@
+"""The mini prior: a tiny SD (VAE-D8 + UNet) trained on the train split, saved like an SD snapshot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tvt import compat
+
+compat.apply()
+
+import lpips
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from tvt.metrics import perceptual
+from tvt.training.prior import (
+    PROMPT_EMBEDS_FILE,
+    SD_SCALING_FACTOR,
+    run_prior,
+    scaling_factor_for,
+    sd_noise_scheduler,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "CSet14"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def random_lpips(monkeypatch):
+    """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
+    def load(net="alex", weights_dir=None, device="cpu"):
+        torch.manual_seed(0)
+        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval().to(device)
+    monkeypatch.setattr(perceptual, "load_lpips", load)
+
+
+class RecordingRun:
+    def __init__(self):
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.figures: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_figure(self, figure, name):
+        self.figures.append(name)
+
+    def series(self, key):
+        return [m[key] for _, m in self.metrics if key in m]
+
+
+def make_pairs_dir(root: Path, size: int, per_split: dict[str, int]) -> Path:
+    """A pairs folder like the degradation stage writes: random HR crops, bicubic LR (÷4)."""
+    if not DATA.is_dir():
+        pytest.skip(f"test images not found at {DATA}")
+    rng = np.random.default_rng(1)
+    photos = [Image.open(p).convert("RGB") for p in sorted(DATA.glob("*.png"))[:6]]
+    rows = []
+    for split, count in per_split.items():
+        for i in range(count):
+            photo = photos[i % len(photos)]
+            x, y = rng.integers(0, photo.width - size), rng.integers(0, photo.height - size)
+            hr = photo.crop((x, y, x + size, y + size))
+            pair_id = f"{split}{i:03d}"
+            paths = {"hr_path": f"{split}/hr/{pair_id}.png", "lr_path": f"{split}/lr/{pair_id}.png"}
+            for key, image in (("hr_path", hr), ("lr_path", hr.resize((size // 4,) * 2, Image.BICUBIC))):
+                (root / paths[key]).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / paths[key])
+            rows.append({"pair_id": pair_id, "split": split, "kind": "photo", **paths})
+    with open(root / "pairs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def prior_cfg(vae_steps=30, unet_steps=40):
+    engine = {"log_every": 5, "checkpoint_every": 20, "sample_every": 0}
+    return {"mode": "mini", "seed": 5, "prior": {
+        "mixed_precision": "no",
+        "vae": {**engine, "steps": vae_steps, "batch_size": 4, "lr": 2e-3, "kl_weight": 1e-6,
+                "lpips_weight": 1.0, "lpips_net": "alex"},
+        "unet": {**engine, "steps": unet_steps, "batch_size": 4, "lr": 2e-3, "weight_decay": 1e-2},
+    }}
+
+
+def test_sd_noise_schedule():
+    scheduler = sd_noise_scheduler()
+    assert scheduler.betas[0].item() == pytest.approx(0.00085)
+    assert scheduler.betas[-1].item() == pytest.approx(0.012)
+    assert len(scheduler.betas) == 1000
+    assert scheduler.alphas_cumprod[1].item() == pytest.approx(0.998296, abs=1e-6)  # TVT's t = 1 (DESIGN §1.4)
+
+
+def test_scaling_factor_rule():
+    assert scaling_factor_for(1 / 0.19) == SD_SCALING_FACTOR  # within 10 %: keep SD's number
+    assert scaling_factor_for(2.0) == 0.5  # far off: measured 1 / std
+
+
+def test_prior_trains_and_is_saved_like_an_sd_snapshot(tmp_path):
+    pairs = make_pairs_dir(tmp_path / "pairs", 64, {"train": 12, "val": 4})
+    run = RecordingRun()
+    out = tmp_path / "sd"
+    metrics = run_prior(prior_cfg(), pairs, out, tmp_path / "ckpt", run)
+
+    vae_loss, unet_loss = run.series("prior_vae/loss"), run.series("prior_unet/loss")
+    assert vae_loss[-1] < 0.8 * vae_loss[0], vae_loss
+    assert np.mean(unet_loss[-2:]) < np.mean(unet_loss[:2]), unet_loss  # the denoising loss curve falls
+    assert metrics["unet_train_loss_last"] < metrics["unet_train_loss_first"]
+    assert metrics["vae_val_psnr"] > 12, metrics
+    assert 0 < metrics["unet_val_loss"] < 1.5
+
+    assert sorted(p.name for p in out.iterdir()) == [PROMPT_EMBEDS_FILE, "scheduler", "unet", "vae"]
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert vae.config.scaling_factor == scaling_factor_for(metrics["latent_std"])
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    scheduler = DDPMScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.prediction_type == "epsilon"
+    prompt = load_file(out / PROMPT_EMBEDS_FILE)["prompt_embeds"]
+    assert prompt.shape == (1, 77, unet.config.cross_attention_dim) and not prompt.any()
+    # the saved pieces fit together: image -> latent -> UNet -> same-shape ε
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode() * vae.config.scaling_factor
+        eps = unet(z, torch.tensor([10]), encoder_hidden_states=prompt).sample
+    assert z.shape == (1, 4, 8, 8) and eps.shape == z.shape
+
+    # a rerun resumes from the finished checkpoints: nothing retrained, identical output
+    again = run_prior(prior_cfg(), pairs, tmp_path / "sd-again", tmp_path / "ckpt", RecordingRun())
+    assert again["scaling_factor"] == metrics["scaling_factor"]
+    assert again["unet_val_loss"] == pytest.approx(metrics["unet_val_loss"], rel=1e-6)
+    assert "unet_train_loss_first" not in again  # no step was trained
+
+
+def test_prior_refuses_paper_mode(tmp_path):
+    cfg = {**prior_cfg(), "mode": "paper"}
+    with pytest.raises(ValueError, match="paper mode uses the downloaded SD 2.1-base"):
+        run_prior(cfg, tmp_path, tmp_path / "out", tmp_path / "ckpt", None)

@@ -1,0 +1,250 @@
+"""The training engine: exact resumption, atomic checkpoints, NaN guard, logging."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tvt.training.engine import (
+    STATE_FILE,
+    EpochShuffleSampler,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    frozen,
+    image_grid,
+    latest_checkpoint,
+    mean_psnr,
+    psnr,
+    write_dir_atomically,
+)
+
+SEED = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingRun:
+    """Stands in for tvt.tracking.StageRun; records what the engine logs."""
+
+    def __init__(self):
+        self.metrics: list[tuple[int, dict]] = []
+        self.figures: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_figure(self, figure, name):
+        assert figure.axes, "an empty figure was logged"
+        self.figures.append(name)
+
+
+class ToyPairs(Dataset):
+    """10 fixed (input, target) pairs of a noisy linear map, plus the index (to audit the order)."""
+
+    def __init__(self, n: int = 10):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.randn(4, 2, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i], "index": i}
+
+
+def make_trainer(tmp_path, run=None, *, lr=0.05, **overrides):
+    cfg = TrainConfig.from_section({"steps": 6, "batch_size": 3, "grad_accum": 2, "checkpoint_every": 2,
+                                    "keep_checkpoints": 2, "log_every": 2, "lr": lr, **overrides})
+    trainer = Trainer(cfg, name="toy", seed=SEED, ckpt_dir=tmp_path / "ckpt", run=run,
+                      fingerprint={"lr": lr, **overrides})
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2))  # dropout: uses the RNG
+    critic = nn.Linear(2, 1)
+    trainer.register({"model": model, "critic": critic},
+                     {"model": torch.optim.Adam(model.parameters(), lr=lr),
+                      "critic": torch.optim.SGD(critic.parameters(), lr=0.01)})
+    return trainer
+
+
+def toy_step(trainer, fail_at=None, nan_at=None):
+    """Two optimisers, like a GAN: the model's loss goes through a frozen critic, then the critic trains."""
+    model, critic = trainer.models["model"], trainer.models["critic"]
+
+    def step(batch):
+        if trainer.step == fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        pred = model(batch["x"] + 0.01 * torch.randn_like(batch["x"]))
+        with frozen(critic):
+            loss = nn.functional.mse_loss(pred, batch["y"]) + 0.01 * trainer.unwrap("critic")(pred).mean()
+        if trainer.step == nan_at:
+            loss = loss * float("nan")
+        trainer.optimise("model", loss)
+        critic_loss = critic(pred.detach()).pow(2).mean()
+        trainer.optimise("critic", critic_loss)
+        return {"loss": loss, "critic": critic_loss}
+
+    return step
+
+
+def weights(trainer):
+    return {f"{name}.{k}": v.clone() for name in trainer.models for k, v in trainer.unwrap(name).state_dict().items()}
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path):
+    run = RecordingRun()
+    trainer = make_trainer(tmp_path, run, steps=20, log_every=5, checkpoint_every=10)
+    trainer.fit(ToyPairs(), toy_step(trainer))
+    losses = [m["loss"] for _, m in trainer.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    steps = [s for s, _ in run.metrics]
+    assert steps == [5, 10, 15, 20]
+    logged = run.metrics[-1][1]
+    assert {"toy/loss", "toy/critic", "toy/lr/model", "toy/lr/critic", "toy/samples_per_s"} <= set(logged)
+    assert logged["toy/lr/model"] == pytest.approx(0.05)
+    assert logged["toy/samples_per_s"] > 0
+
+
+def test_resumed_run_ends_with_identical_weights(tmp_path):
+    reference = make_trainer(tmp_path / "a")
+    reference.fit(ToyPairs(), toy_step(reference))
+
+    interrupted = make_trainer(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):  # killed during step 5, after checkpoint-4
+        interrupted.fit(ToyPairs(), toy_step(interrupted, fail_at=5))
+    assert latest_checkpoint(tmp_path / "b" / "ckpt").name == "checkpoint-4"
+    torch.randn(100)  # the crashed process's RNG moved on; the resume must not care
+
+    resumed = make_trainer(tmp_path / "b")
+    resumed.fit(ToyPairs(), toy_step(resumed))
+    ref, res = weights(reference), weights(resumed)
+    assert ref.keys() == res.keys()
+    for key in ref:
+        assert torch.equal(ref[key], res[key]), key
+    # and the interrupted run really had diverged from the reference before resuming
+    assert not all(torch.equal(ref[k], v) for k, v in weights(interrupted).items())
+
+
+def test_batch_stream_resumes_mid_epoch(tmp_path):
+    trainer = make_trainer(tmp_path)
+    sampler = EpochShuffleSampler(10, SEED)
+    loader = trainer.accelerator.prepare(torch.utils.data.DataLoader(
+        ToyPairs(), batch_size=3, sampler=sampler, drop_last=True))
+    def order(start_step, n):
+        stream = trainer._batch_stream(loader, sampler, start_step)
+        return [next(stream)["index"].tolist() for _ in range(n)]
+    full = order(0, 12)  # 4 epochs of 3 batches
+    assert order(4, 4) == full[8:]  # step 4 x grad_accum 2 = batch 8: epoch 2, third batch
+    first_epoch = [i for batch in full[:3] for i in batch]
+    assert len(set(first_epoch)) == 9  # no repeats within an epoch (10 samples, last batch dropped)
+    assert full[:3] != full[3:6]  # a new permutation each epoch
+
+
+def test_tmp_checkpoints_are_never_resumed_and_old_ones_pruned(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.fit(ToyPairs(), toy_step(trainer))
+    ckpt_dir = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint-4", "checkpoint-6"]  # keep 2
+    state = json.loads((ckpt_dir / "checkpoint-6" / STATE_FILE).read_text())
+    assert state["step"] == 6
+    # a half-written save (killed before the rename) and a folder without state file
+    (ckpt_dir / "tmp-8").mkdir()
+    (ckpt_dir / "tmp-8" / STATE_FILE).write_text(json.dumps({"step": 8, "fingerprint": state["fingerprint"]}))
+    (ckpt_dir / "checkpoint-9").mkdir()
+    assert latest_checkpoint(ckpt_dir).name == "checkpoint-6"
+    again = make_trainer(tmp_path, steps=8)  # more steps: resumes from 6
+    again.fit(ToyPairs(), toy_step(again))
+    assert not (ckpt_dir / "tmp-8").exists()  # the stale temp folder was cleared
+    assert (ckpt_dir / "checkpoint-8").is_dir()
+    assert again.history[0][0] == 8  # only steps 7-8 were trained
+
+
+def test_changed_settings_discard_old_checkpoints(tmp_path):
+    first = make_trainer(tmp_path, lr=0.05)
+    first.fit(ToyPairs(), toy_step(first))
+    other = make_trainer(tmp_path, lr=0.01)
+    other.fit(ToyPairs(), toy_step(other))
+    assert [s for s, _ in other.history] == [2, 4, 6]  # trained from scratch
+
+
+def test_nan_guard_names_step_and_loss_and_keeps_last_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path)
+    ckpt = tmp_path / "ckpt" / "checkpoint-4"
+
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(ToyPairs(), toy_step(trainer, nan_at=5))
+    message = str(info.value)
+    assert "step 5" in message and "loss 'model'" in message and "nan" in message
+    assert str(ckpt) in message
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()}
+    assert latest_checkpoint(tmp_path / "ckpt") == ckpt
+    assert not (tmp_path / "ckpt" / "checkpoint-6").exists()
+    # resuming from the surviving checkpoint works and leaves it intact
+    resumed = make_trainer(tmp_path)
+    resumed.fit(ToyPairs(), toy_step(resumed))
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()} == digest
+
+
+def test_too_small_dataset_is_named(tmp_path):
+    trainer = make_trainer(tmp_path, batch_size=11)
+    with pytest.raises(ValueError, match="10 training samples make no full batch of 11"):
+        trainer.fit(ToyPairs(), toy_step(trainer))
+
+
+def test_sample_grids_are_logged_without_touching_the_training_rng(tmp_path):
+    run = RecordingRun()
+    trainer = make_trainer(tmp_path, run, sample_every=3)
+    def sample():
+        noise = torch.randn(2, 3, 8, 8)  # would shift the RNG if not forked
+        return {"LR": noise[:, :, :4, :4], "SR": noise, "HR": noise}
+    trainer.fit(ToyPairs(), toy_step(trainer), sample_fn=sample)
+    assert run.figures == ["toy/samples/step_000003.png", "toy/samples/step_000006.png"]
+    plain = make_trainer(tmp_path / "plain")
+    plain.fit(ToyPairs(), toy_step(plain))
+    for key, value in weights(plain).items():
+        assert torch.equal(value, weights(trainer)[key]), key
+
+
+def test_image_grid_layout():
+    fig = image_grid({"LR": torch.zeros(3, 3, 8, 8), "SR": torch.ones(3, 3, 32, 32)}, max_images=2)
+    assert len(fig.axes) == 2 * 2 * 2  # (full + zoom) rows x 2 images, 2 columns
+    zoom = fig.axes[2].images[0].get_array()  # row 1, column 0: the zoom of LR image 0
+    assert zoom.shape[:2] == (2, 2)  # a quarter of the 8-pixel side
+
+
+def test_psnr_values():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[1] += 0.2  # [-1,1] offset 0.2 -> 0.1 in [0,1] -> MSE 0.01 -> 20 dB
+    assert psnr(b, a)[1].item() == pytest.approx(20.0, abs=1e-4)
+    assert psnr(a, a)[0].item() == pytest.approx(100.0)  # clamped, finite
+    data = [{"hr": b[1]}] * 3
+    assert mean_psnr(lambda batch: batch["hr"] - 0.2, data, batch_size=2, device="cpu") == pytest.approx(20.0, abs=1e-4)
+
+
+def test_write_dir_atomically(tmp_path):
+    out = tmp_path / "model"
+    write_dir_atomically(out, lambda d: (d / "w.txt").write_text("v1"))
+    assert (out / "w.txt").read_text() == "v1"
+
+    def crash(d):
+        (d / "w.txt").write_text("half")
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        write_dir_atomically(out, crash)
+    assert (out / "w.txt").read_text() == "v1"  # the published output is never half-written
+    write_dir_atomically(out, lambda d: (d / "w.txt").write_text("v2"))
+    assert (out / "w.txt").read_text() == "v2"
+    assert not (tmp_path / "model.tmp").exists()

@@ -1,0 +1,247 @@
+"""Transfer VAE Training: losses, the decoder and encoder stages, ablation T1."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tvt import compat
+
+compat.apply()
+
+import lpips
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from tvt.metrics import perceptual
+from tvt.models.sd_configs import MINI_VAE_D4, MINI_VAE_D8
+from tvt.models.vae_d4 import VAED4
+from tvt.training.losses import (
+    PatchDiscriminator,
+    ReconstructionLoss,
+    adaptive_gan_weight,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+)
+from tvt.training.vae_transfer import (
+    check_factors,
+    run_decoder_transfer,
+    run_encoder_transfer,
+    transfer_latents,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "CSet14"
+HR = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingRun:
+    def __init__(self):
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.figures: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_figure(self, figure, name):
+        self.figures.append(name)
+
+    def series(self, key):
+        return [m[key] for _, m in self.metrics if key in m]
+
+
+def make_pairs_dir(root: Path, size: int, per_split: dict[str, int]) -> Path:
+    """A pairs folder like the degradation stage writes: random HR crops, bicubic LR (÷4)."""
+    if not DATA.is_dir():
+        pytest.skip(f"test images not found at {DATA}")
+    rng = np.random.default_rng(0)
+    photos = [Image.open(p).convert("RGB") for p in sorted(DATA.glob("*.png"))[:4]]
+    rows = []
+    for split, count in per_split.items():
+        for i in range(count):
+            photo = photos[i % len(photos)]
+            x, y = rng.integers(0, photo.width - size), rng.integers(0, photo.height - size)
+            hr = photo.crop((x, y, x + size, y + size))
+            pair_id = f"{split}{i:03d}"
+            paths = {"hr_path": f"{split}/hr/{pair_id}.png", "lr_path": f"{split}/lr/{pair_id}.png"}
+            for key, image in (("hr_path", hr), ("lr_path", hr.resize((size // 4,) * 2, Image.BICUBIC))):
+                (root / paths[key]).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / paths[key])
+            rows.append({"pair_id": pair_id, "split": split, "kind": "photo", **paths})
+    with open(root / "pairs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    make_pairs_dir(root / "pairs", HR, {"train": 8, "val": 2})
+    torch.manual_seed(0)
+    AutoencoderKL(**MINI_VAE_D8).save_pretrained(root / "sd" / "vae")  # an 8x "SD" VAE
+    return root
+
+
+@pytest.fixture(autouse=True)
+def random_lpips(monkeypatch):
+    """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
+    def load(net="alex", weights_dir=None, device="cpu"):
+        torch.manual_seed(0)
+        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval().to(device)
+    monkeypatch.setattr(perceptual, "load_lpips", load)
+
+
+def stage_cfg(**decoder):
+    common = {"batch_size": 2, "lr": 1e-3, "pixel_loss": "l2", "lpips_weight": 1.0, "lpips_net": "alex",
+              "log_every": 2, "checkpoint_every": 2, "sample_every": 0}
+    return {
+        "mode": "mini", "seed": 3,
+        "decoder_transfer": {**common, "architecture": "mini", "transfer": True, "steps": 8, "disc_start": 4,
+                             "disc_weight": 0.5, "disc_channels": 8, "disc_layers": 3, "kl_weight": 1e-6,
+                             **decoder},
+        "encoder_transfer": {**common, "steps": 8},
+    }
+
+
+def initial_weights(workdir: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """VAE-D4 as the decoder stage initialises it (a zero-step run publishes the initialisation)."""
+    out = workdir / "initial"
+    if not out.exists():
+        zero = {**cfg, "decoder_transfer": {**cfg["decoder_transfer"], "steps": 0}}
+        run_decoder_transfer(zero, workdir / "pairs", workdir / "sd", out, workdir / "ckpt-initial", None)
+    return load_file(out / "diffusion_pytorch_model.safetensors")
+
+
+# ---- losses ---------------------------------------------------------------------------
+
+
+def test_adaptive_gan_weight_matches_hand_computation():
+    last = torch.tensor([[0.5, -1.0]], requires_grad=True)  # the "last layer" weight
+    x = torch.tensor([3.0, 4.0])  # |x| = 5
+    out = last @ x  # 1.5 - 4 = -2.5
+    rec = ((out - 1.0) ** 2).sum()  # d/dw = 2(out - 1) x  -> norm 2 * 3.5 * 5 = 35
+    gan = (3.0 * out).sum()  # d/dw = 3 x              -> norm 15
+    weight = adaptive_gan_weight(rec, gan, last, disc_weight=0.5)
+    assert weight.item() == pytest.approx(35 / (15 + 1e-4) * 0.5, rel=1e-6)
+    assert not weight.requires_grad
+    # a GAN loss that does not reach the layer: 35 / 1e-4 is clamped to 1e4
+    flat = adaptive_gan_weight(rec, 0.0 * out.sum(), last, disc_weight=1.0)
+    assert flat.item() == pytest.approx(1e4)
+
+
+def test_hinge_losses_and_patch_discriminator():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    # real: relu(1-2)=0, relu(1-0.5)=0.5 -> 0.25 ; fake: relu(1-2)=0, relu(1+0)=1 -> 0.5
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
+    assert generator_adversarial_loss(fake).item() == pytest.approx(1.0)
+    disc = PatchDiscriminator(base_channels=8, n_layers=3)
+    logits = disc(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1, 6, 6)  # 64 -> 32 -> 16 -> 8 -> 7 -> 6: a grid of patch verdicts
+    widths = [m.out_channels for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [8, 16, 32, 64, 1]
+
+
+def test_reconstruction_loss_terms():
+    target = torch.zeros(1, 3, 32, 32)
+    pred = torch.full_like(target, 0.5)
+    plain = ReconstructionLoss(None, pixel="l1", lpips_weight=0.0)
+    assert plain(pred, target)["rec"].item() == pytest.approx(0.5)
+    assert ReconstructionLoss(None, pixel="l2", lpips_weight=0.0)(pred, target)["l2"].item() == pytest.approx(0.25)
+    full = ReconstructionLoss(perceptual.load_lpips("alex"), pixel="l2", lpips_weight=2.0)
+    terms = full(pred, target)
+    assert terms["lpips"].item() > 0
+    assert terms["rec"].item() == pytest.approx(0.25 + 2.0 * terms["lpips"].item(), rel=1e-5)
+    assert full(target, target)["rec"].item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="pixel loss 'l3'"):
+        ReconstructionLoss(None, pixel="l3", lpips_weight=0.0)
+    with pytest.raises(ValueError, match="needs an LPIPS module"):
+        ReconstructionLoss(None, pixel="l2", lpips_weight=1.0)
+
+
+# ---- latent geometry ------------------------------------------------------------------
+
+
+def test_transfer_latents_are_quarter_size():
+    torch.manual_seed(0)
+    e8, d4 = AutoencoderKL(**MINI_VAE_D8), VAED4(**MINI_VAE_D4)
+    x = torch.rand(1, 3, 48, 64) * 2 - 1
+    z = transfer_latents(e8, x).mode()
+    assert z.shape == (1, 4, 12, 16)  # H/4 x W/4 from an 8x encoder
+    assert d4.decode(z).sample.shape == x.shape
+    small_e8 = AutoencoderKL(**{**MINI_VAE_D8, "down_block_types": ("DownEncoderBlock2D",) * 3,
+                                "up_block_types": ("UpDecoderBlock2D",) * 3, "block_out_channels": (32, 64, 64)})
+    with pytest.raises(ValueError, match="downsamples 2x more than VAE-D4 \\(8x\\); the one given downsamples 4x"):
+        check_factors(small_e8, d4)
+
+
+# ---- the stages -----------------------------------------------------------------------
+
+
+def test_decoder_then_encoder_transfer(workdir):
+    cfg = stage_cfg()
+    run = RecordingRun()
+    decoder_dir = workdir / "d4-decoder"
+    metrics = run_decoder_transfer(cfg, workdir / "pairs", workdir / "sd", decoder_dir, workdir / "ckpt-dec", run)
+    rec = run.series("decoder_transfer/rec")
+    assert len(rec) == 4 and rec[-1] < rec[0], rec
+    gan_weights = run.series("decoder_transfer/gan_weight")
+    assert len(gan_weights) == 2 and all(w > 0 for w in gan_weights)  # steps 5-8 only (disc_start 4)
+    assert np.isfinite(metrics["val_psnr_vae_d4"]) and np.isfinite(metrics["val_psnr_vae_d8"])
+    assert not decoder_dir.with_name("d4-decoder.tmp").exists()
+    trained = VAED4.from_pretrained(decoder_dir)
+    assert trained.config.scaling_factor == AutoencoderKL.from_pretrained(workdir / "sd" / "vae").config.scaling_factor
+
+    encoder_dir = workdir / "d4"
+    run = RecordingRun()
+    run_encoder_transfer(cfg, workdir / "pairs", decoder_dir, encoder_dir, workdir / "ckpt-enc", run)
+    rec = run.series("encoder_transfer/rec")
+    assert rec[-1] < rec[0], rec
+    before, after = load_file(decoder_dir / "diffusion_pytorch_model.safetensors"), \
+        load_file(encoder_dir / "diffusion_pytorch_model.safetensors")
+    frozen = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    trained = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # D4 untouched by stage 2
+    assert not all(torch.equal(before[k], after[k]) for k in trained)  # E4 learnt
+    # stage 1 trained the decoder only: the encoder is still its initialisation
+    initial = initial_weights(workdir, cfg)
+    assert all(torch.equal(before[k], initial[k]) for k in trained)
+    assert not all(torch.equal(before[k], initial[k]) for k in frozen)
+
+
+def test_decoder_stage_resume_matches_uninterrupted(workdir):
+    cfg = stage_cfg(steps=6, disc_start=2, lpips_weight=0.0)
+    run_decoder_transfer(cfg, workdir / "pairs", workdir / "sd", workdir / "full", workdir / "ckpt-full", None)
+    short = stage_cfg(steps=4, disc_start=2, lpips_weight=0.0)  # "killed" after step 4 ...
+    run_decoder_transfer(short, workdir / "pairs", workdir / "sd", workdir / "part", workdir / "ckpt-part", None)
+    run_decoder_transfer(cfg, workdir / "pairs", workdir / "sd", workdir / "part", workdir / "ckpt-part", None)
+    full = load_file(workdir / "full" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(workdir / "part" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)  # ... and resumed to the same weights
+
+
+def test_ablation_t1_trains_the_whole_vae_from_scratch(workdir):
+    cfg = stage_cfg(transfer=False, steps=4, disc_start=100, lpips_weight=0.0)
+    run = RecordingRun()
+    metrics = run_decoder_transfer(cfg, workdir / "pairs", workdir / "sd", workdir / "t1", workdir / "ckpt-t1", run)
+    assert run.series("decoder_transfer/kl") and not run.series("decoder_transfer/gan")
+    assert np.isfinite(metrics["val_psnr_vae_d4"])
+    trained = load_file(workdir / "t1" / "diffusion_pytorch_model.safetensors")
+    initial = initial_weights(workdir, cfg)
+    for prefix in ("encoder.", "decoder."):  # end to end: both halves learnt
+        assert not all(torch.equal(trained[k], initial[k]) for k in trained if k.startswith(prefix)), prefix
