@@ -14,4 +14,4 @@ include: "workflow/rules/stages.smk"
 rule all:
     default_target: True
     input:
-        [path for stage in STAGES.values() for path in stage.outs + stage.metrics],
+        [path for stage in STAGES.values() for path in stage.outs + stage.metrics + stage.plots],

@@ -140,6 +140,10 @@ def test_pipeline_end_to_end_cached_and_tracked(tmp_path, perceptual_weights):
     _run([dvc, "init", "--no-scm", "-q"], project)
     _run([dvc, "commit", "--force", "--quiet"], project)
     assert "up to date" in _run([dvc, "repro"], project, **env).stdout
+    shown = json.loads(_run([dvc, "metrics", "show", "--json"], project).stdout)
+    assert json.dumps(shown).count(str(round(bicubic["psnr_y"], 4))[:6]) >= 1  # `dvc metrics show` reads it
+    plots = _run([dvc, "plots", "show", "--json"], project).stdout
+    assert "ocr_acc_vs_text_px" in plots
 
     # an evaluation-only change reruns only evaluation, for both engines
     cfg_file = project / "config" / "config.yaml"
@@ -150,6 +154,11 @@ def test_pipeline_end_to_end_cached_and_tracked(tmp_path, perceptual_weights):
     repro = _run([dvc, "repro"], project, **env).stdout  # DVC really runs the stage
     assert "Running stage 'evaluate'" in repro and "Running stage 'degrade'" not in repro
     assert json.loads((project / "results" / "metrics.json").read_text())["crop_border"] == 2
-    # ... while a degradation change reruns degradation and everything downstream only
+    # ... while a degradation change reruns degradation and exactly what depends on it
     cfg_file.write_text(cfg_file.read_text().replace("final_sinc_prob: 0.8", "final_sinc_prob: 0.5"))
-    assert _job_stats(_run([sm, "-n", "all"], project).stdout) == {"degrade", "evaluate"}
+    edges = _registry_edges(config.load(cfg_file))
+    downstream = {"degrade"}
+    while grown := {v for u, v in edges if u in downstream} - downstream:
+        downstream |= grown
+    assert {"prior", "evaluate"} <= downstream and "data" not in downstream
+    assert _job_stats(_run([sm, "-n", "all"], project).stdout) == downstream

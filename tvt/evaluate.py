@@ -1,8 +1,19 @@
-"""Evaluation stage: restore the test split with every configured method and score it.
+"""Evaluation stage: restore the test split with every method, score it, write the paper's tables.
 
-Writes ``results/metrics.json`` (for ``dvc metrics show`` and MLflow) and a markdown/CSV
-table per image subset (photos, rendered text, all). Methods are looked up in
-:data:`METHODS`; a training-free bicubic baseline is always available.
+One protocol for every row of every table: a method's output is rounded to 8 bits, as if
+saved to PNG, and scored from there, so a folder of PNGs produced elsewhere
+(``evaluate.external: {name: folder}``, e.g. StableSR's official outputs, files named
+``<pair_id>.png``) is scored exactly like a method run here. Per pair: the image-quality
+metrics of :mod:`tvt.metrics.suite` and, for text lines, OCR (:mod:`tvt.metrics.ocr`;
+HR is read too, as the upper bound). Per subset: distribution metrics (FID) between the
+folders of outputs and of HR images. Unavailable metrics are listed, never guessed.
+
+Outputs: in ``tables_dir`` (the stage's ``results/tables``) the tables of
+:mod:`tvt.reports` as .md/.csv/.json, ``metrics.md`` (all of them), ``metrics_status.md``,
+``per_image.csv`` and ``figures/*.png``; ``results/metrics.json`` (DVC metrics);
+``results/plots/ocr_{acc,ned}_vs_text_px.csv`` (DVC plots). MLflow: every number on the
+stage run as ``<subset>.<method>.<metric>``, plus one nested run per (method, subset)
+tagged ``tvt.method`` / ``tvt.dataset`` for the UI's side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -10,115 +21,435 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import statistics
+import tempfile
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from tvt import reports
 from tvt.data.manifest import read_manifest
+from tvt.metrics import ocr
+from tvt.metrics.fidelity import quantise
+from tvt.metrics.suite import METRICS, MetricSuite, availability
+from tvt.stages import method_model_dir
 
 log = logging.getLogger(__name__)
 
+PLOTTED_OCR_METRICS = ("acc", "ned")
+
+
+# ------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------
+
 
 def load_image(path: Path) -> torch.Tensor:
-    """PNG -> float tensor (3,H,W) in [0,1]."""
+    """PNG -> float tensor (1, 3, H, W) in [0, 1]."""
     arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def save_image(tensor: torch.Tensor, path: Path) -> None:
-    arr = (tensor.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] -> H×W×3 uint8, rounded as a PNG writer would."""
+    return (tensor[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def bicubic_upscaler(scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training-free lower bound: bicubic interpolation (antialias off when upscaling)."""
-
-    def restore(lr: torch.Tensor) -> torch.Tensor:
-        sr = torch.nn.functional.interpolate(lr[None], scale_factor=scale, mode="bicubic", align_corners=False)
-        return sr[0].clamp(0, 1)
-
-    return restore
+# ------------------------------------------------------------------------------------------
+# Methods: the rows of the tables
+# ------------------------------------------------------------------------------------------
 
 
-def build_method(name: str, cfg: Mapping) -> Callable[[torch.Tensor], torch.Tensor]:
-    scale = cfg["degrade"]["scale"]
+@dataclass
+class Method:
+    """How a table row obtains its output for a test pair, and what it costs."""
+
+    name: str
+    restore: Callable[[torch.Tensor, str], torch.Tensor]  # (LR (1,3,h,w) in [0,1], pair_id) -> SR (1,3,H,W)
+    steps: int | None = None  # denoising steps; 0 without diffusion, None when unknown (external)
+    params_M: float | None = None
+    timed: bool = True  # latency is measured for methods run here, not for external folders
+
+
+def bicubic_method(scale: int) -> Method:
+    """The training-free lower bound: bicubic interpolation (as the restorers' input)."""
+
+    def restore(lr: torch.Tensor, pair_id: str) -> torch.Tensor:
+        return torch.nn.functional.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
+
+    return Method("bicubic", restore, steps=0, params_M=0.0)
+
+
+def restorer_method(name: str, restorer: torch.nn.Module, steps: int = 1) -> Method:
+    """A restorer network, LR (B,3,h,w) -> SR in [0, 1], as a table row."""
+    restorer = restorer.eval()
+    params = sum(p.numel() for p in restorer.parameters()) / 1e6
+    return Method(name, lambda lr, pair_id: restorer(lr), steps=steps, params_M=params)
+
+
+def trained_method(name: str, model_dir: Path, device: torch.device) -> Method:
+    """A one-step restorer trained by the pipeline (``resources/models/<name>``)."""
+    from tvt.models.restorer import OneStepRestorer
+
+    return restorer_method(name, OneStepRestorer.from_pretrained_dir(model_dir).to(device), steps=1)
+
+
+def external_method(name: str, folder: Path) -> Method:
+    """SR images produced elsewhere, ``<folder>/<pair_id>.png``, scored like any method."""
+
+    def restore(lr: torch.Tensor, pair_id: str) -> torch.Tensor:
+        path = folder / f"{pair_id}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"external results {name!r}: no {path} for test pair {pair_id!r}")
+        return load_image(path)
+
+    return Method(name, restore, steps=None, timed=False)
+
+
+def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu") -> Method:
+    """The method called ``name`` in ``cfg['evaluate']``: bicubic, an external folder or a trained model."""
+    external = cfg["evaluate"].get("external") or {}
     if name == "bicubic":
-        return bicubic_upscaler(scale)
-    raise NotImplementedError(f"method {name!r} is not available in this version of tvt")
+        return bicubic_method(cfg["degrade"]["scale"])
+    if name in external:
+        return external_method(name, Path(external[name]))
+    model_dir = Path(method_model_dir(name))
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"method {name!r}: no trained model at {model_dir} (train it first, "
+                                f"or list its outputs under evaluate.external)")
+    return trained_method(name, model_dir, torch.device(device))
 
 
-def markdown_table(rows: list[dict], metrics: list[str], title: str) -> str:
-    """Methods x metrics, best value per column in bold."""
-    from tvt.metrics.fidelity import higher_is_better
-
-    best = {}
-    for m in metrics:
-        values = [r[m] for r in rows]
-        best[m] = max(values) if higher_is_better(m) else min(values)
-    head = "| method | n | " + " | ".join(f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in metrics) + " |"
-    lines = [f"### {title}", "", head, "|" + "---|" * (len(metrics) + 2)]
-    for r in rows:
-        cells = [f"**{r[m]:.4f}**" if r[m] == best[m] and len(rows) > 1 else f"{r[m]:.4f}" for m in metrics]
-        lines.append(f"| {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def method_names(cfg: Mapping) -> list[str]:
+    ev = cfg["evaluate"]
+    names = [*ev["methods"], *(ev.get("external") or {})]
+    repeated = sorted({n for n in names if names.count(n) > 1} | ({reports.HR_ROW} & set(names)))
+    if repeated:
+        raise ValueError(f"evaluate: method names must be unique and not {reports.HR_ROW!r}: {repeated}")
+    return names
 
 
-def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path, run) -> dict:
-    """Score every method of ``cfg['evaluate']`` on the test split of ``pairs_csv``."""
+# ------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------
+
+
+def _timed(method: Method, lr: torch.Tensor, pair_id: str, device: torch.device) -> tuple[torch.Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    sr = method.restore(lr, pair_id)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return sr, (time.perf_counter() - start) * 1e3
+
+
+def _ocr_fields(image: np.ndarray, row: Mapping) -> dict:
+    text = ocr.recognise(image, row["lang"])
+    return {"ocr_text": text, **{f"ocr_{k}": v for k, v in ocr.line_scores(text, row["text"]).items()}}
+
+
+@torch.inference_mode()
+def score_method(method: Method, pairs: list[dict], root: Path, suite: MetricSuite, out_dir: Path,
+                 read_text: bool, device: torch.device) -> list[dict]:
+    """One record per pair: metrics, OCR fields, latency, MSE; the 8-bit output is saved under ``out_dir``."""
     from tqdm import tqdm
 
-    from tvt.metrics.fidelity import score
+    records = []
+    for row in tqdm(pairs, desc=f"evaluate {method.name}", unit="img"):
+        lr, hr = load_image(root / row["lr_path"]), load_image(root / row["hr_path"])
+        sr, ms = _timed(method, lr.to(device), row["pair_id"], device)
+        sr = quantise(sr.float().cpu())
+        if sr.shape != hr.shape:
+            raise ValueError(f"{method.name}: output {tuple(sr.shape[-2:])} for {row['pair_id']}, "
+                             f"HR is {tuple(hr.shape[-2:])}")
+        image = to_uint8(sr)
+        path = out_dir / method.name / f"{row['pair_id']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        record = {"method": method.name, "pair_id": row["pair_id"], "kind": row["kind"], "text_px": row["text_px"],
+                  **suite.score_images(sr, hr), "mse": float(((sr - hr) ** 2).mean())}
+        if method.timed:
+            record["latency_ms"] = ms
+        if read_text and row["kind"] == "text":
+            record.update(_ocr_fields(image, row))
+        records.append(record)
+    return records
 
+
+def hr_ocr_records(pairs: list[dict], root: Path) -> list[dict]:
+    """OCR of the HR text lines: the upper bound of the protocol."""
+    return [{"method": reports.HR_ROW, "pair_id": row["pair_id"], "kind": "text", "text_px": row["text_px"],
+             **_ocr_fields(to_uint8(load_image(root / row["hr_path"])), row)}
+            for row in pairs if row["kind"] == "text"]
+
+
+def evaluation_subsets(pairs: list[dict]) -> dict[str, list[dict]]:
+    """``all``, one subset per kind (photo, text) and, when pairs come from several datasets
+    (paper mode ids ``<dataset>/<image>``), one per dataset."""
+    subsets = {"all": pairs}
+    for kind in sorted({r["kind"] for r in pairs}):
+        subsets[kind] = [r for r in pairs if r["kind"] == kind]
+    datasets = sorted({r["source_id"].split("/")[0] for r in pairs if "/" in r["source_id"]})
+    if len(datasets) > 1:
+        for name in datasets:
+            subsets[name] = [r for r in pairs if r["source_id"].split("/")[0] == name]
+    return subsets
+
+
+def distribution_scores(suite: MetricSuite, outputs: Path, root: Path, subset: list[dict], method: str,
+                        work: Path) -> dict[str, float]:
+    """FID-like metrics between this subset's outputs and its HR images (folders of links)."""
+    if not any(METRICS[n].kind == "distribution" for n in suite.available):
+        return {}
+    sr_dir, hr_dir = work / "sr", work / "hr"
+    for directory in (sr_dir, hr_dir):
+        directory.mkdir(parents=True)
+    for i, row in enumerate(subset):
+        (sr_dir / f"{i:06d}.png").symlink_to((outputs / method / f"{row['pair_id']}.png").resolve())
+        (hr_dir / f"{i:06d}.png").symlink_to((root / row["hr_path"]).resolve())
+    return suite.score_folders(sr_dir, hr_dir)
+
+
+def _mean(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return float(np.mean(values)) if values else None
+
+
+def ocr_summary(records: list[dict], rows: list[str]) -> dict[str, dict]:
+    """Per OCR row (HR and methods): ACC/NED/CharAcc overall and per text height."""
+    out = {}
+    for name in rows:
+        lines = [r for r in records if r["method"] == name and "ocr_acc" in r]
+        if not lines:
+            continue
+        as_scores = [{m: r[f"ocr_{m}"] for m in ocr.OCR_METRICS} for r in lines]
+        by_size = {str(px): ocr.aggregate(s for s, r in zip(as_scores, lines, strict=True) if r["text_px"] == px)
+                   for px in sorted({r["text_px"] for r in lines})}
+        out[name] = {**ocr.aggregate(as_scores), "by_size": by_size}
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------
+
+
+def figure_pairs(records: list[dict], methods: list[str], kind: str, count: int) -> list[str]:
+    """The ``count`` pairs of a kind where the methods disagree most (spread of their MSE);
+    with a single method, its hardest pairs."""
+    mse: dict[str, list[float]] = {}
+    for r in records:
+        if r["kind"] == kind and r["method"] in methods:
+            mse.setdefault(r["pair_id"], []).append(r["mse"])
+    spread = {p: (max(v) - min(v)) if len(methods) > 1 else v[0] for p, v in mse.items()}
+    return sorted(spread, key=lambda p: (-spread[p], p))[:count]
+
+
+def comparison_figures(pair_ids: list[str], pairs: dict[str, dict], root: Path, outputs: Path,
+                       methods: list[str], scale: int) -> dict[str, object]:
+    figures = {}
+    for pair_id in pair_ids:
+        row = pairs[pair_id]
+        hr = np.asarray(Image.open(root / row["hr_path"]).convert("RGB"))
+        lr = Image.open(root / row["lr_path"]).convert("RGB")
+        lr_up = np.asarray(lr.resize((hr.shape[1], hr.shape[0]), Image.NEAREST))
+        srs = [np.asarray(Image.open(outputs / m / f"{pair_id}.png")) for m in methods]
+        box = reports.disagreement_box(srs, hr, reports.zoom_size(*hr.shape[:2]))
+        panels = [(f"LR (×{scale}, nearest)", lr_up), *zip(methods, srs, strict=True), ("HR", hr)]
+        figures[f"compare_{pair_id.replace('/', '__')}"] = reports.comparison_figure(pair_id, panels, box)
+    return figures
+
+
+# ------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------
+
+
+def _architecture_rows(methods: list[str], complexity_file: Path, scale: int) -> list[dict]:
+    """Paper-size complexity rows (results/complexity.json, else counted now on the meta device)."""
+    if not any(m in reports.ARCHITECTURES for m in methods):
+        return []
+    if complexity_file.is_file():
+        return json.loads(complexity_file.read_text())
+    from tvt.complexity import compute_complexity
+
+    return compute_complexity(output_size=512, scale=scale)
+
+
+def _summarise(cfg: Mapping, names: list[str], records: list[dict], subsets: dict[str, list[dict]],
+               suite: MetricSuite, distribution: dict, ocr_rows: dict, ocr_status: str, costs: dict[str, dict],
+               device: torch.device) -> dict:
     ev = cfg["evaluate"]
-    root = pairs_csv.parent
-    test = [r for r in read_manifest(pairs_csv) if r["split"] == "test"]
-    if not test:
-        raise ValueError(f"{pairs_csv}: no test pairs to evaluate")
-    subsets = {"all": test, **{k: [r for r in test if r["kind"] == k] for k in sorted({r["kind"] for r in test})}}
-    per_image: list[dict] = []
-    for method in ev["methods"]:
-        restore = build_method(method, cfg)
-        for row in tqdm(test, desc=f"evaluate {method}", unit="img"):
-            lr, hr = load_image(root / row["lr_path"]), load_image(root / row["hr_path"])
-            with torch.no_grad():
-                sr = restore(lr)
-            record = {"method": method, "pair_id": row["pair_id"], "kind": row["kind"]}
-            for name in ev["metrics"]:
-                record[name] = score(name, sr, hr, ev["crop_border"])
-            per_image.append(record)
-    summary: dict = {"test_set": f"{cfg['mode']}-test", "crop_border": ev["crop_border"], "subsets": {}}
-    text = []
+    summary: dict = {
+        "test_set": f"{cfg['mode']}-test", "crop_border": ev["crop_border"], "device": device.type,
+        "methods": names, "metrics": list(ev["metrics"]), "unavailable": dict(suite.unavailable), "subsets": {},
+    }
+    image_metrics = [n for n in suite.available if METRICS[n].kind != "distribution"]
     for subset, rows in subsets.items():
         ids = {r["pair_id"] for r in rows}
-        table_rows = []
-        for method in ev["methods"]:
-            recs = [p for p in per_image if p["method"] == method and p["pair_id"] in ids]
-            entry = {"method": method, "n": len(recs), **{m: float(np.mean([p[m] for p in recs])) for m in ev["metrics"]}}
-            table_rows.append(entry)
-            summary["subsets"].setdefault(subset, {})[method] = {k: v for k, v in entry.items() if k != "method"}
-        title = (f"{subset} ({cfg['mode']} test split; PSNR/SSIM on Y of YCbCr, "
-                 f"{ev['crop_border']} px border cropped)")
-        text.append(markdown_table(table_rows, ev["metrics"], title))
-        with open(tables_dir / f"metrics_{subset}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["method", "n", *ev["metrics"]])
-            writer.writeheader()
-            writer.writerows(table_rows)
-    report = "\n\n".join(text) + "\n"
-    (tables_dir / "metrics.md").write_text(report)
-    with open(tables_dir / "per_image.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["method", "pair_id", "kind", *ev["metrics"]])
-        writer.writeheader()
-        writer.writerows(per_image)
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
+        for name in names:
+            recs = [r for r in records if r["method"] == name and r["pair_id"] in ids]
+            values = {"n": len(recs), **{m: _mean(recs, m) for m in image_metrics}, **distribution[(subset, name)]}
+            summary["subsets"].setdefault(subset, {})[name] = {k: v for k, v in values.items() if v is not None}
+    if ocr_rows or ocr_status != "available":
+        summary["ocr"] = {"status": ocr_status, "rows": ocr_rows}
+        if ocr_rows:
+            summary["ocr"]["engine"] = f"tesseract {ocr.tesseract_version()}"
+    summary["complexity"] = {}
+    for name in names:
+        latencies = [r["latency_ms"] for r in records if r["method"] == name and "latency_ms" in r]
+        info = {**costs[name], "latency_ms": statistics.median(latencies) if latencies else None}
+        summary["complexity"][name] = {k: v for k, v in info.items() if v is not None}
+    return summary
+
+
+def flat_metrics(summary: Mapping) -> dict[str, float]:
+    """Every number of the summary as ``<subset>.<method>.<metric>``, ``ocr.<row>.<metric>[_<px>px]``
+    and ``complexity.<method>.<key>`` (the MLflow names of the stage run)."""
+    flat = {f"{subset}.{method}.{key}": value for subset, methods in summary["subsets"].items()
+            for method, values in methods.items() for key, value in values.items()}
+    for row, values in (summary.get("ocr") or {}).get("rows", {}).items():
+        flat.update({f"ocr.{row}.{m}": values[m] for m in ("n", *ocr.OCR_METRICS)})
+        for px, by_size in values["by_size"].items():
+            flat.update({f"ocr.{row}.{m}_{px}px": by_size[m] for m in ocr.OCR_METRICS})
+    for method, values in summary["complexity"].items():
+        flat.update({f"complexity.{method}.{key}": value for key, value in values.items()})
+    return {k: float(v) for k, v in flat.items()}
+
+
+def comparison_runs(summary: Mapping) -> list[tuple[str, str, dict[str, float]]]:
+    """(method, subset, metrics) of the nested MLflow runs: one per method and subset; OCR rows
+    (HR included) join the ``text`` subset and complexity the ``all`` subset."""
+    runs = []
+    ocr_rows = (summary.get("ocr") or {}).get("rows", {})
     for subset, methods in summary["subsets"].items():
-        for method, values in methods.items():
-            run.log_metrics({f"{subset}.{method}.{m}": values[m] for m in ev["metrics"]})
+        for method in [*methods, *([reports.HR_ROW] if subset == "text" and reports.HR_ROW in ocr_rows else [])]:
+            metrics = dict(methods.get(method, {}))
+            if subset == "text" and method in ocr_rows:
+                row = ocr_rows[method]
+                metrics.update({f"ocr_{m}": row[m] for m in ocr.OCR_METRICS})
+                metrics.update({f"ocr_{m}_{px}px": s[m] for px, s in row["by_size"].items() for m in ocr.OCR_METRICS})
+            if subset == "all":
+                metrics.update(summary["complexity"].get(method, {}))
+            runs.append((method, subset, {k: float(v) for k, v in metrics.items()}))
+    return runs
+
+
+def log_comparison_runs(run, summary: Mapping, mode: str) -> int:
+    """Open the nested (method, subset) runs under ``run`` if it is MLflow's active run; return how many."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != getattr(run, "run_id", None):
+        log.info("no active MLflow stage run: nested comparison runs skipped")
+        return 0
+    runs = comparison_runs(summary)
+    for method, subset, metrics in runs:
+        tags = {"tvt.kind": "evaluation", "tvt.method": method, "tvt.dataset": f"{summary['test_set']}/{subset}",
+                "tvt.subset": subset, "tvt.mode": mode}
+        with mlflow.start_run(run_name=f"{method} · {subset}", nested=True, tags=tags):
+            mlflow.log_metrics(metrics)
+    return len(runs)
+
+
+def _status_markdown(summary: Mapping) -> str:
+    lines = ["### Metric availability", "", "| Metric | Kind | Better | Status |", "|---|---|---|---|"]
+    for name, status in availability(summary["metrics"]).items():
+        spec = METRICS[name]
+        lines.append(f"| {spec.label} | {spec.kind} | {spec.arrow} | {status} |")
+    if "ocr" in summary:
+        lines.append(f"| OCR (ACC/NED/CharAcc) | text | ↑ | {summary['ocr']['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_per_image(records: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path, run,
+             plots_dir: Path | None = None, complexity_file: Path | None = None) -> dict:
+    """Score every method of ``cfg['evaluate']`` on the test split of ``pairs_csv``; see the module doc.
+
+    ``plots_dir`` defaults to ``<metrics_file dir>/plots``; ``complexity_file`` (paper-size
+    complexity rows of tvt.complexity) to ``<metrics_file dir>/complexity.json``.
+    """
+    ev = cfg["evaluate"]
+    results_dir = Path(metrics_file).parent
+    plots_dir = Path(plots_dir) if plots_dir is not None else results_dir / "plots"
+    complexity_file = Path(complexity_file) if complexity_file is not None else results_dir / "complexity.json"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = pairs_csv.parent
+    pairs = [r for r in read_manifest(pairs_csv) if r["split"] == "test"]
+    if not pairs:
+        raise ValueError(f"{pairs_csv}: no test pairs to evaluate")
+    names = method_names(cfg)
+    subsets = evaluation_subsets(pairs)
+    suite = MetricSuite(ev["metrics"], ev["crop_border"], device)
+    has_text = any(r["kind"] == "text" for r in pairs)
+    ocr_status = "disabled" if not ev.get("ocr", True) else (
+        ocr.unavailable_reason(sorted({r["lang"] for r in pairs if r["kind"] == "text"})) or "available")
+    read_text = has_text and ocr_status == "available"
+
+    with tempfile.TemporaryDirectory(prefix="tvt-evaluate-") as tmp:
+        outputs = Path(tmp) / "outputs"
+        records: list[dict] = []
+        costs: dict[str, dict] = {}
+        for name in names:
+            method = build_method(name, cfg, device)
+            records += score_method(method, pairs, root, suite, outputs, read_text, device)
+            costs[name] = {"steps": method.steps, "params_M": method.params_M}
+            del method  # release a trained model before loading the next
+        if read_text:
+            records += hr_ocr_records(pairs, root)
+        distribution = {(subset, name): distribution_scores(suite, outputs, root, rows, name,
+                                                             Path(tmp) / "sets" / subset / name)
+                        for subset, rows in subsets.items() for name in names}
+        ocr_rows = ocr_summary(records, [reports.HR_ROW, *names]) if read_text else {}
+        summary = _summarise(cfg, names, records, subsets, suite, distribution, ocr_rows, ocr_status,
+                             costs, device)
+        by_id = {r["pair_id"]: r for r in pairs}
+        figures = comparison_figures(
+            [p for kind in sorted(subsets.keys() & {"photo", "text"})
+             for p in figure_pairs(records, names, kind, ev.get("figure_pairs", 2))],
+            by_id, root, outputs, names, cfg["degrade"]["scale"])
+
+    tables = [*reports.image_quality_tables(summary), reports.text_table(summary),
+              reports.complexity_table(summary, _architecture_rows(names, complexity_file, cfg["degrade"]["scale"])),
+              *reports.ablation_tables(summary)]
+    tables = [t for t in tables if t is not None]
+    for table in tables:
+        table.write(tables_dir)
+    status = _status_markdown(summary)
+    (tables_dir / "metrics_status.md").write_text(status)
+    report = "\n".join(t.markdown() for t in tables) + "\n" + status
+    (tables_dir / "metrics.md").write_text(report)
+    _write_per_image(records, tables_dir / "per_image.csv")
+
+    if (figure := reports.ocr_vs_size_figure(summary)) is not None:
+        figures["ocr_vs_text_px"] = figure
+    (tables_dir / "figures").mkdir(exist_ok=True)
+    for name, figure in figures.items():
+        figure.savefig(tables_dir / "figures" / f"{name}.png", dpi=150)
+    for metric in PLOTTED_OCR_METRICS:
+        reports.write_plot_csv(summary, metric, plots_dir / f"ocr_{metric}_vs_text_px.csv")
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+    run.log_metrics(flat_metrics(summary))
+    run.set_tags({"tvt.methods": ",".join(names), "tvt.test_set": summary["test_set"]})
     run.log_artifact(tables_dir)
     run.log_artifact(metrics_file)
+    run.log_artifact(plots_dir, "plots")
+    log_comparison_runs(run, summary, cfg["mode"])
     print(report)
     return summary

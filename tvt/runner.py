@@ -137,6 +137,19 @@ def _ckpt_dir(stage: str) -> Path:
     return Path(stages_mod.CKPT_DIR) / stage
 
 
+def _stage_complexity(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.complexity import compute_complexity, to_json, to_markdown
+
+    rows = compute_complexity(output_size=512)  # the paper's setting: x4 to 512², SD 2.1-base scale
+    out = Path(stages_mod.COMPLEXITY_FILE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(to_json(rows) + "\n")
+    os.replace(tmp, out)
+    run.log_text(to_markdown(rows), "complexity.md")
+    run.log_artifact(out)
+
+
 def _stage_evaluate(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
     from tvt.evaluate import evaluate
 
@@ -151,6 +164,7 @@ HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
     "prior": _stage_prior,
     "decoder_transfer": _stage_decoder_transfer,
     "encoder_transfer": _stage_encoder_transfer,
+    "complexity": _stage_complexity,
     "evaluate": _stage_evaluate,
 }
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pathlib import PurePosixPath
+
 from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params
 
 RESOURCES = "resources"
@@ -29,6 +31,9 @@ CKPT_DIR = f"{RESOURCES}/checkpoints"
 VAE_D4_DECODER_DIR = f"{MODELS_DIR}/vae-d4-decoder"
 VAE_D4_DIR = f"{MODELS_DIR}/vae-d4"
 METRICS_FILE = f"{RESULTS}/metrics.json"
+COMPLEXITY_FILE = f"{RESULTS}/complexity.json"
+#: OCR accuracy vs text height, one column per method (`dvc plots show`)
+OCR_PLOTS = tuple(f"{RESULTS}/plots/ocr_{m}_vs_text_px.csv" for m in ("acc", "ned"))
 TABLES_DIR = f"{RESULTS}/tables"
 
 
@@ -138,13 +143,19 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             outs=(VAE_D4_DIR,),
             resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=1440 if gpu else 120,
                                 gpus=8 if gpu else 0)))
-    methods = list(cfg["evaluate"]["methods"])
-    eval_deps = [PAIRS_DIR] + [d for m in methods if (d := method_model_dir(m))]
+    stages.append(Stage(
+        "complexity", None, "parameters and MACs of every network at SD 2.1-base scale (meta device)",
+        code=code_files("tvt/complexity.py", "tvt/models/vae_d4.py", "tvt/models/ce_unet.py",
+                        "tvt/models/sd_configs.py"),
+        metrics=(COMPLEXITY_FILE,), resources=Resources(cpus=1, mem_mb=4000, runtime=10)))
+    ev = cfg["evaluate"]
+    eval_deps = [PAIRS_DIR, COMPLEXITY_FILE, *(d for m in ev["methods"] if (d := method_model_dir(m))),
+                 *ev.get("external", {}).values()]
     stages.append(
-        Stage("evaluate", "evaluate", "score every method on the test split; write tables",
-              deps=tuple(eval_deps), code=code_files("tvt/evaluate.py", "tvt/metrics/fidelity.py"),
-              outs=(TABLES_DIR,), metrics=(METRICS_FILE,),
-              resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
+        Stage("evaluate", "evaluate", "score every method on the test split; write tables and figures",
+              deps=tuple(eval_deps), code=code_files("tvt/evaluate.py", "tvt/reports.py", "tvt/metrics"),
+              outs=(TABLES_DIR,), metrics=(METRICS_FILE,), plots=OCR_PLOTS,
+              resources=Resources(cpus=2, mem_mb=8000, runtime=120, gpus=1 if gpu else 0)))
     return stages
 
 
@@ -171,6 +182,10 @@ def dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> dict:
         if st.plots:
             entry["plots"] = [{p: {"cache": False}} for p in st.plots]
         out["stages"][st.name] = entry
+    # how `dvc plots show` draws the OCR curves: one line per method, HR as the upper bound
+    columns = ["HR", *cfg["evaluate"]["methods"], *cfg["evaluate"].get("external", {})]
+    out["plots"] = [{p: {"x": "text_px", "y": list(columns), "title": PurePosixPath(p).stem.replace("_", " ")}}
+                    for p in OCR_PLOTS]
     return out
 
 

@@ -10,7 +10,7 @@ for _stage in STAGES.values():
         input:
             list(_stage.inputs),
         output:
-            [directory(o) for o in _stage.outs] + list(_stage.metrics),
+            [directory(o) for o in _stage.outs] + list(_stage.metrics) + list(_stage.plots),
         params:
             # evaluated now, per rule (the shell string itself is evaluated at job time,
             # when the loop variable would name the last stage)
