@@ -47,9 +47,13 @@ class Resources:
     gpus: int = 0
 
     def snakemake(self) -> dict[str, int]:
-        res = {"mem_mb": self.mem_mb, "runtime": self.runtime, "cpus_per_task": self.cpus}
+        """Rule resources. GPU jobs ask for CPUs per GPU (the plugin would send a competing
+        --cpus-per-task otherwise) and one node, so that 8 GPUs are never split."""
+        res = {"mem_mb": self.mem_mb, "runtime": self.runtime}
         if self.gpus:
-            res.update(gpu=self.gpus, cpus_per_gpu=max(1, self.cpus // self.gpus))
+            res.update(gpu=self.gpus, cpus_per_gpu=max(1, self.cpus // self.gpus), nodes=1)
+        else:
+            res["cpus_per_task"] = self.cpus
         return res
 
 
@@ -64,6 +68,7 @@ class Stage:
     metrics: tuple[str, ...] = ()  # small JSON files (not cached, `dvc metrics show`)
     plots: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    retries: int = 0  # resubmissions after a failure (training resumes from its checkpoint)
 
     def command(self, config_path: str) -> str:
         return f"tvt stage {self.name} --config {config_path}"
@@ -132,7 +137,7 @@ def build_stages(cfg: Mapping) -> list[Stage]:
         stages.append(Stage(
             "decoder_transfer", "decoder_transfer", "TVT stage 1: train the VAE-D4 decoder on frozen VAE-D8 latents",
             deps=(PAIRS_DIR, SD_DIR), code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
-            outs=(VAE_D4_DECODER_DIR,),
+            outs=(VAE_D4_DECODER_DIR,), retries=3 if gpu else 0,
             resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
                                 gpus=8 if gpu else 0)))
     if "encoder_transfer" in cfg:
@@ -140,7 +145,7 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             "encoder_transfer", "encoder_transfer", "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
             deps=(PAIRS_DIR, VAE_D4_DECODER_DIR),
             code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
-            outs=(VAE_D4_DIR,),
+            outs=(VAE_D4_DIR,), retries=3 if gpu else 0,
             resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=1440 if gpu else 120,
                                 gpus=8 if gpu else 0)))
     stages.append(Stage(

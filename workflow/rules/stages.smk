@@ -21,7 +21,9 @@ for _stage in STAGES.values():
         resources:
             **_stage.resources.snakemake(),
         threads: _stage.resources.cpus
+        retries: _stage.retries
         message:
-            f"{_stage.name}: {_stage.description}"
+            f"{_stage.name}: {_stage.description}; resources: "
+            + ", ".join(f"{k}={{resources.{k}}}" for k in _stage.resources.snakemake())
         shell:
             "{params.cmd} 2>&1 | tee {log}"
