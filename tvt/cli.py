@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further arguments for the engine")
     p.set_defaults(func=_cmd_pipeline)
 
+    from tvt import sr  # cheap: torch is imported only when `tvt sr` runs
+
+    p = sub.add_parser("sr", help=sr.HELP)
+    sr.add_arguments(p)
+    p.set_defaults(func=sr.main)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     q = csub.add_parser("validate", help="validate config files against the schema")
@@ -158,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # library chatter that says nothing about our stages
-        for name in ("bitsandbytes", "accelerate", "alembic", "mlflow.store.db.utils"):
+        for name in ("accelerate", "alembic", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no 4-bit CPU kernels": irrelevant here
     try:
         return args.func(args)
     except ConfigError as exc:
