@@ -37,7 +37,7 @@ def tracking_uri(cfg: Mapping) -> str:
             warnings.warn(
                 f"MLflow store {uri} is a sqlite file used from a SLURM job: concurrent jobs on a "
                 "shared filesystem can lock or corrupt it. Point tracking.uri (or "
-                "MLFLOW_TRACKING_URI) at an MLflow server instead (scripts/start-mlflow-server.sh, "
+                "MLFLOW_TRACKING_URI) at an `mlflow server` instead (scripts/start-mlflow-server.sh, "
                 "docs/cluster.md).",
                 stacklevel=2,
             )

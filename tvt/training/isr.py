@@ -62,6 +62,9 @@ from tvt.training.prior import PROMPT_EMBEDS_FILE
 from tvt.training.vsd import VSDLoss, fake_score_unet, unet_sharing_weights
 
 PREVIEW_IMAGES = 2
+#: section keys that only change the saved restorer, not training: editing them republishes
+#: from the finished checkpoint instead of retraining
+OUTPUT_ONLY_KEYS = frozenset({"color_fix"})
 METRIC_LPIPS_NET = "alex"  # the LPIPS that SR papers report (the training loss may use VGG)
 
 
@@ -140,8 +143,9 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "scheduler",
                           sd_dir / PROMPT_EMBEDS_FILE, vae_source)
     name = f"isr_{variant}"
+    trajectory = {k: v for k, v in section.items() if k not in OUTPUT_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=name, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,
-                      fingerprint={**section, "inputs": inputs})
+                      fingerprint={**trajectory, "inputs": inputs})
     device = trainer.device
     train, val = PairDataset(pairs_dir, "train"), PairDataset(pairs_dir, "val")
     first = train[0]
@@ -150,6 +154,7 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     teacher = UNet2DConditionModel.from_pretrained(sd_dir / "unet").to(device).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(sd_dir / "scheduler")
     prompt, negative = load_prompts(sd_dir)
+    sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vae = VAED4.from_pretrained(vae_source) if section["method"] == "tvt" else AutoencoderKL.from_pretrained(vae_source)
     restorer = build_generator(variant, section, vae.to(device), teacher, scheduler, prompt, scale)
     if first["hr"].shape[-1] % restorer.pixel_multiple or first["hr"].shape[-2] % restorer.pixel_multiple:
@@ -167,27 +172,27 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
                                          weight_decay=section["weight_decay"])},
     )
     restorer = trainer.unwrap("generator").model
-    sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vsd = VSDLoss(teacher, models["fake_score"], scheduler, cfg_scale=section["cfg_scale"],
                   timestep_range=tuple(section["t_vsd"]),
                   latent_scale=sd_vae_factor // restorer.vae_factor)
     lpips_weight = section["lambda_lpips"]
     lpips = perceptual.load_lpips(net=section["lpips_net"], device=device) if lpips_weight > 0 else None
     reconstruction = ReconstructionLoss(lpips, pixel="l2", lpips_weight=lpips_weight).to(device)
-    negative = NullPrompt(negative).to(device)
+    negative_prompt = NullPrompt(negative).to(device)
+    lambda_vsd = section["lambda_vsd"]
 
     def step(batch):
         sr, z_h = models["generator"](batch["lr"])
+        prompt_embeds, negative_embeds = restorer.prompt(batch["lr"]), negative_prompt(batch["lr"])
         with trainer.accelerator.autocast():
             terms = reconstruction(sr, batch["hr"])
             del terms["rec"]  # the stage weighs l2 and lpips itself
             loss = section["lambda_l2"] * terms["l2"] + lpips_weight * terms.get("lpips", 0.0)
-            if section["lambda_vsd"] > 0:
-                prompt_embeds = restorer.prompt(batch["lr"])
-                terms["vsd"] = vsd(z_h, prompt_embeds, negative(batch["lr"]))
-                loss = loss + section["lambda_vsd"] * terms["vsd"]
+            if lambda_vsd > 0:
+                terms["vsd"] = vsd(z_h, prompt_embeds, negative_embeds)
+                loss = loss + lambda_vsd * terms["vsd"]
         trainer.optimise("generator", loss)
-        if section["lambda_vsd"] > 0:
+        if lambda_vsd > 0:  # the fake score follows the generator's new output distribution
             with trainer.accelerator.autocast():
                 terms["fake_score"] = vsd.fake_score_loss(z_h, prompt_embeds)
             trainer.optimise("fake_score", terms["fake_score"])

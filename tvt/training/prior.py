@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
 from tvt.training.data import PAIRS_FILE, PairDataset
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, mean_psnr
@@ -41,13 +42,6 @@ PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 PROMPT_LENGTH = 77  # CLIP's token sequence length
 PREVIEW_TIMESTEP = 500
 VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder optimiser
-
-
-def sd_noise_scheduler() -> DDPMScheduler:
-    """SD 2.1-base's training noise schedule (ε-prediction, scaled-linear betas, 1000 steps)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", prediction_type="epsilon",
-                         clip_sample=False, steps_offset=1)
 
 
 def null_prompt_embeds(cross_attention_dim: int) -> torch.Tensor:
