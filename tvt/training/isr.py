@@ -111,8 +111,8 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
 
 def generate(restorer: OneStepRestorer, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The training forward: LR in [-1, 1] → (SR in [-1, 1], not clamped, no colour fix; ẑ_H)."""
-    lr_up = restorer.upsample_lr((lr + 1) / 2)
-    z_h = restorer.denoise(restorer.encode_lr(lr_up), restorer.prompt(lr_up))
+    lr = (lr + 1) / 2
+    z_h = restorer.denoise(restorer.encode_lr(restorer.upsample_lr(lr)), restorer.prompt(lr))
     return restorer.decode(z_h) * 2 - 1, z_h
 
 
@@ -183,7 +183,8 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
 
     def step(batch):
         sr, z_h = models["generator"](batch["lr"])
-        prompt_embeds, negative_embeds = restorer.prompt(batch["lr"]), negative_prompt(batch["lr"])
+        lr = (batch["lr"] + 1) / 2  # the generator's prompt, for the scores too
+        prompt_embeds, negative_embeds = restorer.prompt(lr), negative_prompt(lr)
         with trainer.accelerator.autocast():
             terms = reconstruction(sr, batch["hr"])
             del terms["rec"]  # the stage weighs l2 and lpips itself
