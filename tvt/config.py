@@ -103,6 +103,20 @@ def _semantic_checks(cfg: dict) -> None:
     for stage, upstream in (("decoder_transfer", "prior"), ("encoder_transfer", "decoder_transfer")):
         if stage in cfg and upstream not in cfg:
             raise ConfigError(f"{stage}: needs the '{upstream}' section (its input is that stage's output)")
+    isr = cfg.get("isr", {})
+    if isr and "prior" not in cfg:
+        raise ConfigError("isr: needs the 'prior' section (the SD weights it fine-tunes)")
+    for name, variant in isr.items():
+        if variant["method"] == "tvt" and "encoder_transfer" not in cfg:
+            raise ConfigError(f"isr.{name}: method 'tvt' needs the 'encoder_transfer' section (its VAE-D4)")
+        if variant["unet"] == "ce" and variant["method"] != "tvt":
+            raise ConfigError(f"isr.{name}.unet: 'ce' (CE-UNet) needs the VAE-D4 latents of method 'tvt'")
+        if variant["t_vsd"][0] >= variant["t_vsd"][1]:
+            raise ConfigError(f"isr.{name}.t_vsd: {variant['t_vsd']} is not an increasing range")
+    for i, method in enumerate(cfg["evaluate"]["methods"]):
+        if method != "bicubic" and method not in isr:
+            raise ConfigError(f"evaluate.methods[{i}]: {method!r} is neither 'bicubic' nor a model of the isr "
+                              f"section ({', '.join(isr) or 'none configured'})")
     known = set(data.get("datasets", {}))
     for i, name in enumerate(cfg["evaluate"].get("test_sets", [])):
         if name not in known:

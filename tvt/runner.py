@@ -8,46 +8,23 @@ never leaves a half-written output that a later run could mistake for a finished
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tvt import config as config_mod
 from tvt import stages as stages_mod
 from tvt import tracking
+from tvt.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
     """A stage cannot run (missing input, unsupported mode); the message says why."""
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; move it onto ``path`` only on success."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def _require(path: str | Path, produced_by: str) -> Path:
@@ -131,6 +108,18 @@ def _stage_encoder_transfer(cfg: Mapping, run: tracking.StageRun, opts: Mapping)
                          Path(stages_mod.VAE_D4_DIR), _ckpt_dir("encoder_transfer"), run)
 
 
+def _stage_isr(name: str):
+    def handler(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+        from tvt.training.isr import run_isr
+
+        tvt = cfg["isr"][name]["method"] == "tvt"
+        run_isr(cfg, name, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR),
+                Path(stages_mod.VAE_D4_DIR) if tvt else None, Path(stages_mod.method_model_dir(name)),
+                _ckpt_dir(f"isr_{name}"), run)
+
+    return handler
+
+
 def _ckpt_dir(stage: str) -> Path:
     """Checkpoints live outside the stage's output, so a rerun can resume from them
     (Snakemake and DVC delete a stage's outputs before running it)."""
@@ -173,15 +162,28 @@ def run_stage(name: str, config_path: str | Path, **opts) -> None:
     """Run one stage of the pipeline described by ``config_path``."""
     cfg = config_mod.load(config_path)
     stage = stages_mod.stage_by_name(cfg, name)
-    handler = HANDLERS.get(name) or (_stage_download(name.removeprefix("download_"))
-                                     if name.startswith("download_") else None)
+    handler = HANDLERS.get(name)
+    if handler is None and name.startswith("download_"):
+        handler = _stage_download(name.removeprefix("download_"))
+    if handler is None and name.startswith("isr_"):
+        handler = _stage_isr(name.removeprefix("isr_"))
     if handler is None:
         raise StageError(f"stage {name!r} has no implementation in this version of tvt")
     for dep in stage.deps:
         producer = next((s.name for s in stages_mod.build_stages(cfg) if dep in s.outs), "?")
         _require(dep, producer)
+    if stage.resources.gpus == 0:
+        _use_granted_cpus()
     with tracking.stage_run(name, cfg, stage.section, config_path) as run:
         handler(cfg, run, opts)
+
+
+def _use_granted_cpus() -> None:
+    """CPU stages use the cores this process may run on (a SLURM allocation, a taskset),
+    not torch's default of every core of the node."""
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 
 def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: list[str] | None = None) -> int:

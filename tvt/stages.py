@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
 from pathlib import PurePosixPath
 
 from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params
@@ -147,6 +146,17 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
             outs=(VAE_D4_DIR,), retries=3 if gpu else 0,
             resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=1440 if gpu else 120,
+                                gpus=8 if gpu else 0)))
+    for name, variant in cfg.get("isr", {}).items():
+        tvt = variant["method"] == "tvt"
+        stages.append(Stage(
+            f"isr_{name}", f"isr.{name}",
+            f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, t={variant['timestep']}) "
+            "with L2 + LPIPS + VSD",
+            deps=(PAIRS_DIR, SD_DIR) + ((VAE_D4_DIR,) if tvt else ()),
+            code=train_code + code_files("tvt/training/isr.py", "tvt/training/vsd.py", "tvt/models"),
+            outs=(method_model_dir(name),), retries=3 if gpu else 0,
+            resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
                                 gpus=8 if gpu else 0)))
     stages.append(Stage(
         "complexity", None, "parameters and MACs of every network at SD 2.1-base scale (meta device)",

@@ -188,8 +188,8 @@ def describe_latest_pipeline(cfg: Mapping) -> str:
     parent = parents[0]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
-    lines = [f"MLflow {tracking_uri(cfg)} · experiment '{exp.name}' · pipeline run {parent.info.run_id} "
-             f"({parent.info.status})"]
+    lines = [(f"MLflow {tracking_uri(cfg)} · experiment '{exp.name}' · pipeline run {parent.info.run_id} "
+              f"({parent.info.status})")]
     for child in children:
         seconds = ((child.info.end_time or child.info.start_time) - child.info.start_time) / 1000
         lines.append(f"  └─ {child.data.tags.get('tvt.stage', child.info.run_name):18s} {child.info.status:9s} "

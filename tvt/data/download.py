@@ -43,7 +43,7 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - URL from config
+        response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # range not satisfiable: we already have every byte
             return

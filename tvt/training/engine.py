@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from tvt.atomic import atomic_dir, fsync_dir, fsync_tree
 from tvt.config import params_hash
 
 log = logging.getLogger(__name__)
@@ -122,42 +123,11 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under ``root`` to disk, so a rename publishes complete data."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill ``<out_dir>.tmp``, then rename it to ``out_dir``.
-
-    A killed stage leaves at most a ``.tmp`` folder behind, never a half-written output
-    that a later stage (or Snakemake) would take for a finished one.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    """Let ``write`` fill a temporary folder that replaces ``out_dir`` only when complete
+    (see :mod:`tvt.atomic`)."""
+    with atomic_dir(out_dir) as tmp:
+        write(tmp)
 
 
 def forked_rng(device: torch.device | str):
@@ -458,9 +428,9 @@ class Trainer:
         if self.is_main_process:
             state = {"step": step, "fingerprint": self.fingerprint, "stage": self.name}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.rename(tmp, final)
-            _fsync_dir(self.ckpt_dir)
+            fsync_dir(self.ckpt_dir)
             self._prune_checkpoints()
         self.last_checkpoint = final
         self.accelerator.wait_for_everyone()
