@@ -248,3 +248,61 @@ def test_write_dir_atomically(tmp_path):
     write_dir_atomically(out, lambda d: (d / "w.txt").write_text("v2"))
     assert (out / "w.txt").read_text() == "v2"
     assert not (tmp_path / "model.tmp").exists()
+
+
+_KILLABLE_RUN = """
+import logging, sys, time, torch
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_training_engine import ToyPairs, make_trainer, toy_step, weights
+torch.set_num_threads(1)
+trainer = make_trainer(Path({root!r}), steps=24, checkpoint_every=2, keep_checkpoints=2)
+step = toy_step(trainer)
+def slow_step(batch):
+    time.sleep(0.05)  # long enough for the parent to kill us between checkpoints
+    return step(batch)
+trainer.fit(ToyPairs(), slow_step)
+torch.save(weights(trainer), {out!r})
+"""
+
+
+def _killable(tmp_path, root: str, out: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _KILLABLE_RUN.format(tests=str(Path(__file__).parent), root=str(tmp_path / root), out=str(tmp_path / out))
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
+    """A real SIGKILL at an arbitrary moment after some checkpoints: the rerun resumes from
+    the newest complete checkpoint and ends bit-identical to an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    reference = _killable(tmp_path, "ref", "ref.pt")
+    victim = _killable(tmp_path, "victim", "victim.pt")
+    ckpt = tmp_path / "victim" / "ckpt"
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(ckpt) is None or int(latest_checkpoint(ckpt).name.split("-")[1]) < 6:
+        assert victim.poll() is None, f"finished before it could be killed: {victim.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint-6 within 120 s"
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = int(latest_checkpoint(ckpt).name.split("-")[1])
+    assert 6 <= killed_at < 24 and not (tmp_path / "victim.pt").exists()
+
+    rerun = _killable(tmp_path, "victim", "victim.pt")
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert f"resumed from {ckpt / f'checkpoint-{killed_at}'} (step {killed_at})" in rerun.stderr.read()
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)
+    res = torch.load(tmp_path / "victim.pt", weights_only=True)
+    assert ref.keys() == res.keys()
+    for key in ref:
+        assert torch.equal(ref[key], res[key]), key
