@@ -151,3 +151,22 @@ def test_sqlite_store_from_a_slurm_job_warns(tmp_path, monkeypatch, uri, in_slur
         assert len(messages) == 1 and "SLURM job" in messages[0] and "mlflow server" in messages[0]
     else:
         assert messages == []
+
+
+def test_only_rank_zero_of_a_multi_process_stage_logs(tmp_path, monkeypatch):
+    import mlflow
+
+    from tvt import config, tracking
+
+    cfg = {**config.load(config.REPO_ROOT / "config" / "ci.yaml"),
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'ranks.db'}", "experiment": "ranks"}}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PIPELINE_ENV, raising=False)
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with tracking.stage_run("degrade", cfg, "degrade") as run:
+            run.log_metrics({"loss": float(rank)}, step=1)
+            run.set_tags({"rank": rank})
+    runs = mlflow.MlflowClient(tracking_uri=cfg["tracking"]["uri"]).search_runs(
+        [mlflow.MlflowClient(tracking_uri=cfg["tracking"]["uri"]).get_experiment_by_name("ranks").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["rank"] == "0" and runs[0].data.metrics["loss"] == 0.0

@@ -134,14 +134,35 @@ class StageRun:
         self._mlflow.log_text(text, name)
 
 
+class NullRun:
+    """What non-main processes of a multi-process stage log to: nothing. Only rank 0 of
+    an ``accelerate launch`` / torchrun job owns the stage's MLflow run."""
+
+    run_id = None
+
+    def __getattr__(self, name):
+        if name.startswith("log_") or name == "set_tags":
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the launcher variables of torchrun/accelerate."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Mapping, section: str | None, config_path: str | Path | None = None,
               tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of one stage, nested under the pipeline run when there is one.
 
     Logs the stage's own parameters (never other sections), their hash, the git commit
-    and the config path; marks the run FAILED if the stage raises.
+    and the config path; marks the run FAILED if the stage raises. Under a multi-process
+    launcher only rank 0 logs, so one stage is one run however many GPUs train it.
     """
+    if not is_main_process():
+        yield NullRun()
+        return
     mlflow = _mlflow(cfg)
     params = stage_params(cfg, section)
     parent = os.environ.get(PIPELINE_ENV) or None
