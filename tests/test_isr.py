@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tvt import compat
 
 compat.apply()
 
-import lpips
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from training_support import RecordingRun, make_pairs_dir, one_thread, random_trunk_lpips  # noqa: F401
 
 from tvt.metrics import perceptual
 from tvt.models.ce_unet import CEUNet
@@ -28,76 +25,23 @@ from tvt.training import isr
 from tvt.training.data import PairDataset
 from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "CSet14"
 HR = 64  # the smallest side both restorers take unpadded (VAE factor x UNet multiple)
 STEPS = 4
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def random_lpips():
     """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
-    def load(net="alex", weights_dir=None, device="cpu"):
-        torch.manual_seed(0)
-        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval().to(device)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(perceptual, "load_lpips", load)
+        patch.setattr(perceptual, "load_lpips", random_trunk_lpips)
         yield
-
-
-class RecordingRun:
-    def __init__(self):
-        self.metrics: list[tuple[int | None, dict]] = []
-        self.figures: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_figure(self, figure, name):
-        self.figures.append(name)
-
-    def series(self, key):
-        return [m[key] for _, m in self.metrics if key in m]
-
-
-def make_pairs_dir(root: Path, size: int, per_split: dict[str, int]) -> Path:
-    """A pairs folder like the degradation stage writes: random HR crops, bicubic LR (÷4)."""
-    if not DATA.is_dir():
-        pytest.skip(f"test images not found at {DATA}")
-    rng = np.random.default_rng(2)
-    photos = [Image.open(p).convert("RGB") for p in sorted(DATA.glob("*.png"))[:4]]
-    rows = []
-    for split, count in per_split.items():
-        for i in range(count):
-            photo = photos[i % len(photos)]
-            x, y = rng.integers(0, photo.width - size), rng.integers(0, photo.height - size)
-            hr = photo.crop((x, y, x + size, y + size))
-            pair_id = f"{split}{i:03d}"
-            paths = {"hr_path": f"{split}/hr/{pair_id}.png", "lr_path": f"{split}/lr/{pair_id}.png"}
-            for key, image in (("hr_path", hr), ("lr_path", hr.resize((size // 4,) * 2, Image.BICUBIC))):
-                (root / paths[key]).parent.mkdir(parents=True, exist_ok=True)
-                image.save(root / paths[key])
-            rows.append({"pair_id": pair_id, "split": split, "kind": "photo", **paths})
-    with open(root / "pairs.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Pairs, an SD-snapshot-like prior (random mini VAE-D8 + UNet) and a random mini VAE-D4."""
     root = tmp_path_factory.mktemp("isr")
-    make_pairs_dir(root / "pairs", HR, {"train": 2, "val": 2})  # one batch: steps comparable
+    make_pairs_dir(root / "pairs", HR, {"train": 2, "val": 2}, seed=2, n_photos=4)  # one batch: steps comparable
     torch.manual_seed(0)
     AutoencoderKL(**MINI_VAE_D8).save_pretrained(root / "sd" / "vae")
     UNet2DConditionModel(**MINI_UNET).save_pretrained(root / "sd" / "unet")

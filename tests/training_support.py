@@ -1,0 +1,77 @@
+"""Helpers shared by the training-stage tests (prior, VAE transfer, ISR, VSD, engine)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tvt import compat
+
+compat.apply()
+
+import lpips
+
+CSET14 = Path(__file__).resolve().parents[2] / "shared" / "data" / "CSet14"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_trunk_lpips(net="alex", weights_dir=None, device="cpu"):
+    """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
+    torch.manual_seed(0)
+    return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval().to(device)
+
+
+class RecordingRun:
+    """Stands in for tvt.tracking.StageRun; records what a stage logs."""
+
+    def __init__(self):
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.figures: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_figure(self, figure, name):
+        assert figure.axes, "an empty figure was logged"
+        self.figures.append(name)
+
+    def series(self, key):
+        return [m[key] for _, m in self.metrics if key in m]
+
+
+def make_pairs_dir(root: Path, size: int, per_split: dict[str, int], *, seed: int = 0, n_photos: int = 4) -> Path:
+    """A pairs folder like the degradation stage writes: random HR crops, bicubic LR (÷4)."""
+    if not CSET14.is_dir():
+        pytest.skip(f"test images not found at {CSET14}")
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert("RGB") for p in sorted(CSET14.glob("*.png"))[:n_photos]]
+    rows = []
+    for split, count in per_split.items():
+        for i in range(count):
+            photo = photos[i % len(photos)]
+            x, y = rng.integers(0, photo.width - size), rng.integers(0, photo.height - size)
+            hr = photo.crop((x, y, x + size, y + size))
+            pair_id = f"{split}{i:03d}"
+            paths = {"hr_path": f"{split}/hr/{pair_id}.png", "lr_path": f"{split}/lr/{pair_id}.png"}
+            for key, image in (("hr_path", hr), ("lr_path", hr.resize((size // 4,) * 2, Image.BICUBIC))):
+                (root / paths[key]).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / paths[key])
+            rows.append({"pair_id": pair_id, "split": split, "kind": "photo", **paths})
+    with open(root / "pairs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
