@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from training_support import RecordingRun, one_thread  # noqa: F401
 
 from tvt.training.engine import (
     STATE_FILE,
@@ -25,30 +26,6 @@ from tvt.training.engine import (
 )
 
 SEED = 7
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class RecordingRun:
-    """Stands in for tvt.tracking.StageRun; records what the engine logs."""
-
-    def __init__(self):
-        self.metrics: list[tuple[int, dict]] = []
-        self.figures: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_figure(self, figure, name):
-        assert figure.axes, "an empty figure was logged"
-        self.figures.append(name)
 
 
 class ToyPairs(Dataset):

@@ -12,6 +12,7 @@ from tvt import compat
 compat.apply()
 
 from diffusers import UNet2DConditionModel
+from training_support import one_thread  # noqa: F401
 
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET
@@ -24,15 +25,6 @@ from tvt.training.vsd import (
 )
 
 SCHEDULER = sd_noise_scheduler()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PredictsX0(torch.nn.Module):
