@@ -170,7 +170,7 @@ def run_stage(name: str, config_path: str | Path, **opts) -> None:
     if handler is None:
         raise StageError(f"stage {name!r} has no implementation in this version of tvt")
     for dep in stage.deps:
-        producer = next((s.name for s in stages_mod.build_stages(cfg) if dep in s.outs), "?")
+        producer = next((s.name for s in stages_mod.build_stages(cfg) if dep in s.outs + s.metrics), "?")
         _require(dep, producer)
     if stage.resources.gpus == 0:
         _use_granted_cpus()
@@ -194,7 +194,8 @@ def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: li
     """
     extra = [a for a in (extra or []) if a != "--"]
     if engine == "snakemake":
-        cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(config_path), *extra]
+        # targets first: --configfile swallows every word after it
+        cmd = [sys.executable, "-m", "snakemake", *extra, "--cores", str(cores), "--configfile", str(config_path)]
         return subprocess.call(cmd)
     cfg = config_mod.load(config_path)
     run_id = tracking.start_pipeline_run(cfg, config_path, "dvc")
