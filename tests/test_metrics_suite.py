@@ -3,7 +3,6 @@ implementations on Set5, and offline behaviour (unavailable, never a download, n
 
 from __future__ import annotations
 
-import os
 import pickle
 import types
 from pathlib import Path
@@ -28,7 +27,7 @@ from pyiqa.default_model_configs import DEFAULT_CONFIGS
 from safetensors.torch import load_file
 
 from tvt.metrics import perceptual, suite
-from tvt.weights import ALEXNET_FILE, fetch_perceptual_weights, verify_cache
+from tvt.weights import ALEXNET_FILE
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PYIQA_NAMES = {"psnr_y": "psnr", "ssim_y": "ssim"}  # ours -> pyiqa's, where they differ
@@ -62,13 +61,8 @@ def empty_caches(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory) -> Path:
-    configured = os.environ.get("TVT_WEIGHTS_DIR")
-    if configured and verify_cache(Path(configured)):
-        return Path(configured)
-    dest = tmp_path_factory.mktemp("tvt-weights")
-    fetch_perceptual_weights(dest)
-    return dest
+def weights_dir(perceptual_weights) -> Path:
+    return perceptual_weights
 
 
 # --- the registry ------------------------------------------------------------------------------
