@@ -69,6 +69,8 @@ def _describe(error) -> str:
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         word = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
         return f"{where}: {error.instance!r} must be {word[error.validator]} {error.validator_value}"
+    if error.validator == "pattern" and "description" in error.schema:
+        return f"{where}: {error.instance!r} is not valid here: {error.schema['description']}"
     if error.validator == "anyOf" and error.context:
         return _describe(min(error.context, key=lambda e: len(e.message)))
     return f"{where}: {error.message}"

@@ -12,6 +12,7 @@ CLIP at all (DAPE prompts, when configured, are computed by their own extractor)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -27,6 +28,33 @@ SD_ALLOW_PATTERNS = [
     "tokenizer/*",
 ]
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
+SOURCE_FILE = "SOURCE.json"  # where the weights came from (repo, commit), for people and MLflow
+
+
+def check_sd_architecture(sd_dir: Path) -> None:
+    """Refuse a snapshot whose UNet or VAE is not SD 2.1-base's architecture.
+
+    A mirror or a mistyped repo can serve another model (SD 1.5, SD 2.1-768 with
+    v-prediction…) whose weights would load into the same classes and silently change every
+    result; the config.json files say which architecture the weights are for.
+    """
+    from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE
+
+    for sub, expected in (("unet", SD21_BASE_UNET), ("vae", SD21_BASE_VAE)):
+        path = Path(sd_dir) / sub / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the SD snapshot")
+        found = json.loads(path.read_text())
+        wrong = [f"{key}={found.get(key)!r} (expected {value!r})" for key, value in expected.items()
+                 if key != "sample_size" and _plain(found.get(key)) != _plain(value)]
+        if wrong:
+            raise ValueError(f"{path}: not SD 2.1-base's {sub}: " + "; ".join(wrong[:4])
+                             + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""))
+
+
+def _plain(value):
+    """JSON has lists where the Python configs have tuples."""
+    return list(map(_plain, value)) if isinstance(value, (list, tuple)) else value
 
 
 def embed_prompts(text_encoder, tokenizer, prompts: Mapping[str, str]) -> dict:
@@ -51,12 +79,14 @@ def fetch_sd_base(spec: Mapping, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     snapshot_download(spec["repo_id"], revision=spec["revision"], local_dir=out_dir,
                       allow_patterns=SD_ALLOW_PATTERNS)
+    check_sd_architecture(out_dir)
     tokenizer = CLIPTokenizer.from_pretrained(out_dir, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(out_dir, subfolder="text_encoder", use_safetensors=True)
     # same file and key as the mini prior's (tvt/training/prior.py), plus the CFG negative
     embeds = embed_prompts(text_encoder, tokenizer, {"prompt_embeds": "",
                                                      "negative_prompt_embeds": spec.get("negative_prompt", "")})
     save_file(embeds, str(out_dir / PROMPT_EMBEDS))
+    (out_dir / SOURCE_FILE).write_text(json.dumps({"repo_id": spec["repo_id"], "revision": spec["revision"]}) + "\n")
     cache = out_dir / ".cache"  # huggingface_hub's download metadata, not part of the weights
     if cache.exists():
         shutil.rmtree(cache)
