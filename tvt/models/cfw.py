@@ -1,0 +1,227 @@
+"""StableSR's controllable feature wrapping (CFW, DESIGN.md §1.5): the LR image steers SD's decoder.
+
+A diffusion sample is realistic but not faithful: SD's 8× decoder invents detail the LR
+image contradicts. CFW feeds features of the LR image — bicubic-upsampled to the output
+size and passed through the *frozen* VAE-D8 encoder — into the *frozen* decoder at the
+resolutions where both networks have feature maps of the same size and width:
+
+    F_m = F_d + w · C(F_e, F_d; θ),
+
+with C a trainable fusion block and the scalar w ∈ [0, 1] chosen at inference (0: the
+plain SD decoder, realism; 1: what CFW was trained for, fidelity).
+
+Where the features meet (StableSR's ``Encoder(return_fea=True)`` / ``Decoder_Mix``): for a
+VAE of n resolution levels, at every level i with 0 < i < n − 1 (SD's 2.1 VAE: i = 1, 2,
+i.e. ½ and ¼ of the image size, 256 and 512 channels),
+
+* F_e = output of the last ResNet of ``vae.encoder.down_blocks[i]`` (before its downsampler),
+* F_d = output of the last ResNet of ``vae.decoder.up_blocks[n − 1 − i]`` (before its
+  upsampler) — the decoder's level of the same size and width.
+
+Both are reached with forward hooks on diffusers' own ``AutoencoderKL`` — no copied VAE
+code — installed only for the duration of a :class:`CFWAutoencoder` call, so the same VAE
+object decodes plainly everywhere else. The encoder runs whole (its mid-block and
+``conv_out`` are wasted work, about 15 % of SD's encoder at 512²) so that it stays diffusers'
+forward, gradient checkpointing and all.
+
+C is StableSR's ``Fuse_sft_block_RRDB`` built from library parts: ResNet block (2C → C) on
+the concatenation, ``num_rrdb_blocks`` RRDBs (basicsr, ESRGAN's block), ResNet block (C → C);
+diffusers' ``ResnetBlock2D`` without a time embedding is exactly StableSR's ``ResBlock``.
+"""
+
+from __future__ import annotations
+
+from tvt import compat
+
+compat.apply()  # basicsr and diffusers import torchvision
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from basicsr.archs.rrdbnet_arch import RRDB
+from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from tvt.models.tiling import tiled_apply, vae_downsample_factor
+
+#: StableSR's fusion depth (``num_fuse_block``) and RRDB growth channels
+STABLESR_RRDB_BLOCKS = 2
+STABLESR_GROWTH_CHANNELS = 32
+
+
+class FusionBlock(nn.Module):
+    """C(F_e, F_d): ResNet(2C → C) → RRDB × n → ResNet(C → C) (StableSR's ``Fuse_sft_block_RRDB``)."""
+
+    def __init__(self, channels: int, num_rrdb_blocks: int, growth_channels: int, norm_num_groups: int):
+        super().__init__()
+        self.merge = ResnetBlock2D(in_channels=2 * channels, out_channels=channels, temb_channels=None,
+                                   groups=norm_num_groups)
+        self.body = nn.Sequential(*(RRDB(channels, growth_channels) for _ in range(num_rrdb_blocks)))
+        self.out = ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=None,
+                                 groups=norm_num_groups)
+
+    def forward(self, encoder_feature: torch.Tensor, decoder_feature: torch.Tensor) -> torch.Tensor:
+        merged = self.merge(torch.cat([encoder_feature, decoder_feature], dim=1), None)
+        return self.out(self.body(merged), None)
+
+
+class CFWModule(ModelMixin, ConfigMixin):
+    """The trainable part of CFW: one :class:`FusionBlock` per fused VAE level.
+
+    ``levels`` are encoder level indices (see the module docstring), ``channels`` their widths.
+    Build it for a VAE with :meth:`for_vae`.
+    """
+
+    @register_to_config
+    def __init__(self, levels: Sequence[int] = (1, 2), channels: Sequence[int] = (256, 512),
+                 num_rrdb_blocks: int = STABLESR_RRDB_BLOCKS, growth_channels: int = STABLESR_GROWTH_CHANNELS,
+                 norm_num_groups: int = 32):
+        super().__init__()
+        if len(levels) != len(channels) or not levels:
+            raise ValueError(f"CFW needs one width per fused level, got levels={levels}, channels={channels}")
+        self.levels = tuple(int(level) for level in levels)
+        self.fusions = nn.ModuleList(
+            FusionBlock(width, num_rrdb_blocks, growth_channels, norm_num_groups) for width in channels)
+
+    @classmethod
+    def for_vae(cls, vae: AutoencoderKL, **kwargs) -> CFWModule:
+        """StableSR's placement for ``vae``: every level but the first (full size) and the last
+        (latent size); ``kwargs`` override the other settings (e.g. ``num_rrdb_blocks``)."""
+        widths = tuple(vae.config.block_out_channels)
+        if len(widths) < 3:
+            raise ValueError(f"CFW fuses at the VAE's intermediate resolutions; a VAE with {len(widths)} "
+                             f"levels (block_out_channels={widths}) has none")
+        levels = tuple(range(1, len(widths) - 1))
+        settings = {"norm_num_groups": vae.config.norm_num_groups, **kwargs}
+        return cls(levels=levels, channels=tuple(widths[i] for i in levels), **settings)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The trainable weight nearest the output image: the final conv of the fusion at the
+        finest fused level (the layer LDM's adaptive GAN weight is computed at)."""
+        finest = self.levels.index(min(self.levels))
+        return self.fusions[finest].out.conv2.weight
+
+    def fuse(self, index: int, encoder_feature: torch.Tensor, decoder_feature: torch.Tensor,
+             w: float) -> torch.Tensor:
+        """F_d + w · C(F_e, F_d) at fused level number ``index`` (in this module's dtype)."""
+        dtype = self.fusions[index].merge.conv1.weight.dtype
+        residual = self.fusions[index](encoder_feature.to(dtype), decoder_feature.to(dtype))
+        return decoder_feature + w * residual.to(decoder_feature.dtype)
+
+
+@contextlib.contextmanager
+def _hooks(pairs) -> Iterator[None]:
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class CFWAutoencoder(nn.Module):
+    """A frozen ``AutoencoderKL`` with a :class:`CFWModule` wired into its decoder.
+
+    Images are in [-1, 1]; ``latents`` are *unscaled* (divide a UNet's latent by
+    ``vae.config.scaling_factor`` first). The LR image must already be upsampled to the output
+    size (bicubic, as StableSR).
+    """
+
+    def __init__(self, vae: AutoencoderKL, cfw: CFWModule):
+        super().__init__()
+        widths = tuple(vae.config.block_out_channels)
+        bad = [(level, width) for level, width in zip(cfw.levels, cfw.config.channels)
+               if not 0 < level < len(widths) - 1 or widths[level] != width]
+        if bad:
+            raise ValueError(f"CFW levels/widths {bad} do not match the VAE (block_out_channels={widths}); "
+                             "build the CFW with CFWModule.for_vae(vae)")
+        self.vae = vae
+        self.cfw = cfw
+        self.factor = vae_downsample_factor(vae)
+        last = len(widths) - 1
+        self._encoder_taps = [vae.encoder.down_blocks[level].resnets[-1] for level in cfw.levels]
+        self._decoder_taps = [vae.decoder.up_blocks[last - level].resnets[-1] for level in cfw.levels]
+
+    def encoder_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """F_e of the (upsampled) LR ``image`` at every fused level, finest first as in ``cfw.levels``."""
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(index):
+            def hook(_module, _inputs, output):
+                captured[index] = output
+            return hook
+
+        with _hooks([(tap, capture(i)) for i, tap in enumerate(self._encoder_taps)]):
+            self.vae.encoder(image.to(self.vae.dtype))
+        return [captured[i] for i in range(len(self._encoder_taps))]
+
+    def decode(self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, w: float = 1.0) -> torch.Tensor:
+        """The image decoded from unscaled ``latents`` with F_e fused at weight ``w``.
+
+        ``w = 0`` is the plain ``vae.decode(latents).sample``, exactly (CFW does not run, and
+        ``features`` may be ``None``).
+        """
+        w = float(w)
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"CFW weight w must lie in [0, 1], got {w}")
+        if w == 0.0:
+            return self.vae.decode(latents).sample
+        if features is None or len(features) != len(self._decoder_taps):
+            raise ValueError(f"decode with w={w} needs {len(self._decoder_taps)} encoder feature maps "
+                             f"(from encoder_features), got {None if features is None else len(features)}")
+        if self.vae.use_slicing or self.vae.use_tiling:
+            raise ValueError("CFW decoding needs the whole batch and image in one decoder pass: disable the "
+                             "VAE's slicing/tiling and use CFWAutoencoder.tiled_decode for large images")
+        if torch.is_grad_enabled() and self.vae.decoder.gradient_checkpointing:
+            raise ValueError("CFW hooks are removed after the call, so a checkpointed decoder would recompute "
+                             "without them; disable gradient checkpointing on the VAE decoder")
+
+        def fuse(index):
+            def hook(_module, _inputs, output):
+                feature = features[index]
+                if feature.shape[0] != output.shape[0] or feature.shape[1:] != output.shape[1:]:
+                    raise ValueError(
+                        f"CFW level {self.cfw.levels[index]}: encoder feature {tuple(feature.shape)} does not match "
+                        f"decoder feature {tuple(output.shape)}; the LR image must be upsampled to "
+                        f"{self.factor}x the latent size")
+                return self.cfw.fuse(index, feature, output, w)
+            return hook
+
+        with _hooks([(tap, fuse(i)) for i, tap in enumerate(self._decoder_taps)]):
+            return self.vae.decode(latents).sample
+
+    def forward(self, latents: torch.Tensor, image: torch.Tensor, w: float = 1.0) -> torch.Tensor:
+        """``decode(latents, encoder_features(image), w)``; the encoder is skipped at ``w = 0``."""
+        expected = tuple(s * self.factor for s in latents.shape[-2:])
+        if tuple(image.shape[-2:]) != expected:
+            raise ValueError(f"the LR image is {tuple(image.shape[-2:])}, expected {expected} "
+                             f"({self.factor}x the latent {tuple(latents.shape[-2:])}): upsample it first")
+        return self.decode(latents, self.encoder_features(image) if float(w) else None, w)
+
+    def tiled_decode(self, latents: torch.Tensor, image: torch.Tensor, w: float, tile: int, overlap: int,
+                     **tiling: object) -> torch.Tensor:
+        """:meth:`forward` on overlapping latent tiles blended with Gaussian weights (StableSR's
+        pixel-level tiling of the decoder), so memory depends on ``tile``, not the image.
+
+        ``tile`` and ``overlap`` are in latent pixels; ``tiling`` goes to
+        :func:`tvt.models.tiling.tiled_apply` (e.g. ``norm_stats="image"``). Every tile
+        recomputes F_e from its own region of ``image``: the image is pixel-unshuffled to the
+        latent grid and concatenated to the latents, so one tensor carries both into a tile.
+        """
+        channels = latents.shape[1]
+        expected = tuple(s * self.factor for s in latents.shape[-2:])
+        if tuple(image.shape[-2:]) != expected:
+            raise ValueError(f"the LR image is {tuple(image.shape[-2:])}, expected {expected} "
+                             f"({self.factor}x the latent {tuple(latents.shape[-2:])}): upsample it first")
+        packed = torch.cat([latents, F.pixel_unshuffle(image.to(latents.dtype), self.factor)], dim=1)
+
+        def decode_tile(piece: torch.Tensor) -> torch.Tensor:
+            return self(piece[:, :channels], F.pixel_shuffle(piece[:, channels:], self.factor), w)
+
+        return tiled_apply(decode_tile, packed, tile, overlap, self.factor, norm_module=self, **tiling)

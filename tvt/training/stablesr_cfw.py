@@ -1,0 +1,184 @@
+"""StableSR stage B (DESIGN.md §1.5): train CFW to pull fidelity from the LR image into SD's decoder.
+
+Stage A's diffusion model, sampled with w = 0 on every training LR image, gives a latent z
+(SD-scaled, as the UNet produces it). Here, per (LR, z, HR) triple:
+
+    LR → bicubic to the HR size → frozen E8 → F_e;   z / scaling_factor → frozen D8 with CFW at w = 1 → x̂,
+
+and x̂ is trained towards HR with L1 + LPIPS + λ·hinge-GAN against a PatchGAN, λ LDM's
+adaptive weight, switched on after ``disc_start`` updates (the decoder-transfer losses of
+:mod:`tvt.training.losses`).
+
+**What trains: the CFW module only** — StableSR's released configuration
+(``AutoencoderKLResi(freeze_dec=True)``: only ``fusion_layer*`` and the discriminator get
+gradients). It is also what makes w a dial: with SD's decoder untouched, w = 0 *is* the
+generative decoder the diffusion prior was trained with, and only the fused residual moves
+the output towards the LR image.
+
+**Adaptive weight at the CFW's last layer.** LDM computes λ = ‖∇L_rec‖ / ‖∇L_GAN‖ at the
+decoder's ``conv_out``. StableSR passes that layer too, but it is frozen there, so the
+gradient fails and its loss silently falls back to the constant ``disc_weight`` (0.025).
+We keep LDM's rule on a layer that trains: the final conv of the fusion block at the finest
+fused resolution (:attr:`CFWModule.last_layer`), the trainable weight nearest the image.
+"""
+
+from __future__ import annotations
+
+from tvt import compat
+
+compat.apply()  # diffusers imports peft -> transformers -> torchvision
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tvt.atomic import fsync_dir
+from tvt.models.cfw import STABLESR_GROWTH_CHANNELS, STABLESR_RRDB_BLOCKS, CFWAutoencoder, CFWModule
+from tvt.training.data import PAIRS_FILE, PairDataset
+from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
+from tvt.training.losses import (
+    PatchDiscriminator,
+    adaptive_gan_weight,
+    configured_reconstruction_loss,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+)
+from tvt.training.vae_transfer import ADAM_BETAS
+
+PREVIEW_IMAGES = 2
+PREVIEW_WEIGHTS = (0.0, 0.5, 1.0)
+
+
+def write_latents(latents: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Save ``pair_id -> latent`` (C, h, w), SD-scaled, as one safetensors file, atomically
+    (a temporary sibling renamed into place once flushed)."""
+    path = Path(path)
+    bad = {key: tuple(value.shape) for key, value in latents.items() if value.dim() != 3}
+    if bad:
+        raise ValueError(f"latents must be (C, h, w) per pair id; got {dict(list(bad.items())[:3])}")
+    if not latents:
+        raise ValueError(f"no latents to write to {path}")
+    tensors = {key: value.detach().cpu().contiguous() for key, value in latents.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class LatentPairDataset(PairDataset):
+    """:class:`PairDataset` items (``hr``, ``lr``, ``pair_id``) plus ``latent``: stage A's
+    SD-scaled latent for that pair, read from ``latents_file`` (see :func:`write_latents`)."""
+
+    def __init__(self, pairs_dir: Path, latents_file: Path, split: str, **kwargs):
+        super().__init__(pairs_dir, split, with_lr=True, **kwargs)
+        self.latents_file = Path(latents_file)
+        if not self.latents_file.is_file():
+            raise FileNotFoundError(f"{self.latents_file} not found: generate the stage-A latents "
+                                    "(StableSR sampling with w = 0) first")
+        with safe_open(self.latents_file, framework="pt") as fh:
+            stored = set(fh.keys())
+        missing = [row["pair_id"] for row in self.rows if row["pair_id"] not in stored]
+        if missing:
+            raise KeyError(f"{self.latents_file} has no latent for {len(missing)} of the {len(self.rows)} "
+                           f"'{split}' pairs (e.g. {missing[:3]}); regenerate it for this pairs folder")
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        with safe_open(self.latents_file, framework="pt") as fh:  # memory-mapped: reads one tensor
+            item["latent"] = fh.get_tensor(item["pair_id"]).float()
+        return item
+
+
+def upsample_to(lr: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bicubic upsampling of ``lr`` to the size of ``like``, clamped to [-1, 1] (StableSR's LR input)."""
+    return F.interpolate(lr, size=like.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def build_cfw(vae: AutoencoderKL, section: Mapping) -> CFWModule:
+    """The CFW for ``vae`` with the section's fusion depth (StableSR's defaults otherwise)."""
+    return CFWModule.for_vae(vae, num_rrdb_blocks=section.get("num_rrdb_blocks", STABLESR_RRDB_BLOCKS),
+                             growth_channels=section.get("growth_channels", STABLESR_GROWTH_CHANNELS))
+
+
+def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Path, out_dir: Path, ckpt_dir: Path,
+                     run) -> dict:
+    """Stage B: train the CFW module on (LR, stage-A latent, HR) triples; save it to ``out_dir``.
+
+    ``cfg["stablesr"]["cfw"]`` holds the engine's keys (:class:`TrainConfig`) and ``lr``,
+    ``pixel_loss``, ``lpips_weight``, ``lpips_net``, ``disc_start``, ``disc_weight``,
+    ``disc_channels``, ``disc_layers``; optionally ``num_rrdb_blocks`` / ``growth_channels``.
+    Returns validation PSNRs of w = 0 (the plain decoder), w = 1 and bicubic upsampling.
+    """
+    section = cfg["stablesr"]["cfw"]
+    pairs_dir, sd_dir, latents_file = Path(pairs_dir), Path(sd_dir), Path(latents_file)
+    trainer = Trainer(TrainConfig.from_section(section), name="stablesr_cfw", seed=cfg["seed"], ckpt_dir=ckpt_dir,
+                      run=run, fingerprint={**section, "inputs": files_digest(pairs_dir / PAIRS_FILE, sd_dir / "vae",
+                                                                               latents_file)})
+    device = trainer.device
+    train = LatentPairDataset(pairs_dir, latents_file, "train")
+    val = LatentPairDataset(pairs_dir, latents_file, "val")
+    vae = AutoencoderKL.from_pretrained(sd_dir / "vae").to(device).eval().requires_grad_(False)
+    cfw = build_cfw(vae, section)
+    autoencoder = CFWAutoencoder(vae, cfw)  # holds the same cfw object that is registered below
+    discriminator = PatchDiscriminator(base_channels=section["disc_channels"], n_layers=section["disc_layers"])
+    models = trainer.register(
+        {"cfw": Call(cfw, lambda _cfw, latents, features: autoencoder.decode(latents, features, w=1.0)),
+         "disc": discriminator},
+        {"cfw": torch.optim.Adam(cfw.parameters(), lr=section["lr"], betas=ADAM_BETAS),
+         "disc": torch.optim.Adam(discriminator.parameters(), lr=section["lr"], betas=ADAM_BETAS)},
+    )
+    disc = trainer.unwrap("disc")
+    last_layer = trainer.unwrap("cfw").model.last_layer
+    reconstruction = configured_reconstruction_loss(section, device)
+    scaling = vae.config.scaling_factor
+
+    def step(batch):
+        x = batch["hr"]
+        with torch.no_grad():  # the encoder is frozen: its features are inputs, not a graph
+            features = autoencoder.encoder_features(upsample_to(batch["lr"], x))
+        x_hat = models["cfw"](batch["latent"] / scaling, features)
+        terms = reconstruction(x_hat, x)
+        loss = terms["rec"]
+        adversarial = trainer.step > section["disc_start"]
+        if adversarial:
+            with frozen(disc):
+                terms["gan"] = generator_adversarial_loss(disc(x_hat))
+            terms["gan_weight"] = adaptive_gan_weight(terms["rec"], terms["gan"], last_layer, section["disc_weight"])
+            loss = loss + terms["gan_weight"] * terms["gan"]
+        trainer.optimise("cfw", loss)
+        if adversarial:  # one forward for real and fake: DDP allows one per backward
+            logits_real, logits_fake = models["disc"](torch.cat([x, x_hat.detach()])).chunk(2)
+            terms["disc"] = hinge_discriminator_loss(logits_real, logits_fake)
+            trainer.optimise("disc", terms["disc"])
+        return {**terms, "loss": loss}
+
+    def restore(batch, w: float) -> torch.Tensor:
+        return autoencoder(batch["latent"] / scaling, upsample_to(batch["lr"], batch["hr"]), w)
+
+    preview = {key: torch.stack([val[i][key] for i in range(min(PREVIEW_IMAGES, len(val)))]).to(device)
+               for key in ("hr", "lr", "latent")}
+
+    def samples():
+        panels = {"LR (bicubic)": upsample_to(preview["lr"], preview["hr"])}
+        panels.update({f"CFW w={w:g}": restore(preview, w) for w in PREVIEW_WEIGHTS})
+        return {**panels, "HR": preview["hr"]}
+
+    trainer.fit(train, step, samples)
+    cfw.eval()
+    candidates = {"w0": lambda b: restore(b, 0.0), "w1": lambda b: restore(b, 1.0),
+                  "bicubic": lambda b: upsample_to(b["lr"], b["hr"])}
+    metrics = {f"val_psnr_{name}": mean_psnr(fn, val, batch_size=trainer.config.batch_size, device=device)
+               for name, fn in candidates.items()}
+    if run is not None and trainer.is_main_process:
+        run.log_metrics({f"stablesr_cfw/{k}": v for k, v in metrics.items()})
+    trainer.publish(out_dir, cfw.save_pretrained)
+    return metrics
