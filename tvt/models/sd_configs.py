@@ -123,3 +123,40 @@ MINI_VAE_D4 = {
     "decoder_layers_per_block": 2,
     "norm_num_groups": 8,
 }
+
+# ---- StableSR's time-aware encoder (tvt.models.stablesr.TimeAwareEncoder) ----
+
+# StableSR's ``EncoderUNetModelWT`` (configs/stableSRNew/v2-finetune_text_T_512.yaml): model
+# channels 256, mults (1, 1, 2, 2), 2 res blocks per level, 4 attention heads, attention where
+# ``attention_resolutions: [4, 2, 1]`` puts it — at downsampling factors 1, 2, 4, i.e. the
+# three *finest* of the four levels (where SD's UNet has its transformers too) — and a
+# mid-block with attention; every level's feature is mapped to 256 channels.
+STABLESR_ENCODER_PAPER = {
+    "in_channels": 4,
+    "block_out_channels": (256, 256, 512, 512),
+    "down_block_types": ("AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    "layers_per_block": 2,
+    "out_channels": 256,
+    "num_attention_heads": 4,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+# Mini mode: the same family for MINI_UNET (4 levels, norm groups of 8).
+STABLESR_ENCODER_MINI = {
+    **STABLESR_ENCODER_PAPER,
+    "block_out_channels": (16, 16, 32, 32),
+    "layers_per_block": 1,
+    "out_channels": 16,
+    "num_attention_heads": 2,
+    "norm_num_groups": 8,
+}
+
+# The trainable part of StableSR (encoder + SFT heads; tvt.models.stablesr.StableSRConditioner):
+# ``StableSRConditioner.for_unet(unet, **STABLESR_CONDITIONER_PAPER)``. StableSR's SFT layers
+# (its ``SPADE``) have 128 hidden channels.
+STABLESR_CONDITIONER_PAPER = {"encoder_config": STABLESR_ENCODER_PAPER, "sft_hidden_channels": 128}
+STABLESR_CONDITIONER_MINI = {"encoder_config": STABLESR_ENCODER_MINI, "sft_hidden_channels": 16}
