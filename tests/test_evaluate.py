@@ -190,6 +190,28 @@ def test_figure_pairs_are_where_methods_disagree_most():
     assert ev.figure_pairs(records, ["x"], "photo", 1) == ["c"]  # one method: its hardest pair
 
 
+def test_paper_subsets_follow_test_sets_and_mini_subsets_are_kinds():
+    rows = [{"pair_id": "a", "kind": "photo", "source": "realsr"}, {"pair_id": "b", "kind": "text", "source": "realce"},
+            {"pair_id": "c", "kind": "photo", "source": "div2k_val"}]
+    assert list(ev.evaluation_subsets(rows)) == ["all", "photo", "text"]
+    paper = ev.evaluation_subsets(rows, ["realce", "div2k_val", "realsr"])
+    assert {name: [r["pair_id"] for r in subset] for name, subset in paper.items()} == {
+        "realce": ["b"], "div2k_val": ["c"], "realsr": ["a"]}
+
+
+def test_figure_pairs_of_any_kind_ignore_ocr_line_records():
+    records = [{"method": m, "pair_id": p, "kind": kind, "mse": mse}
+               for p, kind, errors in (("a", "photo", (0.01, 0.02)), ("b", "text", (0.01, 0.09)))
+               for m, mse in zip(("x", "y"), errors, strict=True)]
+    records.append({"method": "x", "pair_id": "b", "kind": "text_line", "line": 0, "ocr_acc": 1.0})
+    assert ev.figure_pairs(records, ["x", "y"], None, 2) == ["b", "a"]
+    assert ev.figure_pairs(records, ["x", "y"], "photo", 2) == ["a"]
+
+
+def test_text_size_bins_are_lower_edges():
+    assert [ev.text_size_bin(px) for px in (3, 8, 11, 31, 32, 500)] == [0, 8, 8, 24, 32, 128]
+
+
 # --- MLflow ------------------------------------------------------------------------------------
 
 

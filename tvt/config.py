@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,35 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
+def _check_datasets(datasets: dict, scale: int) -> None:
+    """Paired test sets: `pairs` present exactly when `pairing` is 'paired', at the pipeline's scale."""
+    for name, spec in datasets.items():
+        key = f"data.datasets.{name}"
+        paired = spec.get("pairing", "synthetic") == "paired"
+        if paired and spec["role"] != "test":
+            raise ConfigError(f"{key}.pairing: 'paired' is for test sets (role is {spec['role']!r})")
+        if paired != ("pairs" in spec):
+            raise ConfigError(f"{key}.pairs: required when pairing is 'paired'" if paired else
+                              f"{key}.pairs: only read when pairing is 'paired' (it is {spec.get('pairing', 'synthetic')!r})")
+        if not paired:
+            continue
+        pairs = spec["pairs"]
+        if pairs["scale"] != scale:
+            raise ConfigError(f"{key}.pairs.scale: {pairs['scale']} differs from degrade.scale ({scale}), "
+                              "the factor every method upscales by")
+        for field in ("lr", "hr", "annotations"):
+            pattern = pairs.get(field)
+            if pattern is not None and (pattern.startswith("/") or ".." in pattern.split("/")):
+                raise ConfigError(f"{key}.pairs.{field}: {pattern!r} must be relative to the dataset's folder")
+        if "annotations" in pairs and "{stem}" not in pairs["annotations"]:
+            raise ConfigError(f"{key}.pairs.annotations: {pairs['annotations']!r} has no '{{stem}}' placeholder")
+        if "lr_stem" in pairs:
+            try:
+                re.compile(pairs["lr_stem"][0])
+            except re.error as exc:
+                raise ConfigError(f"{key}.pairs.lr_stem: {pairs['lr_stem'][0]!r} is not a regular expression ({exc})") from None
+
+
 def _semantic_checks(cfg: dict) -> None:
     """Cross-field rules a JSON schema cannot express."""
     deg = cfg["degrade"]
@@ -96,6 +126,7 @@ def _semantic_checks(cfg: dict) -> None:
     else:
         if "datasets" not in data:
             raise ConfigError("data.datasets: required when data.source is 'download'")
+        _check_datasets(data["datasets"], deg["scale"])
     prior = cfg.get("prior")
     if prior is not None:
         need = ("vae", "unet") if prior["source"] == "train" else ("repo_id", "revision")

@@ -8,6 +8,16 @@ metrics of :mod:`tvt.metrics.suite` and, for text lines, OCR (:mod:`tvt.metrics.
 HR is read too, as the upper bound). Per subset: distribution metrics (FID) between the
 folders of outputs and of HR images. Unavailable metrics are listed, never guessed.
 
+Test pairs (:func:`load_test_pairs`): in mini mode the test split of the degradation stage's
+``pairs.csv``, scored as subsets ``all``, ``photo`` and ``text``. In paper mode
+(``evaluate.test_sets``) one subset per test set, in that order, as the paper's Table 2 has
+one block per test set: the synthetic sets' pairs from ``pairs.csv`` (their dataset is the
+data manifest's ``source`` of their image) and the real LR/HR sets (RealSR, DRealSR, Real-CE)
+from the data stage's ``real_pairs.csv``, never degraded. Scene-text pairs with annotated
+lines (Real-CE) are read line by line: each line's box is cut from the 8-bit output and from
+HR and OCR-ed like a rendered line; the per-size columns of the text table then group lines
+by their HR height (:data:`TEXT_PX_BINS`).
+
 Outputs: in ``tables_dir`` (the stage's ``results/tables``) the tables of
 :mod:`tvt.reports` as .md/.csv/.json, ``metrics.md`` (all of them), ``metrics_status.md``,
 ``per_image.csv`` and ``figures/*.png``; ``results/metrics.json`` (DVC metrics);
@@ -34,14 +44,17 @@ from PIL import Image
 
 from tvt import reports
 from tvt.data.manifest import read_manifest
+from tvt.data.paper import MANIFEST_FILE, REAL_PAIRS_FILE
 from tvt.metrics import ocr
 from tvt.metrics.fidelity import quantise
 from tvt.metrics.suite import METRICS, MetricSuite, availability
-from tvt.stages import method_model_dir
+from tvt.stages import DATA_DIR, method_model_dir
 
 log = logging.getLogger(__name__)
 
 PLOTTED_OCR_METRICS = ("acc", "ned")
+TEXT_PX_BINS = (0, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+"""Lower edges of the line-size groups of annotated scene text (HR px of a line box's short side)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,7 +170,9 @@ def _ocr_fields(image: np.ndarray, row: Mapping) -> dict:
 @torch.inference_mode()
 def score_method(method: Method, pairs: list[dict], root: Path, suite: MetricSuite, out_dir: Path,
                  read_text: bool, device: torch.device) -> list[dict]:
-    """One record per pair: metrics, OCR fields, latency, MSE; the 8-bit output is saved under ``out_dir``."""
+    """One record per pair: metrics, OCR fields, latency, MSE (plus one OCR record per annotated
+    text line); the 8-bit output is saved under ``out_dir``. Row paths are relative to ``root``
+    (or absolute)."""
     from tqdm import tqdm
 
     records = []
@@ -176,29 +191,99 @@ def score_method(method: Method, pairs: list[dict], root: Path, suite: MetricSui
                   **suite.score_images(sr, hr), "mse": float(((sr - hr) ** 2).mean())}
         if method.timed:
             record["latency_ms"] = ms
+        lines = []
         if read_text and row["kind"] == "text":
-            record.update(_ocr_fields(image, row))
-        records.append(record)
+            if row.get("lines"):
+                lines = line_ocr_records(method.name, image, row)
+            else:
+                record.update(_ocr_fields(image, row))
+        records += [record, *lines]
+    return records
+
+
+def text_size_bin(px: int) -> int:
+    """The lower edge in :data:`TEXT_PX_BINS` of a line of ``px`` pixels."""
+    return max(edge for edge in TEXT_PX_BINS if edge <= px)
+
+
+def line_ocr_records(method: str, image: np.ndarray, row: Mapping) -> list[dict]:
+    """One OCR record per annotated line of a scene-text pair (its box cut from the H×W×3 image)."""
+    records = []
+    for index, line in enumerate(json.loads(row["lines"])):
+        x0, y0, x1, y1 = line["box"]
+        records.append({"method": method, "pair_id": row["pair_id"], "kind": "text_line", "line": index,
+                        "text_px": text_size_bin(line["px"]), **_ocr_fields(image[y0:y1, x0:x1], line)})
     return records
 
 
 def hr_ocr_records(pairs: list[dict], root: Path) -> list[dict]:
     """OCR of the HR text lines: the upper bound of the protocol."""
-    return [{"method": reports.HR_ROW, "pair_id": row["pair_id"], "kind": "text", "text_px": row["text_px"],
-             **_ocr_fields(to_uint8(load_image(root / row["hr_path"])), row)}
-            for row in pairs if row["kind"] == "text"]
+    records = []
+    for row in pairs:
+        if row["kind"] != "text":
+            continue
+        hr = to_uint8(load_image(root / row["hr_path"]))
+        if row.get("lines"):
+            records += line_ocr_records(reports.HR_ROW, hr, row)
+        else:
+            records.append({"method": reports.HR_ROW, "pair_id": row["pair_id"], "kind": "text",
+                            "text_px": row["text_px"], **_ocr_fields(hr, row)})
+    return records
 
 
-def evaluation_subsets(pairs: list[dict]) -> dict[str, list[dict]]:
-    """``all``, one subset per kind (photo, text) and, when pairs come from several datasets
-    (paper mode ids ``<dataset>/<image>``), one per dataset."""
+def ocr_languages(pairs: list[dict]) -> list[str]:
+    """Languages of the text to read: of the rendered lines and of the annotated lines."""
+    langs = {r["lang"] for r in pairs if r["kind"] == "text" and not r.get("lines")}
+    langs |= {line["lang"] for r in pairs if r.get("lines") for line in json.loads(r["lines"])}
+    return sorted(langs)
+
+
+def load_test_pairs(cfg: Mapping, pairs_csv: Path, data_dir: Path | None = None) -> list[dict]:
+    """The rows to score (see the module docstring).
+
+    Mini mode: the test split of ``pairs_csv`` as written. Paper mode (``evaluate.test_sets``):
+    the synthetic test pairs of ``pairs_csv`` plus the real pairs of ``data_dir/real_pairs.csv``
+    that belong to a listed test set, each with ``source`` (its test set), ``pairing``
+    (``synthetic`` / ``paired``) and absolute paths (the two tables live in different folders).
+    """
+    rows = [r for r in read_manifest(pairs_csv) if r["split"] == "test"]
+    test_sets = cfg["evaluate"].get("test_sets")
+    if not test_sets:
+        return rows
+    data_dir = Path(data_dir if data_dir is not None else DATA_DIR)
+    for table in (MANIFEST_FILE, REAL_PAIRS_FILE):
+        if not (data_dir / table).is_file():
+            raise FileNotFoundError(f"{data_dir / table} is missing: run the 'data' stage (paper mode scores "
+                                    f"the test sets it lists)")
+    sources = {r["id"]: r["source"] for r in read_manifest(data_dir / MANIFEST_FILE)}
+    unknown = sorted({r["source_id"] for r in rows} - sources.keys())
+    if unknown:
+        raise ValueError(f"{pairs_csv}: test pairs of images that {data_dir / MANIFEST_FILE} does not list "
+                         f"({', '.join(unknown[:3])}): rerun the 'degrade' stage after 'data'")
+    pairs = [{**r, "source": sources[r["source_id"]], "pairing": "synthetic"} for r in rows]
+    for r in pairs:
+        r["lr_path"], r["hr_path"] = (str((pairs_csv.parent / r[k]).resolve()) for k in ("lr_path", "hr_path"))
+    for r in read_manifest(data_dir / REAL_PAIRS_FILE):
+        if r["split"] == "test":
+            pairs.append({**r, "pairing": "paired", **{k: str((data_dir / r[k]).resolve())
+                                                         for k in ("lr_path", "hr_path")}})
+    pairs = [r for r in pairs if r["source"] in test_sets]
+    empty = [name for name in test_sets if not any(r["source"] == name for r in pairs)]
+    if empty:
+        raise ValueError(f"evaluate.test_sets: no test pairs for {empty} in {pairs_csv} or "
+                         f"{data_dir / REAL_PAIRS_FILE} (a synthetic set needs role 'test' and the degrade stage; "
+                         f"a paired set its `pairs` layout)")
+    return pairs
+
+
+def evaluation_subsets(pairs: list[dict], test_sets: list[str] | None = None) -> dict[str, list[dict]]:
+    """Paper mode (``test_sets``): one subset per test set, in that order. Mini mode: ``all``
+    and one subset per kind (photo, text)."""
+    if test_sets:
+        return {name: [r for r in pairs if r["source"] == name] for name in test_sets}
     subsets = {"all": pairs}
     for kind in sorted({r["kind"] for r in pairs}):
         subsets[kind] = [r for r in pairs if r["kind"] == kind]
-    datasets = sorted({r["source_id"].split("/")[0] for r in pairs if "/" in r["source_id"]})
-    if len(datasets) > 1:
-        for name in datasets:
-            subsets[name] = [r for r in pairs if r["source_id"].split("/")[0] == name]
     return subsets
 
 
@@ -240,12 +325,12 @@ def ocr_summary(records: list[dict], rows: list[str]) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------
 
 
-def figure_pairs(records: list[dict], methods: list[str], kind: str, count: int) -> list[str]:
-    """The ``count`` pairs of a kind where the methods disagree most (spread of their MSE);
-    with a single method, its hardest pairs."""
+def figure_pairs(records: list[dict], methods: list[str], kind: str | None, count: int) -> list[str]:
+    """The ``count`` pairs of a kind (None: any) where the methods disagree most (spread of their
+    MSE); with a single method, its hardest pairs."""
     mse: dict[str, list[float]] = {}
     for r in records:
-        if r["kind"] == kind and r["method"] in methods:
+        if "mse" in r and (kind is None or r["kind"] == kind) and r["method"] in methods:
             mse.setdefault(r["pair_id"], []).append(r["mse"])
     spread = {p: (max(v) - min(v)) if len(methods) > 1 else v[0] for p, v in mse.items()}
     return sorted(spread, key=lambda p: (-spread[p], p))[:count]
@@ -290,17 +375,23 @@ def _summarise(cfg: Mapping, names: list[str], records: list[dict], subsets: dic
         "test_set": f"{cfg['mode']}-test", "crop_border": ev["crop_border"], "device": device.type,
         "methods": names, "metrics": list(ev["metrics"]), "unavailable": dict(suite.unavailable), "subsets": {},
     }
+    if ev.get("test_sets"):
+        summary["test_sets"] = {name: rows[0]["pairing"] for name, rows in subsets.items()}
     image_metrics = [n for n in suite.available if METRICS[n].kind != "distribution"]
     for subset, rows in subsets.items():
         ids = {r["pair_id"] for r in rows}
         for name in names:
-            recs = [r for r in records if r["method"] == name and r["pair_id"] in ids]
+            recs = [r for r in records if r["method"] == name and r["pair_id"] in ids and "line" not in r]
             values = {"n": len(recs), **{m: _mean(recs, m) for m in image_metrics}, **distribution[(subset, name)]}
             summary["subsets"].setdefault(subset, {})[name] = {k: v for k, v in values.items() if v is not None}
     if ocr_rows or ocr_status != "available":
         summary["ocr"] = {"status": ocr_status, "rows": ocr_rows}
         if ocr_rows:
             summary["ocr"]["engine"] = f"tesseract {ocr.tesseract_version()}"
+        if ev.get("test_sets"):
+            summary["ocr"]["subsets"] = [s for s, rows in subsets.items() if any(r["kind"] == "text" for r in rows)]
+            if any(r.get("lines") for rows in subsets.values() for r in rows):
+                summary["ocr"]["text_px_bins"] = list(TEXT_PX_BINS)
     summary["complexity"] = {}
     for name in names:
         latencies = [r["latency_ms"] for r in records if r["method"] == name and "latency_ms" in r]
@@ -325,17 +416,20 @@ def flat_metrics(summary: Mapping) -> dict[str, float]:
 
 def comparison_runs(summary: Mapping) -> list[tuple[str, str, dict[str, float]]]:
     """(method, subset, metrics) of the nested MLflow runs: one per method and subset; OCR rows
-    (HR included) join the ``text`` subset and complexity the ``all`` subset."""
+    (HR included) join the text subset(s) (mini: ``text``) and complexity the ``all`` subset
+    (paper mode, which has none: every subset)."""
     runs = []
     ocr_rows = (summary.get("ocr") or {}).get("rows", {})
+    text_subsets = set((summary.get("ocr") or {}).get("subsets", ["text"]))
     for subset, methods in summary["subsets"].items():
-        for method in [*methods, *([reports.HR_ROW] if subset == "text" and reports.HR_ROW in ocr_rows else [])]:
+        is_text = subset in text_subsets
+        for method in [*methods, *([reports.HR_ROW] if is_text and reports.HR_ROW in ocr_rows else [])]:
             metrics = dict(methods.get(method, {}))
-            if subset == "text" and method in ocr_rows:
+            if is_text and method in ocr_rows:
                 row = ocr_rows[method]
                 metrics.update({f"ocr_{m}": row[m] for m in ocr.OCR_METRICS})
                 metrics.update({f"ocr_{m}_{px}px": s[m] for px, s in row["by_size"].items() for m in ocr.OCR_METRICS})
-            if subset == "all":
+            if subset == "all" or "all" not in summary["subsets"]:
                 metrics.update(summary["complexity"].get(method, {}))
             runs.append((method, subset, {k: float(v) for k, v in metrics.items()}))
     return runs
@@ -377,11 +471,14 @@ def _write_per_image(records: list[dict], path: Path) -> None:
 
 
 def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path, run,
-             plots_dir: Path | None = None, complexity_file: Path | None = None) -> dict:
-    """Score every method of ``cfg['evaluate']`` on the test split of ``pairs_csv``; see the module doc.
+             plots_dir: Path | None = None, complexity_file: Path | None = None,
+             data_dir: Path | None = None) -> dict:
+    """Score every method of ``cfg['evaluate']`` on the test pairs (:func:`load_test_pairs`); see the module doc.
 
     ``plots_dir`` defaults to ``<metrics_file dir>/plots``; ``complexity_file`` (paper-size
-    complexity rows of tvt.complexity) to ``<metrics_file dir>/complexity.json``.
+    complexity rows of tvt.complexity) to ``<metrics_file dir>/complexity.json``; ``data_dir``
+    (paper mode: the data stage's output with ``manifest.csv`` and ``real_pairs.csv``) to
+    ``resources/data``.
     """
     ev = cfg["evaluate"]
     results_dir = Path(metrics_file).parent
@@ -389,15 +486,15 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
     complexity_file = Path(complexity_file) if complexity_file is not None else results_dir / "complexity.json"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = pairs_csv.parent
-    pairs = [r for r in read_manifest(pairs_csv) if r["split"] == "test"]
+    pairs = load_test_pairs(cfg, pairs_csv, data_dir)
     if not pairs:
         raise ValueError(f"{pairs_csv}: no test pairs to evaluate")
     names = method_names(cfg)
-    subsets = evaluation_subsets(pairs)
+    subsets = evaluation_subsets(pairs, ev.get("test_sets"))
     suite = MetricSuite(ev["metrics"], ev["crop_border"], device)
     has_text = any(r["kind"] == "text" for r in pairs)
     ocr_status = "disabled" if not ev.get("ocr", True) else (
-        ocr.unavailable_reason(sorted({r["lang"] for r in pairs if r["kind"] == "text"})) or "available")
+        ocr.unavailable_reason(ocr_languages(pairs)) or "available")
     read_text = has_text and ocr_status == "available"
 
     with tempfile.TemporaryDirectory(prefix="tvt-evaluate-") as tmp:
@@ -418,10 +515,14 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         summary = _summarise(cfg, names, records, subsets, suite, distribution, ocr_rows, ocr_status,
                              costs, device)
         by_id = {r["pair_id"]: r for r in pairs}
-        figures = comparison_figures(
-            [p for kind in sorted(subsets.keys() & {"photo", "text"})
-             for p in figure_pairs(records, names, kind, ev.get("figure_pairs", 2))],
-            by_id, root, outputs, names, cfg["degrade"]["scale"])
+        count = ev.get("figure_pairs", 2)
+        if ev.get("test_sets"):  # the hardest pairs of every test set
+            chosen = [p for rows in subsets.values() for p in figure_pairs(
+                [r for r in records if r["pair_id"] in {row["pair_id"] for row in rows}], names, None, count)]
+        else:
+            chosen = [p for kind in sorted(subsets.keys() & {"photo", "text"})
+                      for p in figure_pairs(records, names, kind, count)]
+        figures = comparison_figures(chosen, by_id, root, outputs, names, cfg["degrade"]["scale"])
 
     tables = [*reports.image_quality_tables(summary), reports.text_table(summary),
               reports.complexity_table(summary, _architecture_rows(names, complexity_file, cfg["degrade"]["scale"])),

@@ -33,6 +33,10 @@ from tvt.metrics.ocr import OCR_LABELS, OCR_METRICS
 from tvt.metrics.suite import METRICS
 
 HR_ROW = "HR"
+PAIRING_NOTES = {
+    "paired": "Real LR/HR pairs (LR taken by a camera, never synthetically degraded).",
+    "synthetic": "LR synthesised from HR with the Real-ESRGAN second-order degradation (OSEDiff's parameters).",
+}
 _DECIMALS = {"psnr_y": 2, "fid": 2, "musiq": 2, "niqe": 3, "qalign": 3, "latency_ms": 1, "params_M": 2,
              "paper_gmacs": 1, "steps": 0, "n": 0}
 
@@ -151,6 +155,9 @@ def image_quality_tables(summary: Mapping) -> list[Table]:
         rows = [{"method": method, **{c.key: values.get(c.key) for c in columns}} for method, values in methods.items()]
         notes = [(f"{summary['test_set']}, subset '{subset}'. PSNR/SSIM on Y of YCbCr with "
                  f"{summary['crop_border']} px cropped per side; every output scored as an 8-bit PNG.")]
+        pairing = summary.get("test_sets", {}).get(subset)
+        if pairing:
+            notes.append(PAIRING_NOTES[pairing])
         notes += [f"{METRICS[m].label}: over the images of at least {METRICS[m].min_side} px only."
                   for m in keys if METRICS[m].min_side]
         not_applicable = [m for m in measured if m not in keys]
@@ -186,7 +193,12 @@ def text_table(summary: Mapping) -> Table | None:
     notes = [(f"{ocr.get('engine', 'Tesseract')} single-line mode (--psm 7) on the 8-bit outputs; "
              "strings NFKC-normalised, case-folded, whitespace removed. ACC: exact line match; "
              "NED: 1 − ED/max(|pred|, |gt|); CharAcc: max(0, 1 − ED/|gt|). HR: upper bound, not ranked.")]
-    return Table("table3_text", f"Text legibility — {summary['test_set']} / text", columns, rows,
+    if ocr.get("text_px_bins"):
+        notes.append("Annotated scene-text lines: each line's box is cut from the output and read alone; "
+                     "ACC@N px groups lines whose HR box short side is in [N, next edge) of "
+                     f"{ocr['text_px_bins']}.")
+    subset = "+".join(ocr.get("subsets", ["text"]))
+    return Table("table3_text", f"Text legibility — {summary['test_set']} / {subset}", columns, rows,
                  reference_rows=(HR_ROW,), notes=notes)
 
 
@@ -212,7 +224,7 @@ def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()
 
 def ablation_tables(summary: Mapping) -> list[Table]:
     """One table per ablation family present among the evaluated methods, TVT as the reference."""
-    subset = "photo" if "photo" in summary["subsets"] else "all"
+    subset = next((s for s in ("photo", "all") if s in summary["subsets"]), next(iter(summary["subsets"])))
     image = summary["subsets"][subset]
     ocr_rows = (summary.get("ocr") or {}).get("rows", {})
     tables = []
