@@ -20,9 +20,12 @@ i.e. ½ and ¼ of the image size, 256 and 512 channels),
 
 Both are reached with forward hooks on diffusers' own ``AutoencoderKL`` — no copied VAE
 code — installed only for the duration of a :class:`CFWAutoencoder` call, so the same VAE
-object decodes plainly everywhere else. The encoder runs whole (its mid-block and
-``conv_out`` are wasted work, about 15 % of SD's encoder at 512²) so that it stays diffusers'
+object decodes plainly everywhere else. The encoder runs whole (its last level, mid-block and
+``conv_out`` are wasted work, 18 % of SD's encoder MACs at 512²) so that it stays diffusers'
 forward, gradient checkpointing and all.
+
+Cost for SD 2.1's VAE at 512² (MACs of convolutions/linears, meta-device count): CFW has
+44.4 M parameters and adds 1.24 T MACs to the decoder's 1.24 T, plus the encoder's 0.54 T.
 
 C is StableSR's ``Fuse_sft_block_RRDB`` built from library parts: ResNet block (2C → C) on
 the concatenation, ``num_rrdb_blocks`` RRDBs (basicsr, ESRGAN's block), ResNet block (C → C);
