@@ -97,6 +97,11 @@ def code_files(*paths: str) -> tuple[str, ...]:
     return tuple(files)
 
 
+#: the model code a one-step restorer (TVT, OSEDiff, their ablations) is built from
+ONE_STEP_MODEL_CODE = tuple(f"tvt/models/{name}.py" for name in (
+    "ce_unet", "color_fix", "lora", "prompts", "restorer", "sd_configs", "tiling", "vae_d4"))
+
+
 def method_model_dir(method: str) -> str | None:
     """Where a trained restorer lives (None for training-free baselines)."""
     return None if method == "bicubic" else f"{MODELS_DIR}/{method}"
@@ -154,7 +159,7 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, t={variant['timestep']}) "
             "with L2 + LPIPS + VSD",
             deps=(PAIRS_DIR, SD_DIR) + ((VAE_D4_DIR,) if tvt else ()),
-            code=train_code + code_files("tvt/training/isr.py", "tvt/training/vsd.py", "tvt/models"),
+            code=train_code + code_files("tvt/training/isr.py", "tvt/training/vsd.py", *ONE_STEP_MODEL_CODE),
             outs=(method_model_dir(name),), retries=3 if gpu else 0,
             resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
                                 gpus=8 if gpu else 0)))
@@ -164,11 +169,15 @@ def build_stages(cfg: Mapping) -> list[Stage]:
                         "tvt/models/sd_configs.py"),
         metrics=(COMPLEXITY_FILE,), resources=Resources(cpus=1, mem_mb=4000, runtime=10)))
     ev = cfg["evaluate"]
-    eval_deps = [PAIRS_DIR, COMPLEXITY_FILE, *(d for m in ev["methods"] if (d := method_model_dir(m))),
+    # paper mode's real LR/HR test sets (RealSR, DRealSR, Real-CE) are read from the data stage's output
+    real_pairs = [DATA_DIR] if ev.get("test_sets") else []
+    eval_deps = [PAIRS_DIR, *real_pairs, COMPLEXITY_FILE, *(d for m in ev["methods"] if (d := method_model_dir(m))),
                  *ev.get("external", {}).values()]
     stages.append(
         Stage("evaluate", "evaluate", "score every method on the test split; write tables and figures",
-              deps=tuple(eval_deps), code=code_files("tvt/evaluate.py", "tvt/reports.py", "tvt/metrics"),
+              deps=tuple(eval_deps),
+              code=code_files("tvt/evaluate.py", "tvt/reports.py", "tvt/metrics",
+                              *(["tvt/data/paper.py"] if real_pairs else [])),
               outs=(TABLES_DIR,), metrics=(METRICS_FILE,), plots=OCR_PLOTS,
               resources=Resources(cpus=2, mem_mb=8000, runtime=120, gpus=1 if gpu else 0)))
     return stages
