@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from tvt import compat
 
 compat.apply()
 
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from training_support import one_thread  # noqa: F401
 
@@ -186,7 +187,7 @@ def test_respaced_timesteps_run_from_999_to_0_strictly_decreasing(steps):
     base = sd_noise_scheduler()
     timesteps = respaced_scheduler(steps, base).timesteps.tolist()
     assert len(timesteps) == steps and timesteps[0] == 999 and timesteps[-1] == 0
-    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+    assert all(a > b for a, b in itertools.pairwise(timesteps))
     assert base.num_inference_steps is None  # the given scheduler is left alone
     with pytest.raises(ValueError, match="num_steps"):
         respaced_scheduler(1)
@@ -209,7 +210,7 @@ def test_sampling_starts_from_the_noised_lr_latent_and_ends_at_the_predicted_x0(
 
 def test_tiling_a_pointwise_model_changes_nothing():
     z_lr = latents(1, 4, 24, 40, seed=16)
-    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    generator = lambda: torch.Generator().manual_seed(3)
     untiled = sample_latents(OracleEps(), z_lr, PROMPT, num_steps=3, generator=generator())
     tiled = sample_latents(OracleEps(), z_lr, PROMPT, num_steps=3, generator=generator(), tile=16, overlap=8)
     torch.testing.assert_close(tiled, untiled, atol=1e-5, rtol=1e-5)
@@ -217,7 +218,7 @@ def test_tiling_a_pointwise_model_changes_nothing():
 
 def test_sampling_is_deterministic_for_a_seed_and_differs_between_seeds(model):
     z_lr = latents(1, 4, 16, 16, seed=17)
-    run = lambda seed: sample_latents(model, z_lr, PROMPT, num_steps=3,  # noqa: E731
+    run = lambda seed: sample_latents(model, z_lr, PROMPT, num_steps=3,
                                       generator=torch.Generator().manual_seed(seed))
     first, again, other = run(0), run(0), run(1)
     assert torch.equal(first, again)
@@ -233,7 +234,7 @@ def test_aggregation_sampling_matches_untiled_sampling(model):
     16 by 1.2 %; the bounds leave 2.5x margin.
     """
     z_lr = latents(1, 4, 24, 32, seed=18)
-    run = lambda seed=0, **tiling: sample_latents(model, z_lr, PROMPT, num_steps=4,  # noqa: E731
+    run = lambda seed=0, **tiling: sample_latents(model, z_lr, PROMPT, num_steps=4,
                                                   generator=torch.Generator().manual_seed(seed), **tiling)
     untiled = run()
     assert torch.equal(run(tile=32, overlap=8), untiled)

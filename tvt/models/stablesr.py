@@ -292,6 +292,12 @@ class SFTConditionedUNet(nn.Module):
         self.unet = unet
         self.conditioner = conditioner
 
+    @classmethod
+    def from_pretrained(cls, unet_path, conditioner_path, **kwargs: object) -> SFTConditionedUNet:
+        """SD's UNet (frozen, eval) and a trained conditioner, both saved with ``save_pretrained``."""
+        unet = UNet2DConditionModel.from_pretrained(unet_path, **kwargs).eval().requires_grad_(False)
+        return cls(unet, StableSRConditioner.from_pretrained(conditioner_path, **kwargs).eval())
+
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype

@@ -19,6 +19,8 @@ every step lets neighbouring tiles agree on one trajectory, so no seam can grow 
 
 from __future__ import annotations
 
+import functools
+
 from tvt import compat
 
 compat.apply()  # diffusers imports peft -> transformers -> torchvision
@@ -119,18 +121,18 @@ def sample_latents(
     noise = randn_tensor(z_lr.shape, generator=generator, device=z_lr.device, dtype=z_lr.dtype)
     z_t = scheduler.add_noise(z_lr, noise, first)
 
+    def predict_eps(stacked: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """ε of a (tile of) ``cat([z_t, z_lr])``: tiling cuts both latents alike."""
+        sample, lr_latent = stacked.to(model.dtype).split([channels, stacked.shape[1] - channels], dim=1)
+        return model(sample, timesteps, prompt_embeds, lr_latent).float()
+
     for t in tqdm(scheduler.timesteps, desc="StableSR sampling", disable=not progress, leave=False):
-        timesteps = t.to(z_lr.device).expand(batch)
-
-        def predict_eps(stacked: torch.Tensor) -> torch.Tensor:
-            sample, lr_latent = stacked.to(model.dtype).split([channels, stacked.shape[1] - channels], dim=1)
-            return model(sample, timesteps, prompt_embeds, lr_latent).float()
-
+        predict = functools.partial(predict_eps, timesteps=t.to(z_lr.device).expand(batch))
         stacked = torch.cat([z_t, z_lr], dim=1)
         if tile:
-            eps = tiled_apply(predict_eps, stacked, tile, overlap if overlap is not None else tile // 2,
+            eps = tiled_apply(predict, stacked, tile, overlap if overlap is not None else tile // 2,
                               multiple=model.latent_multiple, norm_module=model, norm_stats=norm_stats)
         else:
-            eps = predict_eps(stacked)
+            eps = predict(stacked)
         z_t = scheduler.step(eps, t, z_t, generator=generator).prev_sample
     return crop_to(z_t, height, width)
