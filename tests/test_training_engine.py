@@ -7,17 +7,20 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 from training_support import RecordingRun, one_thread  # noqa: F401
 
 from tvt.training.engine import (
     STATE_FILE,
+    CheckpointMismatchError,
     EpochShuffleSampler,
     NonFiniteLossError,
     TrainConfig,
     Trainer,
     frozen,
+    frozen_parameter_names,
     image_grid,
     latest_checkpoint,
     mean_psnr,
@@ -172,6 +175,73 @@ def test_nan_guard_names_step_and_loss_and_keeps_last_checkpoint(tmp_path):
     resumed = make_trainer(tmp_path)
     resumed.fit(ToyPairs(), toy_step(resumed))
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()} == digest
+
+
+class FrozenTrunk(nn.Module):
+    """A big frozen trunk (like SD's UNet) under a small trainable head with BatchNorm."""
+
+    def __init__(self, width: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, width)).requires_grad_(False)
+        self.head = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, 2))
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def make_lean_trainer(tmp_path, *, steps=4, trainable_trunk_bias=False):
+    cfg = TrainConfig.from_section({"steps": steps, "batch_size": 3, "checkpoint_every": 2, "log_every": 2})
+    trainer = Trainer(cfg, name="lean", seed=SEED, ckpt_dir=tmp_path / "ckpt", fingerprint={})
+    model = FrozenTrunk()
+    if trainable_trunk_bias:  # the code changed what trains: the old checkpoint lacks this tensor
+        model.trunk[2].bias.requires_grad_(True)
+    trainer.register({"model": model},
+                     {"model": torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)})
+    return trainer
+
+
+def lean_step(trainer):
+    def step(batch):
+        loss = nn.functional.mse_loss(trainer.models["model"](batch["x"]), batch["y"])
+        trainer.optimise("model", loss)
+        return {"loss": loss}
+
+    return step
+
+
+def test_checkpoints_hold_only_trainable_state_and_restore_it_exactly(tmp_path):
+    trainer = make_lean_trainer(tmp_path)
+    trainer.fit(ToyPairs(), lean_step(trainer))
+    model = trainer.unwrap("model")
+    ckpt = tmp_path / "ckpt" / "checkpoint-4"
+    stored = load_file(ckpt / "model.safetensors")
+    frozen_names = {"trunk.0.weight", "trunk.0.bias", "trunk.2.weight", "trunk.2.bias"}
+    assert frozen_parameter_names(model) == frozen_names
+    assert set(stored) == set(model.state_dict()) - frozen_names  # head parameters + BatchNorm buffers
+    assert int(stored["head.0.num_batches_tracked"]) == 4  # buffers that changed are kept
+    full = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert (ckpt / "model.safetensors").stat().st_size < 0.05 * full  # the trunk is ~99 % of the weights
+
+    resumed = make_lean_trainer(tmp_path)
+    with torch.no_grad():  # garbage in the trainable state: the checkpoint must overwrite all of it
+        for value in resumed.unwrap("model").head.state_dict().values():
+            value.copy_(torch.full_like(value, 3))
+    resumed.fit(ToyPairs(), lean_step(resumed))
+    assert resumed.history == []  # resumed at step 4 of 4: nothing trained on top
+    restored = resumed.unwrap("model").state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())  # frozen ones: rebuilt
+    before, after = trainer.optimizers["model"].state_dict(), resumed.optimizers["model"].state_dict()
+    assert before["param_groups"] == after["param_groups"]
+    for index, moments in before["state"].items():
+        assert all(torch.equal(moments[k], after["state"][index][k]) for k in moments), index
+
+
+def test_a_checkpoint_lacking_trainable_state_is_refused(tmp_path):
+    trainer = make_lean_trainer(tmp_path, steps=2)
+    trainer.fit(ToyPairs(), lean_step(trainer))
+    changed = make_lean_trainer(tmp_path, steps=2, trainable_trunk_bias=True)
+    with pytest.raises(CheckpointMismatchError, match=r"trainable state missing: \['trunk.2.bias'\].*delete"):
+        changed.fit(ToyPairs(), lean_step(changed))
 
 
 def test_too_small_dataset_is_named(tmp_path):

@@ -14,6 +14,10 @@ every stage needs and nobody should rewrite:
   is a pure function of the step, and ``accelerator.save_state`` stores weights, optimiser
   moments and every RNG, so a run killed at any point and restarted ends with the *same*
   weights as an uninterrupted one;
+* **lean checkpoints**: only what training can change is stored — trainable parameters and
+  buffers (BatchNorm statistics) — not the frozen weights a stage rebuilds from its inputs
+  (at SD scale the frozen UNet that the ISR generator and fake score share would otherwise
+  be written twice per checkpoint); see :func:`frozen_parameter_names`;
 * **atomic checkpoints**: written to ``tmp-<step>``, fsynced, then renamed to
   ``checkpoint-<step>``; a half-written checkpoint is never picked up;
 * a **non-finite guard**: a NaN/Inf loss or gradient norm stops the run with an error naming
@@ -40,7 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import SAFE_MODEL_NAME, GradientAccumulationPlugin, set_seed
+from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -65,6 +70,10 @@ SampleFn = Callable[[], Mapping[str, torch.Tensor]]
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm became NaN/Inf; the last good checkpoint is left untouched."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint lacks trainable state of the models being trained (or holds foreign keys)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,23 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()
     ]
     return max(complete)[1] if complete else None
+
+
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    """State-dict names of the parameters that no optimiser changes (``requires_grad`` off).
+
+    A checkpoint leaves them out: the stage rebuilds them identically from its inputs, whose
+    digest is in the trainer's fingerprint. Buffers are always kept (BatchNorm running
+    statistics change in training without a gradient). Shared parameters appear under
+    every name they have, as in ``state_dict``.
+    """
+    return {name for name, value in model.state_dict(keep_vars=True).items()
+            if isinstance(value, nn.Parameter) and not value.requires_grad}
+
+
+def model_state_file(index: int) -> str:
+    """The file ``accelerator.save_state`` writes the ``index``-th prepared model to."""
+    return f"{SAFE_MODEL_NAME}{f'_{index}' if index else ''}.safetensors"
 
 
 def write_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
@@ -222,6 +248,9 @@ class Trainer:
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=config.grad_accum, sync_with_dataloader=False),
         )
+        # accelerate's documented hooks: what save_state writes and load_state reads per model
+        self.accelerator.register_save_state_pre_hook(self._drop_frozen_weights)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable_weights)
         set_seed(seed)  # before the stage builds its models: identical initialisation everywhere
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -243,8 +272,9 @@ class Trainer:
                  optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, nn.Module]:
         """Prepare models and optimisers with accelerate; return the (possibly wrapped) models.
 
-        Everything registered is checkpointed and restored; frozen helpers (a teacher, LPIPS)
-        are not registered, only moved to :attr:`device` by the stage.
+        The trainable parameters and the buffers of everything registered are checkpointed
+        and restored (frozen parameters are rebuilt by the stage); frozen helpers (a
+        teacher, LPIPS) are not registered, only moved to :attr:`device` by the stage.
         """
         if self.models:
             raise RuntimeError(f"{self.name}: register() was already called")
@@ -315,6 +345,10 @@ class Trainer:
                 f"(x {self.accelerator.num_processes} processes); lower batch_size or add data"
             )
         start = self._resume()
+        acc = self.accelerator
+        log.info("%s: process %d of %d on %s, %d batches of %d per epoch and process, from step %d of %d",
+                 self.name, acc.process_index, acc.num_processes, self.device, len(loader), cfg.batch_size,
+                 start, cfg.steps)
         progress = tqdm(total=cfg.steps, initial=start, desc=self.name, dynamic_ncols=True,
                         disable=not self.is_main_process)
         # closing the stream ends its loader iteration, which unregisters it from accelerate
@@ -412,6 +446,31 @@ class Trainer:
             log.warning("%s: the newest checkpoint (step %d) is past steps=%d; its weights are used as they are",
                         self.name, state["step"], self.config.steps)
         return int(state["step"])
+
+    @staticmethod
+    def _drop_frozen_weights(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        """Save hook: keep only trainable parameters and buffers in each model's state dict."""
+        for model, state in zip(models, weights):
+            for name in frozen_parameter_names(model) & state.keys():
+                del state[name]
+
+    def _load_trainable_weights(self, models: list[nn.Module], input_dir: str) -> None:
+        """Load hook: restore each model from its lean state, checking that only frozen
+        parameters are absent; then empty ``models`` so that accelerate loads none of them
+        again (strictly, which a lean state would fail)."""
+        device = str(self.device) if self.device.type != "cpu" else "cpu"
+        for index, model in enumerate(models):
+            path = Path(input_dir) / model_state_file(index)
+            missing, unexpected = load_model(model, path, strict=False, device=device)
+            lacking = sorted(set(missing) - frozen_parameter_names(model))
+            if lacking or unexpected:
+                raise CheckpointMismatchError(
+                    f"{self.name}: {path} does not match the models being trained "
+                    f"(trainable state missing: {lacking[:5]}{' ...' if len(lacking) > 5 else ''}; "
+                    f"unknown keys: {sorted(unexpected)[:5]}); the code changed what is trainable "
+                    f"since it was written: delete {self.ckpt_dir} to start afresh"
+                )
+        models.clear()
 
     def _save_checkpoint(self, step: int) -> None:
         final = self.ckpt_dir / f"checkpoint-{step}"
