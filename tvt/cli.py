@@ -15,9 +15,14 @@ DEFAULT_CONFIG = Path("config/config.yaml")
 
 
 def _cmd_stage(args) -> int:
+    from tvt.launch import LaunchError
     from tvt.runner import run_stage
 
-    run_stage(args.name, args.config, trust_new_hashes=args.trust_new_hashes)
+    try:
+        run_stage(args.name, args.config, trust_new_hashes=args.trust_new_hashes)
+    except LaunchError as exc:  # the training processes' status is the stage's (143: terminated)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.returncode
     return 0
 
 
@@ -102,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("stage", help="run one pipeline stage (what Snakemake and DVC call)")
+    p = sub.add_parser("stage", help="run one pipeline stage (what Snakemake and DVC call)",
+                       description="Run one pipeline stage. Training stages run one process per visible GPU "
+                                   "(accelerate launch; $TVT_NUM_PROCESSES overrides, also on CPU).")
     p.add_argument("name", help="stage name (see `tvt workflow stages`)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: mini)")
     p.add_argument("--trust-new-hashes", action="store_true",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tvt import config as config_mod
+from tvt import launch
 from tvt import stages as stages_mod
 from tvt import tracking
 from tvt.atomic import atomic_dir
@@ -159,7 +160,11 @@ HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
 
 
 def run_stage(name: str, config_path: str | Path, **opts) -> None:
-    """Run one stage of the pipeline described by ``config_path``."""
+    """Run one stage of the pipeline described by ``config_path``.
+
+    A training stage runs on every GPU the job may use (or ``$TVT_NUM_PROCESSES`` processes):
+    it re-executes itself under ``accelerate launch`` (:mod:`tvt.launch`).
+    """
     cfg = config_mod.load(config_path)
     stage = stages_mod.stage_by_name(cfg, name)
     handler = HANDLERS.get(name)
@@ -172,7 +177,17 @@ def run_stage(name: str, config_path: str | Path, **opts) -> None:
     for dep in stage.deps:
         producer = next((s.name for s in stages_mod.build_stages(cfg) if dep in s.outs + s.metrics), "?")
         _require(dep, producer)
-    if stage.resources.gpus == 0:
+    launched = launch.inside_distributed_launch(os.environ)
+    if launch.uses_trainer(stage) and not launched:
+        import torch
+
+        processes = launch.wanted_processes(os.environ, torch.cuda.device_count())
+        if processes > 1:  # the same command on every GPU; the ranks open the MLflow run, not this process
+            flags = [f"--{key.replace('_', '-')}" for key, value in opts.items() if value is True]
+            launch.relaunch(["stage", name, "--config", str(config_path), *flags], processes,
+                            use_cpu=not torch.cuda.is_available())
+            return
+    if stage.resources.gpus == 0 and not launched:  # launched: the launcher shared the cores out
         _use_granted_cpus()
     with tracking.stage_run(name, cfg, stage.section, config_path) as run:
         handler(cfg, run, opts)
