@@ -97,3 +97,22 @@ def test_markdown_and_json_renderings(rows):
     assert "| SD UNet @ 64² | 1×4×64×64 | 865.91 | 339.1 | 63.0 | 0.804 |" in markdown
     assert json.loads(to_json(table)) == table
     assert set(table[0]) == {"name", "params_M", "gmacs", "attn_gmacs", "input_shape"}
+
+
+def test_stablesr_rows(rows):
+    from tvt.reports import ARCHITECTURES
+
+    step = rows["StableSR step (encoder + SFT + UNet) @ 64²"]
+    unet = rows["SD UNet @ 64²"]
+    # the conditioning adds compute to every step, never removes any: SFT heads and a
+    # time-aware encoder that is ~1/8 of the UNet (105 M trainable parameters on top of 866 M)
+    assert unet["gmacs"] < step["gmacs"] < 1.5 * unet["gmacs"]
+    assert step["params_M"] - unet["params_M"] == pytest.approx(105.47, abs=0.1)
+    restorer = rows["StableSR restorer (E8 + 200 steps + CFW-D8)"]
+    expected = rows["VAE-D8 encoder"]["gmacs"] + 200 * step["gmacs"] + \
+        rows["StableSR CFW decoder (E8 features + D8 + CFW)"]["gmacs"]
+    assert restorer["gmacs"] == pytest.approx(expected, abs=0.05)
+    # what the paper's Table 4 says in words: 200 steps cost ~40x a one-step restorer
+    assert restorer["gmacs"] > 35 * rows["OSEDiff restorer (E8 + UNet + D8)"]["gmacs"]
+    # every method the reports look up has its row
+    assert set(ARCHITECTURES.values()) <= set(rows)

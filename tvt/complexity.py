@@ -25,7 +25,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tvt.models.ce_unet import CEUNet
-from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE, VAE_D4_PAPER
+from tvt.models.cfw import CFWAutoencoder, CFWModule
+from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE, STABLESR_CONDITIONER_PAPER, VAE_D4_PAPER
+from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
+from tvt.models.stablesr_sampler import PAPER_SAMPLING_STEPS
 from tvt.models.vae_d4 import VAED4
 
 _aten = torch.ops.aten
@@ -39,7 +42,9 @@ NOTES = (
     "Attention MACs: QKᵀ and softmax·V matmuls, self- and cross-attention. "
     "Total TFLOPs = 2 × (MACs + attention MACs), torch FlopCounterMode's convention. "
     "Batch 1, one denoising step, 77-token prompt; the text encoder and prompt extractor are excluded; "
-    "the restorers' input is the LR image bicubic-upsampled to the output size (not counted)."
+    "the restorers' input is the LR image bicubic-upsampled to the output size (not counted). "
+    f"StableSR: {PAPER_SAMPLING_STEPS} sampling steps (each: time-aware encoder + SFT + UNet), "
+    "E8 on the upsampled LR, then the CFW decoder (D8 + CFW fusing a second E8 feature pass), w > 0."
 )
 
 
@@ -123,6 +128,16 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
             ("TVT restorer (E4 + CE-UNet + D4)", (vae4, ce_unet), lr, lambda: restore(vae4, ce_unet, vae4)),
             ("OSEDiff restorer (E8 + UNet + D8)", (vae8, unet), lr, lambda: restore(vae8, unet, vae8)),
         ]
+        conditioner = StableSRConditioner.for_unet(unet, **STABLESR_CONDITIONER_PAPER)
+        stablesr_step = SFTConditionedUNet(unet, conditioner)
+        cfw = CFWAutoencoder(vae8, CFWModule.for_vae(vae8))
+        image8 = torch.empty(1, 3, size, size)
+        rows += [
+            (f"StableSR step (encoder + SFT + UNet) @ {d8}²", (conditioner, unet), _shape(1, 4, d8, d8),
+             lambda: stablesr_step(latent8, 1, prompt, latent8)),
+            ("StableSR CFW decoder (E8 features + D8 + CFW)", (cfw.cfw, vae8.decoder, vae8.post_quant_conv),
+             _shape(1, 4, d8, d8), lambda: cfw(latent8, image8, 1.0)),
+        ]
         table = []
         for name, modules, input_shape, run in rows:
             macs, attention_macs = count_macs(run)
@@ -135,6 +150,18 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
                     "input_shape": input_shape,
                 }
             )
+    by_name = {row["name"]: row for row in table}
+    encoder, step, decoder = (by_name[n] for n in (
+        "VAE-D8 encoder", f"StableSR step (encoder + SFT + UNet) @ {d8}²",
+        "StableSR CFW decoder (E8 features + D8 + CFW)"))
+    steps = PAPER_SAMPLING_STEPS
+    table.append({  # one forward of each part, so composed rather than counted 200 times over
+        "name": f"StableSR restorer (E8 + {steps} steps + CFW-D8)",
+        "params_M": round(_millions(vae8, unet, conditioner, cfw.cfw), 3),
+        "gmacs": round(encoder["gmacs"] + steps * step["gmacs"] + decoder["gmacs"], 2),
+        "attn_gmacs": round(encoder["attn_gmacs"] + steps * step["attn_gmacs"] + decoder["attn_gmacs"], 2),
+        "input_shape": lr,
+    })
     return table
 
 

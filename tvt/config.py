@@ -146,10 +146,16 @@ def _semantic_checks(cfg: dict) -> None:
             raise ConfigError(f"isr.{name}.unet: 'ce' (CE-UNet) needs the VAE-D4 latents of method 'tvt'")
         if variant["t_vsd"][0] >= variant["t_vsd"][1]:
             raise ConfigError(f"isr.{name}.t_vsd: {variant['t_vsd']} is not an increasing range")
+    if "stablesr" in cfg and "prior" not in cfg:
+        raise ConfigError("stablesr: needs the 'prior' section (the SD weights it conditions)")
+    if "stablesr" in isr:
+        raise ConfigError("isr.stablesr: the name is taken by the StableSR baseline (the stablesr section)")
+    trained = [*isr, *(["stablesr"] if "stablesr" in cfg else [])]
     for i, method in enumerate(cfg["evaluate"]["methods"]):
-        if method != "bicubic" and method not in isr:
-            raise ConfigError(f"evaluate.methods[{i}]: {method!r} is neither 'bicubic' nor a model of the isr "
-                              f"section ({', '.join(isr) or 'none configured'})")
+        if method != "bicubic" and method not in trained:
+            raise ConfigError(f"evaluate.methods[{i}]: {method!r} is neither 'bicubic' nor a trained model "
+                              f"(isr section: {', '.join(isr) or 'none configured'}; 'stablesr' with a stablesr "
+                              "section)")
     known = set(data.get("datasets", {}))
     for i, name in enumerate(cfg["evaluate"].get("test_sets", [])):
         if name not in known:

@@ -87,6 +87,7 @@ class Method:
     steps: int | None = None  # denoising steps; 0 without diffusion, None when unknown (external)
     params_M: float | None = None
     timed: bool = True  # latency is measured for methods run here, not for external folders
+    model: torch.nn.Module | None = None  # the restorer, for method-specific figures (StableSR's w)
 
 
 def bicubic_method(scale: int) -> Method:
@@ -102,14 +103,16 @@ def restorer_method(name: str, restorer: torch.nn.Module, steps: int = 1) -> Met
     """A restorer network, LR (B,3,h,w) -> SR in [0, 1], as a table row."""
     restorer = restorer.eval()
     params = sum(p.numel() for p in restorer.parameters()) / 1e6
-    return Method(name, lambda lr, pair_id: restorer(lr), steps=steps, params_M=params)
+    return Method(name, lambda lr, pair_id: restorer(lr), steps=steps, params_M=params, model=restorer)
 
 
 def trained_method(name: str, model_dir: Path, device: torch.device) -> Method:
-    """A one-step restorer trained by the pipeline (``resources/models/<name>``)."""
-    from tvt.models.restorer import OneStepRestorer
+    """A restorer trained by the pipeline (``resources/models/<name>``): one-step, or StableSR's
+    multi-step sampler (its steps are the table's)."""
+    from tvt.models.saved import load_restorer
 
-    return restorer_method(name, OneStepRestorer.from_pretrained_dir(model_dir).to(device), steps=1)
+    restorer = load_restorer(model_dir).to(device)
+    return restorer_method(name, restorer, steps=getattr(restorer, "steps", 1))
 
 
 def external_method(name: str, folder: Path) -> Method:
@@ -351,6 +354,30 @@ def comparison_figures(pair_ids: list[str], pairs: dict[str, dict], root: Path, 
     return figures
 
 
+#: StableSR's CFW weights shown side by side (realism 0 … fidelity 1)
+CFW_WEIGHTS = (0.0, 0.5, 1.0)
+
+
+def cfw_weight_figure(method: Method, pairs: list[dict], root: Path, device: torch.device):
+    """StableSR's fidelity–realism dial on one test image: LR | w = 0 | 0.5 | 1 | HR, with a zoom
+    where the outputs differ most. The image is the first text line if there is one (fine
+    structure is where CFW matters), else the first test pair. None for other methods."""
+    model = method.model
+    if model is None or not hasattr(model, "w"):
+        return None
+    row = next((r for r in pairs if r["kind"] == "text"), pairs[0])
+    lr = load_image(root / row["lr_path"]).to(device)
+    hr = np.asarray(Image.open(root / row["hr_path"]).convert("RGB"))
+    with torch.no_grad():
+        outputs = [to_uint8(model(lr, w=w)) for w in CFW_WEIGHTS]
+    lr_up = np.asarray(Image.open(root / row["lr_path"]).convert("RGB").resize((hr.shape[1], hr.shape[0]),
+                                                                               Image.NEAREST))
+    box = reports.disagreement_box(outputs, hr, reports.zoom_size(*hr.shape[:2]))
+    panels = [("LR (nearest)", lr_up), *((f"{method.name} w={w:g}", o) for w, o in zip(CFW_WEIGHTS, outputs)),
+              ("HR", hr)]
+    return reports.comparison_figure(f"{method.name}: CFW weight w on {row['pair_id']}", panels, box)
+
+
 # ------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------
@@ -501,10 +528,13 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         outputs = Path(tmp) / "outputs"
         records: list[dict] = []
         costs: dict[str, dict] = {}
+        method_figures: dict[str, object] = {}
         for name in names:
             method = build_method(name, cfg, device)
             records += score_method(method, pairs, root, suite, outputs, read_text, device)
             costs[name] = {"steps": method.steps, "params_M": method.params_M}
+            if (figure := cfw_weight_figure(method, pairs, root, device)) is not None:
+                method_figures[f"{name}_cfw_w"] = figure
             del method  # release a trained model before loading the next
         if read_text:
             records += hr_ocr_records(pairs, root)
@@ -522,7 +552,8 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         else:
             chosen = [p for kind in sorted(subsets.keys() & {"photo", "text"})
                       for p in figure_pairs(records, names, kind, count)]
-        figures = comparison_figures(chosen, by_id, root, outputs, names, cfg["degrade"]["scale"])
+        figures = {**comparison_figures(chosen, by_id, root, outputs, names, cfg["degrade"]["scale"]),
+                   **method_figures}
 
     tables = [*reports.image_quality_tables(summary), reports.text_table(summary),
               reports.complexity_table(summary, _architecture_rows(names, complexity_file, cfg["degrade"]["scale"])),

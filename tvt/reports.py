@@ -54,6 +54,7 @@ ARCHITECTURES = {
     "osediff": "OSEDiff restorer (E8 + UNet + D8)",
     "s1": "OSEDiff restorer (E8 + UNet + D8)",
     "tvt_s1": "OSEDiff restorer (E8 + UNet + D8)",
+    "stablesr": "StableSR restorer (E8 + 200 steps + CFW-D8)",
 }
 
 

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
     from tvt.models.restorer import OneStepRestorer
 
-HELP = "super-resolve images with a trained one-step restorer (TVT, OSEDiff...)"
+HELP = "super-resolve images with a trained restorer (TVT, OSEDiff, StableSR...)"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: what a folder or a glob contributes (compared case-insensitively)
@@ -566,7 +566,7 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
     (default: CUDA when available), with ``scale`` and ``color_fix`` overriding the stored ones."""
     import torch
 
-    from tvt.models.restorer import OneStepRestorer
+    from tvt.models.saved import load_restorer as load_saved
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -576,7 +576,7 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
     torch.backends.cudnn.deterministic = True
     overrides = {key: value for key, value in (("scale", scale), ("color_fix", color_fix)) if value is not None}
     try:
-        restorer = OneStepRestorer.from_pretrained_dir(weights, **overrides)
+        restorer = load_saved(weights, **overrides)  # one-step (TVT, OSEDiff…) or StableSR
     except Exception as exc:  # damaged safetensors, unknown classes, configs of another version...
         raise UsageError(f"cannot load the restorer in {weights} ({_one_line(exc)})") from exc
     return restorer.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval()

@@ -29,6 +29,7 @@ SD_DIR = f"{MODELS_DIR}/sd-base"
 CKPT_DIR = f"{RESOURCES}/checkpoints"
 VAE_D4_DECODER_DIR = f"{MODELS_DIR}/vae-d4-decoder"
 VAE_D4_DIR = f"{MODELS_DIR}/vae-d4"
+STABLESR_SFT_DIR = f"{MODELS_DIR}/stablesr-sft"
 METRICS_FILE = f"{RESULTS}/metrics.json"
 COMPLEXITY_FILE = f"{RESULTS}/complexity.json"
 #: OCR accuracy vs text height, one column per method (`dvc plots show`)
@@ -163,10 +164,28 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             outs=(method_model_dir(name),), retries=3 if gpu else 0,
             resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
                                 gpus=8 if gpu else 0)))
+    if "stablesr" in cfg:
+        gpu_resources = Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000,
+                                  runtime=2880 if gpu else 120, gpus=8 if gpu else 0)
+        stablesr_code = code_files("tvt/models/stablesr.py", "tvt/models/stablesr_sampler.py",
+                                   "tvt/models/tiling.py", "tvt/models/sd_configs.py")
+        stages.append(Stage(
+            "stablesr_sft", "stablesr.sft",
+            "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
+            deps=(PAIRS_DIR, SD_DIR), code=train_code + stablesr_code + code_files("tvt/training/stablesr_sft.py"),
+            outs=(STABLESR_SFT_DIR,), retries=3 if gpu else 0, resources=gpu_resources))
+        stages.append(Stage(
+            "stablesr_cfw", "stablesr",
+            "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
+            deps=(PAIRS_DIR, SD_DIR, STABLESR_SFT_DIR),
+            code=train_code + stablesr_code + code_files(
+                "tvt/training/stablesr_cfw.py", "tvt/models/cfw.py", "tvt/models/stablesr_restorer.py",
+                "tvt/models/color_fix.py", "tvt/models/prompts.py"),
+            outs=(method_model_dir("stablesr"),), retries=3 if gpu else 0, resources=gpu_resources))
     stages.append(Stage(
         "complexity", None, "parameters and MACs of every network at SD 2.1-base scale (meta device)",
         code=code_files("tvt/complexity.py", "tvt/models/vae_d4.py", "tvt/models/ce_unet.py",
-                        "tvt/models/sd_configs.py"),
+                        "tvt/models/sd_configs.py", "tvt/models/stablesr.py", "tvt/models/cfw.py"),
         metrics=(COMPLEXITY_FILE,), resources=Resources(cpus=1, mem_mb=4000, runtime=10)))
     ev = cfg["evaluate"]
     # paper mode's real LR/HR test sets (RealSR, DRealSR, Real-CE) are read from the data stage's output

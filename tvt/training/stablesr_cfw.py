@@ -182,3 +182,87 @@ def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Pat
         run.log_metrics({f"stablesr_cfw/{k}": v for k, v in metrics.items()})
     trainer.publish(out_dir, cfw.save_pretrained)
     return metrics
+
+
+# ---- the whole stage: stage-A latents → CFW training → the StableSR restorer ------------------
+
+
+@torch.no_grad()
+def generate_latents(model, vae: AutoencoderKL, pairs_dir: Path, prompt: torch.Tensor, *, scale: int,
+                     num_steps: int, scheduler, seed: int, batch_size: int, device: torch.device,
+                     splits: tuple[str, ...] = ("train", "val")) -> dict[str, torch.Tensor]:
+    """Stage A's restored latent for every pair of ``splits``: StableSR sampling (the decoder,
+    hence w, plays no part), noise from one CPU generator seeded with ``seed``."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from tvt.models.stablesr_sampler import encode_lr_latent, sample_latents
+
+    generator = torch.Generator().manual_seed(seed)
+    latents: dict[str, torch.Tensor] = {}
+    for split in splits:
+        loader = DataLoader(PairDataset(pairs_dir, split), batch_size=batch_size)
+        for batch in tqdm(loader, desc=f"stage-A latents ({split})", unit="batch"):
+            z_lr = encode_lr_latent(vae, batch["lr"].to(device), scale)
+            z_0 = sample_latents(model, z_lr, prompt, num_steps=num_steps, scheduler=scheduler, generator=generator)
+            latents.update(zip(batch["pair_id"], z_0.cpu()))
+    return latents
+
+
+def run_stablesr_stage_b(cfg: dict, pairs_dir: Path, sd_dir: Path, sft_dir: Path, out_dir: Path, ckpt_dir: Path,
+                         run) -> dict:
+    """StableSR stage B end to end; ``out_dir`` gets the complete restorer (tvt.models.stablesr_restorer).
+
+    1. Stage A's model (``sft_dir``) restores every train/val LR with ``cfw.generate_steps``
+       sampling steps; the latents are cached under ``ckpt_dir`` by a digest of everything they
+       depend on, so a rerun (a resumed job, a new ``sample`` setting) does not sample again.
+    2. :func:`run_stablesr_cfw` trains CFW on them (checkpoints in ``ckpt_dir/train``).
+    3. SD's VAE and UNet, the conditioner, CFW and the ``stablesr.sample`` inference settings
+       (steps, w, colour fix) are saved together; editing ``sample`` only republishes.
+    """
+    from accelerate import PartialState
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from tvt.atomic import atomic_dir
+    from tvt.config import params_hash
+    from tvt.models.prompts import NullPrompt
+    from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
+    from tvt.models.stablesr_restorer import StableSRRestorer
+    from tvt.training.isr import load_prompts
+
+    section, sample = cfg["stablesr"]["cfw"], cfg["stablesr"]["sample"]
+    pairs_dir, sd_dir, sft_dir, ckpt_dir = Path(pairs_dir), Path(sd_dir), Path(sft_dir), Path(ckpt_dir)
+    state = PartialState()
+    device = state.device
+    vae = AutoencoderKL.from_pretrained(sd_dir / "vae").to(device).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet").to(device).eval().requires_grad_(False)
+    conditioner = StableSRConditioner.from_pretrained(sft_dir).to(device).eval()
+    scheduler = DDPMScheduler.from_pretrained(sd_dir / "scheduler")
+    prompt, _ = load_prompts(sd_dir)
+    first = PairDataset(pairs_dir, "train")[0]
+    scale = first["hr"].shape[-1] // first["lr"].shape[-1]
+
+    inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "vae", sd_dir / "unet", sd_dir / "scheduler", sft_dir)
+    key = params_hash({"inputs": inputs, "steps": section["generate_steps"], "seed": cfg["seed"]})
+    latents_file = ckpt_dir / f"latents-{key}.safetensors"
+    with state.main_process_first():  # rank 0 samples, the others read its file
+        if not latents_file.is_file():
+            latents = generate_latents(SFTConditionedUNet(unet, conditioner), vae, pairs_dir, prompt.to(device),
+                                       scale=scale, num_steps=section["generate_steps"], scheduler=scheduler,
+                                       seed=cfg["seed"], batch_size=section["batch_size"], device=device)
+            write_latents(latents, latents_file)
+    for stale in ckpt_dir.glob("latents-*.safetensors"):
+        if stale != latents_file and state.is_main_process:
+            stale.unlink()
+
+    cfw_dir = ckpt_dir / "cfw"
+    metrics = run_stablesr_cfw(cfg, pairs_dir, sd_dir, latents_file, cfw_dir, ckpt_dir / "train", run)
+    if state.is_main_process:
+        restorer = StableSRRestorer(
+            vae.cpu(), unet.cpu(), conditioner.cpu(), CFWModule.from_pretrained(cfw_dir), scheduler=scheduler,
+            prompt=NullPrompt(prompt), scale=scale, steps=sample["steps"], w=sample["w"],
+            color_fix=sample["color_fix"], seed=cfg["seed"])
+        with atomic_dir(out_dir) as tmp:
+            restorer.save_pretrained_dir(tmp)
+    state.wait_for_everyone()
+    return metrics
