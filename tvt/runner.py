@@ -50,6 +50,10 @@ def _stage_data(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
         from tvt.data.manifest import read_manifest
 
         rows = read_manifest(manifest)
+        real_pairs = out / "real_pairs.csv"  # paper mode's real LR/HR test sets, scored as they are
+        if real_pairs.is_file():
+            run.log_metrics({"n_real_pairs": len(read_manifest(real_pairs))})
+            run.log_artifact(real_pairs)
         counts: dict[str, int] = {}
         for row in rows:
             key = f"n_{row['kind']}_{row['split']}"
@@ -121,6 +125,20 @@ def _stage_isr(name: str):
     return handler
 
 
+def _stage_stablesr_sft(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.training.stablesr_sft import run_stablesr_sft
+
+    run_stablesr_sft(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR), Path(stages_mod.STABLESR_SFT_DIR),
+                     _ckpt_dir("stablesr_sft"), run)
+
+
+def _stage_stablesr_cfw(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+    from tvt.training.stablesr_cfw import run_stablesr_stage_b
+
+    run_stablesr_stage_b(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR), Path(stages_mod.STABLESR_SFT_DIR),
+                         Path(stages_mod.method_model_dir("stablesr")), _ckpt_dir("stablesr_cfw"), run)
+
+
 def _ckpt_dir(stage: str) -> Path:
     """Checkpoints live outside the stage's output, so a rerun can resume from them
     (Snakemake and DVC delete a stage's outputs before running it)."""
@@ -145,7 +163,7 @@ def _stage_evaluate(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None
 
     pairs = _require(Path(stages_mod.PAIRS_DIR) / "pairs.csv", "degrade")
     with atomic_dir(stages_mod.TABLES_DIR) as tables:
-        evaluate(cfg, pairs, tables, Path(stages_mod.METRICS_FILE), run)
+        evaluate(cfg, pairs, tables, Path(stages_mod.METRICS_FILE), run, data_dir=Path(stages_mod.DATA_DIR))
 
 
 HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
@@ -154,6 +172,8 @@ HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
     "prior": _stage_prior,
     "decoder_transfer": _stage_decoder_transfer,
     "encoder_transfer": _stage_encoder_transfer,
+    "stablesr_sft": _stage_stablesr_sft,
+    "stablesr_cfw": _stage_stablesr_cfw,
     "complexity": _stage_complexity,
     "evaluate": _stage_evaluate,
 }
