@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from tvt.data.download import DownloadError
+        from tvt.data.paper import DatasetLayoutError
         from tvt.runner import StageError
 
-        if isinstance(exc, (StageError, DownloadError)):
+        if isinstance(exc, (StageError, DownloadError, DatasetLayoutError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
