@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -151,13 +153,35 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class Terminated(SystemExit):
+    """SIGTERM (SLURM's time limit or ``scancel``, a preempted job) arrived during a stage."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated`, so ``finally`` blocks and the MLflow run's status
+    see it; Python's default would end the process without unwinding. Exit status stays 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, _frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Mapping, section: str | None, config_path: str | Path | None = None,
               tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of one stage, nested under the pipeline run when there is one.
 
     Logs the stage's own parameters (never other sections), their hash, the git commit
-    and the config path; marks the run FAILED if the stage raises. Under a multi-process
+    and the config path; marks the run FAILED if the stage raises, KILLED on SIGTERM or Ctrl-C. Under a multi-process
     launcher only rank 0 logs, so one stage is one run however many GPUs train it.
     """
     if not is_main_process():
@@ -188,8 +212,12 @@ def stage_run(stage: str, cfg: Mapping, section: str | None, config_path: str | 
     run = mlflow.start_run(run_name=stage, tags={**all_tags, **({"mlflow.parentRunId": parent} if parent else {})})
     handle = StageRun(mlflow, run)
     try:
-        handle.log_params(params)
-        yield handle
+        with _terminate_as_exception():
+            handle.log_params(params)
+            yield handle
+    except (Terminated, KeyboardInterrupt):
+        mlflow.end_run(status="KILLED")  # the MLflow UI then shows a killed job, not one still running
+        raise
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
