@@ -171,3 +171,25 @@ def test_stage_b_publishes_a_restorer_and_reruns_without_resampling(stage_b):
     assert os.stat(latents[0]).st_mtime_ns == stamp
     assert recorder.series("stablesr_cfw/loss") == []  # resumed at the final checkpoint
     assert load_restorer(root / "out").w == 1.0
+
+
+def test_tvt_sr_restores_with_a_stablesr_folder(restorer, tmp_path, capsys):
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from tvt import sr
+
+    restorer.save_pretrained_dir(tmp_path / "weights")
+    Image.fromarray((np.asarray(lr_image(12, 20)[0].permute(1, 2, 0)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    parser = argparse.ArgumentParser(prog="tvt sr")
+    sr.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--weights",
+                              str(tmp_path / "weights"), "--method", "stablesr", "--device", "cpu"])
+    assert sr.main(args) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "out" / "a.png").size == (80, 48)
+    args = parser.parse_args([str(tmp_path / "a.png"), "-o", str(tmp_path / "out2"), "--weights",
+                              str(tmp_path / "weights"), "--method", "tvt"])
+    assert sr.main(args) == 2
+    assert "holds a 'stablesr' restorer, not --method 'tvt'" in capsys.readouterr().err
