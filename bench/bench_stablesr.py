@@ -81,7 +81,7 @@ def main() -> None:
         reference = median["one-step OSEDiff (reference)"]
         per_step = (median["StableSR 20 steps, w=0.5"] - median["StableSR 4 steps, w=0.5"]) / 16
         print(f"\n{size}² output ({size // 4}² LR), {args.threads} thread(s), median of {args.repeats}")
-        print(f"| variant | ms / image | × one-step |\n|---|---:|---:|")
+        print("| variant | ms / image | × one-step |\n|---|---:|---:|")
         for name, ms in median.items():
             print(f"| {name} | {ms:.0f} | {ms / reference:.1f} |")
         print(f"| per sampling step (from 4 vs 20 steps) | {per_step:.0f} | {per_step / reference:.2f} |")

@@ -83,7 +83,7 @@ def test_cli_reports_one_line_not_a_traceback(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "tvt", "config", "validate", str(path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"config error: {path}: degrade.scale: 0 must be >= 1"
 

@@ -7,7 +7,7 @@ import http.server
 import io
 import tarfile
 import threading
-from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -31,13 +31,13 @@ SHA = hashlib.sha256(ARCHIVE).hexdigest()
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves ARCHIVE with Range support; `plan` scripts what the first requests get."""
 
-    plan: list[str] = []  # per request: "ok", "corrupt", "truncate"
-    requests: list[str | None] = []
+    plan: ClassVar[list[str]] = []  # per request: "ok", "corrupt", "truncate"
+    requests: ClassVar[list[str | None]] = []
 
     def log_message(self, *args):  # keep test output clean
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server API
+    def do_GET(self):
         type(self).requests.append(self.headers.get("Range"))
         mode = type(self).plan.pop(0) if type(self).plan else "ok"
         body = ARCHIVE

@@ -360,12 +360,14 @@ CFW_WEIGHTS = (0.0, 0.5, 1.0)
 
 def cfw_weight_figure(method: Method, pairs: list[dict], root: Path, device: torch.device):
     """StableSR's fidelity–realism dial on one test image: LR | w = 0 | 0.5 | 1 | HR, with a zoom
-    where the outputs differ most. The image is the first text line if there is one (fine
-    structure is where CFW matters), else the first test pair. None for other methods."""
+    where the outputs differ most. The image is the text line with the largest letters if there
+    is one (fine structure still legible in the LR, where CFW's fidelity shows), else the first
+    test pair. None for other methods."""
     model = method.model
     if model is None or not hasattr(model, "w"):
         return None
-    row = next((r for r in pairs if r["kind"] == "text"), pairs[0])
+    text = [r for r in pairs if r["kind"] == "text" and r.get("text_px")]
+    row = max(text, key=lambda r: r["text_px"]) if text else pairs[0]
     lr = load_image(root / row["lr_path"]).to(device)
     hr = np.asarray(Image.open(root / row["hr_path"]).convert("RGB"))
     with torch.no_grad():

@@ -37,7 +37,7 @@ PAIRING_NOTES = {
     "paired": "Real LR/HR pairs (LR taken by a camera, never synthetically degraded).",
     "synthetic": "LR synthesised from HR with the Real-ESRGAN second-order degradation (OSEDiff's parameters).",
 }
-_DECIMALS = {"psnr_y": 2, "fid": 2, "musiq": 2, "niqe": 3, "qalign": 3, "latency_ms": 1, "params_M": 2,
+_DECIMALS = {"psnr_y": 2, "fid": 2, "musiq": 2, "niqe": 3, "qalign": 3, "latency_ms": 1, "params_M": 2, "paper_params_M": 1,
              "paper_gmacs": 1, "steps": 0, "n": 0}
 
 #: ablation family -> (title, variant names without the "tvt_" prefix), DESIGN.md §1.1–1.3

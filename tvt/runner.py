@@ -16,9 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tvt import config as config_mod
-from tvt import launch
+from tvt import launch, tracking
 from tvt import stages as stages_mod
-from tvt import tracking
 from tvt.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
