@@ -97,6 +97,19 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     assert logged["toy/samples_per_s"] > 0
 
 
+def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path):
+    """`mixed_precision: bf16` (the CPU-capable half precision; fp16 needs CUDA): accelerate's
+    autocast covers the registered model's forward, the master weights stay float32, and it trains."""
+    trainer = make_trainer(tmp_path, steps=20, log_every=5, checkpoint_every=10, mixed_precision="bf16")
+    dtypes = []  # of the first layer's output (accelerate casts the model's *outputs* back to float32)
+    trainer.unwrap("model")[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    trainer.fit(ToyPairs(), toy_step(trainer))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert {p.dtype for p in trainer.unwrap("model").parameters()} == {torch.float32}
+    losses = [m["loss"] for _, m in trainer.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_resumed_run_ends_with_identical_weights(tmp_path):
     reference = make_trainer(tmp_path / "a")
     reference.fit(ToyPairs(), toy_step(reference))
