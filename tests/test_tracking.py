@@ -25,6 +25,12 @@ STAGE = textwrap.dedent("""
 """)
 
 
+def _env(uri: str) -> dict[str, str]:
+    """The stage's store: $MLFLOW_TRACKING_URI wins over the config, and mlflow.set_tracking_uri
+    in this process (earlier tests) exports it, so the child gets it explicitly."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri}
+
+
 def _run_status(uri: str) -> str:
     import mlflow
 
@@ -37,7 +43,7 @@ def _run_status(uri: str) -> str:
 @pytest.mark.parametrize(("mode", "status", "code"), [("ok", "FINISHED", 0), ("fail", "FAILED", 1)])
 def test_run_status_follows_the_stage(tmp_path, mode, status, code):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    done = subprocess.run([sys.executable, "-c", STAGE, uri, mode], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run([sys.executable, "-c", STAGE, uri, mode], capture_output=True, text=True, timeout=120, check=False, env=_env(uri))
     assert done.returncode == code, done.stderr
     assert _run_status(uri) == status
 
@@ -45,7 +51,7 @@ def test_run_status_follows_the_stage(tmp_path, mode, status, code):
 def test_sigterm_marks_the_run_killed_and_exits_143(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.Popen([sys.executable, "-c", STAGE, uri, "wait"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=_env(uri))
     try:
         assert proc.stdout.readline().strip() == "running"
         time.sleep(0.2)
