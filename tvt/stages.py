@@ -103,6 +103,21 @@ ONE_STEP_MODEL_CODE = tuple(f"tvt/models/{name}.py" for name in (
     "ce_unet", "color_fix", "lora", "prompts", "restorer", "sd_configs", "tiling", "vae_d4"))
 
 
+#: a paper-mode training job: one node with the paper's 8 GPUs, 8 CPU cores per GPU for its
+#: data loader, and host memory for 8 processes that each load SD's UNet and VAE
+PAPER_TRAIN_GPUS, PAPER_CPUS_PER_GPU, PAPER_TRAIN_MEM_MB = 8, 8, 256_000
+#: resubmissions of a failed training job: each resumes from its last checkpoint
+TRAINING_RETRIES = 3
+
+
+def training_resources(paper: bool, runtime_min: int) -> Resources:
+    """What a training stage asks the scheduler for; mini mode trains on 2 CPU cores, also on SLURM."""
+    if not paper:
+        return Resources(cpus=2, mem_mb=8000, runtime=120)
+    return Resources(cpus=PAPER_TRAIN_GPUS * PAPER_CPUS_PER_GPU, mem_mb=PAPER_TRAIN_MEM_MB, runtime=runtime_min,
+                     gpus=PAPER_TRAIN_GPUS)
+
+
 def method_model_dir(method: str) -> str | None:
     """Where a trained restorer lives (None for training-free baselines)."""
     return None if method == "bicubic" else f"{MODELS_DIR}/{method}"
@@ -142,17 +157,15 @@ def build_stages(cfg: Mapping) -> list[Stage]:
         stages.append(Stage(
             "decoder_transfer", "decoder_transfer", "TVT stage 1: train the VAE-D4 decoder on frozen VAE-D8 latents",
             deps=(PAIRS_DIR, SD_DIR), code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
-            outs=(VAE_D4_DECODER_DIR,), retries=3 if gpu else 0,
-            resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
-                                gpus=8 if gpu else 0)))
+            outs=(VAE_D4_DECODER_DIR,), retries=TRAINING_RETRIES if gpu else 0,
+            resources=training_resources(gpu, 2880)))
     if "encoder_transfer" in cfg:
         stages.append(Stage(
             "encoder_transfer", "encoder_transfer", "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
             deps=(PAIRS_DIR, VAE_D4_DECODER_DIR),
             code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
-            outs=(VAE_D4_DIR,), retries=3 if gpu else 0,
-            resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=1440 if gpu else 120,
-                                gpus=8 if gpu else 0)))
+            outs=(VAE_D4_DIR,), retries=TRAINING_RETRIES if gpu else 0,
+            resources=training_resources(gpu, 1440)))
     for name, variant in cfg.get("isr", {}).items():
         tvt = variant["method"] == "tvt"
         stages.append(Stage(
@@ -161,19 +174,16 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             "with L2 + LPIPS + VSD",
             deps=(PAIRS_DIR, SD_DIR) + ((VAE_D4_DIR,) if tvt else ()),
             code=train_code + code_files("tvt/training/isr.py", "tvt/training/vsd.py", *ONE_STEP_MODEL_CODE),
-            outs=(method_model_dir(name),), retries=3 if gpu else 0,
-            resources=Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000, runtime=2880 if gpu else 120,
-                                gpus=8 if gpu else 0)))
+            outs=(method_model_dir(name),), retries=TRAINING_RETRIES if gpu else 0,
+            resources=training_resources(gpu, 2880)))
     if "stablesr" in cfg:
-        gpu_resources = Resources(cpus=8 if gpu else 2, mem_mb=64000 if gpu else 8000,
-                                  runtime=2880 if gpu else 120, gpus=8 if gpu else 0)
         stablesr_code = code_files("tvt/models/stablesr.py", "tvt/models/stablesr_sampler.py",
                                    "tvt/models/tiling.py", "tvt/models/sd_configs.py")
         stages.append(Stage(
             "stablesr_sft", "stablesr.sft",
             "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
             deps=(PAIRS_DIR, SD_DIR), code=train_code + stablesr_code + code_files("tvt/training/stablesr_sft.py"),
-            outs=(STABLESR_SFT_DIR,), retries=3 if gpu else 0, resources=gpu_resources))
+            outs=(STABLESR_SFT_DIR,), retries=TRAINING_RETRIES if gpu else 0, resources=training_resources(gpu, 2880)))
         stages.append(Stage(
             "stablesr_cfw", "stablesr",
             "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
@@ -181,7 +191,7 @@ def build_stages(cfg: Mapping) -> list[Stage]:
             code=train_code + stablesr_code + code_files(
                 "tvt/training/stablesr_cfw.py", "tvt/models/cfw.py", "tvt/models/stablesr_restorer.py",
                 "tvt/models/color_fix.py", "tvt/models/prompts.py"),
-            outs=(method_model_dir("stablesr"),), retries=3 if gpu else 0, resources=gpu_resources))
+            outs=(method_model_dir("stablesr"),), retries=TRAINING_RETRIES if gpu else 0, resources=training_resources(gpu, 2880)))
     stages.append(Stage(
         "complexity", None, "parameters and MACs of every network at SD 2.1-base scale (meta device)",
         code=code_files("tvt/complexity.py", "tvt/models/vae_d4.py", "tvt/models/ce_unet.py",
