@@ -97,7 +97,18 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     assert logged["toy/samples_per_s"] > 0
 
 
-def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision is fixed by the first
+    Accelerator (a stage is a process of its own; this test process is not): reset it around the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path, fresh_accelerator_state):
     """`mixed_precision: bf16` (the CPU-capable half precision; fp16 needs CUDA): accelerate's
     autocast covers the registered model's forward, the master weights stay float32, and it trains."""
     trainer = make_trainer(tmp_path, steps=20, log_every=5, checkpoint_every=10, mixed_precision="bf16")
