@@ -328,22 +328,26 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_training_engine import ToyPairs, make_trainer, toy_step, weights
 torch.set_num_threads(1)
-trainer = make_trainer(Path({root!r}), steps=24, checkpoint_every=2, keep_checkpoints=2)
+trainer = make_trainer(Path({root!r}), steps=24, checkpoint_every={every}, keep_checkpoints=2)
 step = toy_step(trainer)
+progress = Path({root!r}) / "progress"
 def slow_step(batch):
     time.sleep(0.05)  # long enough for the parent to kill us between checkpoints
+    progress.write_text(str(trainer.step))
     return step(batch)
 trainer.fit(ToyPairs(), slow_step)
 torch.save(weights(trainer), {out!r})
 """
 
 
-def _killable(tmp_path, root: str, out: str):
+def _killable(tmp_path, root: str, out: str, every: int = 2):
     import subprocess
     import sys
     from pathlib import Path
 
-    script = _KILLABLE_RUN.format(tests=str(Path(__file__).parent), root=str(tmp_path / root), out=str(tmp_path / out))
+    (tmp_path / root).mkdir(parents=True, exist_ok=True)
+    script = _KILLABLE_RUN.format(tests=str(Path(__file__).parent), root=str(tmp_path / root), out=str(tmp_path / out),
+                                  every=every)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -375,5 +379,37 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)
     res = torch.load(tmp_path / "victim.pt", weights_only=True)
     assert ref.keys() == res.keys()
+    for key in ref:
+        assert torch.equal(ref[key], res[key]), key
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_identically(tmp_path):
+    """SIGTERM (a SLURM time limit) between two periodic checkpoints: the update in flight is
+    finished and checkpointed, the process exits 143, and the rerun ends bit-identical to an
+    uninterrupted run. With checkpoint_every=100 no periodic checkpoint exists before step 24."""
+    import os
+    import signal
+    import time
+
+    reference = _killable(tmp_path, "ref", "ref.pt", every=100)
+    victim = _killable(tmp_path, "victim", "victim.pt", every=100)
+    progress = tmp_path / "victim" / "progress"
+    deadline = time.monotonic() + 120
+    while not progress.exists() or int(progress.read_text() or 0) < 5:
+        assert victim.poll() is None, f"finished before it could be stopped: {victim.stderr.read()}"
+        assert time.monotonic() < deadline, "training did not reach step 5 within 120 s"
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGTERM)
+    assert victim.wait(timeout=60) == 143, victim.stderr.read()
+    assert "SIGTERM received; stopped after step" in victim.stderr.read()
+    saved = int(latest_checkpoint(tmp_path / "victim" / "ckpt").name.split("-")[1])
+    assert 5 <= saved < 24 and not (tmp_path / "victim.pt").exists()
+
+    rerun = _killable(tmp_path, "victim", "victim.pt", every=100)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert f"(step {saved})" in rerun.stderr.read()
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)
+    res = torch.load(tmp_path / "victim.pt", weights_only=True)
     for key in ref:
         assert torch.equal(ref[key], res[key]), key

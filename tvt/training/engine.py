@@ -35,6 +35,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -52,6 +54,7 @@ from tqdm.auto import tqdm
 
 from tvt.atomic import atomic_dir, fsync_dir, fsync_tree
 from tvt.config import params_hash
+from tvt.tracking import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +259,7 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.step = 0  # the update being computed (1-based) once fit() runs
         self.last_checkpoint: Path | None = None
+        self._sigterm = False
         self.history: list[tuple[int, dict[str, float]]] = []
 
     # ---- setup -------------------------------------------------------------------------
@@ -352,7 +356,8 @@ class Trainer:
         progress = tqdm(total=cfg.steps, initial=start, desc=self.name, dynamic_ncols=True,
                         disable=not self.is_main_process)
         # closing the stream ends its loader iteration, which unregisters it from accelerate
-        with contextlib.closing(self._batch_stream(loader, sampler, start)) as batches, progress:
+        with contextlib.closing(self._batch_stream(loader, sampler, start)) as batches, progress, \
+                self._checkpoint_on_sigterm():
             last_metrics = self._train(batches, start, step_fn, sample_fn, progress)
         self.accelerator.wait_for_everyone()
         return last_metrics
@@ -380,7 +385,39 @@ class Trainer:
                 self._log_samples(sample_fn)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self._save_checkpoint(self.step)
+            if self._stop_requested():
+                self._save_checkpoint(self.step)
+                log.warning("%s: SIGTERM received; stopped after step %d with a checkpoint (%s), a rerun resumes "
+                            "there", self.name, self.step, self.last_checkpoint)
+                raise Terminated(128 + signal.SIGTERM)
         return last_metrics
+
+    @contextlib.contextmanager
+    def _checkpoint_on_sigterm(self) -> Iterator[None]:
+        """While training, SIGTERM (SLURM's time limit, ``scancel``, preemption: SIGKILL follows
+        after ``KillWait``, 30 s by default) only raises a flag; the loop finishes the update in
+        flight, checkpoints it and stops, so a requeued job loses no step. The update is never
+        cut in half: resuming then equals an uninterrupted run."""
+        self._sigterm = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(_signum, _frame):
+            self._sigterm = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got SIGTERM (all must stop at the same step, or the others hang)."""
+        flag = torch.tensor(float(self._sigterm), device=self.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        return bool(flag)
 
     def _batch_stream(self, loader, sampler: EpochShuffleSampler, completed_steps: int) -> Iterator:
         """Endless batches, starting where ``completed_steps`` updates left off."""
