@@ -12,18 +12,17 @@ from tvt import compat
 
 compat.apply()
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
-from training_support import RecordingRun, make_pairs_dir, one_thread, random_trunk_lpips  # noqa: F401
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+from training_support import RecordingRun, make_pairs_dir, one_thread, random_trunk_lpips, save_tiny_prior  # noqa: F401
 
 from tvt.metrics import perceptual
 from tvt.models.ce_unet import CEUNet
-from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
-from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D4, MINI_VAE_D8
+from tvt.models.restorer import OneStepRestorer
+from tvt.models.sd_configs import MINI_VAE_D4
 from tvt.models.vae_d4 import VAED4
 from tvt.training import isr
 from tvt.training.data import PairDataset
-from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
 
 HR = 64  # the smallest side both restorers take unpadded (VAE factor x UNet multiple)
 STEPS = 4
@@ -42,12 +41,7 @@ def workdir(tmp_path_factory):
     """Pairs, an SD-snapshot-like prior (random mini VAE-D8 + UNet) and a random mini VAE-D4."""
     root = tmp_path_factory.mktemp("isr")
     make_pairs_dir(root / "pairs", HR, {"train": 2, "val": 2}, seed=2, n_photos=4)  # one batch: steps comparable
-    torch.manual_seed(0)
-    AutoencoderKL(**MINI_VAE_D8).save_pretrained(root / "sd" / "vae")
-    UNet2DConditionModel(**MINI_UNET).save_pretrained(root / "sd" / "unet")
-    sd_noise_scheduler().save_pretrained(root / "sd" / "scheduler")
-    save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])},
-              str(root / "sd" / PROMPT_EMBEDS_FILE))
+    save_tiny_prior(root / "sd")
     VAED4(**MINI_VAE_D4).save_pretrained(root / "d4")
     return root
 

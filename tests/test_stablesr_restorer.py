@@ -14,8 +14,7 @@ from tvt import compat
 compat.apply()
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
-from training_support import RecordingRun, make_pairs_dir, one_thread  # noqa: F401
+from training_support import RecordingRun, make_pairs_dir, one_thread, save_tiny_prior  # noqa: F401
 
 from tvt.models.cfw import CFWModule
 from tvt.models.color_fix import apply_color_fix
@@ -26,7 +25,7 @@ from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8, STABLESR_CONDITIONER_M
 from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
 from tvt.models.stablesr_restorer import StableSRRestorer
 from tvt.models.stablesr_sampler import sample_latents
-from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
+from tvt.training.prior import null_prompt_embeds
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -129,13 +128,7 @@ def stage_b(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stage_b")
     make_pairs_dir(root / "pairs", 64, {"train": 4, "val": 2}, seed=3, n_photos=4)
-    torch.manual_seed(0)
-    vae, unet = AutoencoderKL(**MINI_VAE_D8), UNet2DConditionModel(**MINI_UNET)
-    vae.save_pretrained(root / "sd" / "vae")
-    unet.save_pretrained(root / "sd" / "unet")
-    sd_noise_scheduler().save_pretrained(root / "sd" / "scheduler")
-    save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])},
-              str(root / "sd" / PROMPT_EMBEDS_FILE))
+    _, unet = save_tiny_prior(root / "sd")
     StableSRConditioner.for_unet(unet, **STABLESR_CONDITIONER_MINI).save_pretrained(root / "sft")
     cfw = {"generate_steps": 2, "steps": 4, "batch_size": 2, "grad_accum": 1, "mixed_precision": "no",
            "lr": 1e-3, "pixel_loss": "l1", "lpips_weight": 0.0, "lpips_net": "alex", "disc_start": 2,

@@ -11,16 +11,16 @@ from tvt import compat
 
 compat.apply()
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
-from training_support import RecordingRun, make_pairs_dir, one_thread  # noqa: F401
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+from training_support import RecordingRun, make_pairs_dir, one_thread, save_tiny_prior  # noqa: F401
 
 from tvt.models.restorer import sd_noise_scheduler
-from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+from tvt.models.sd_configs import MINI_UNET
 from tvt.models.stablesr import SFTConditionedUNet
 from tvt.training import stablesr_sft
 from tvt.training.data import PairDataset
-from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
+from tvt.training.prior import null_prompt_embeds
 
 HR = 64  # 8x8 latents: the smallest side the mini UNet takes unpadded
 STEPS = 24
@@ -32,12 +32,7 @@ def workdir(tmp_path_factory):
     """Pairs and a prior in SD-snapshot layout (random mini VAE-D8 + UNet, SD's scheduler, null prompt)."""
     root = tmp_path_factory.mktemp("stablesr_sft")
     make_pairs_dir(root / "pairs", HR, {"train": 4, "val": 2}, seed=3, n_photos=4)
-    torch.manual_seed(0)
-    AutoencoderKL(**MINI_VAE_D8).save_pretrained(root / "sd" / "vae")
-    UNet2DConditionModel(**MINI_UNET).save_pretrained(root / "sd" / "unet")
-    sd_noise_scheduler().save_pretrained(root / "sd" / "scheduler")
-    save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])},
-              str(root / "sd" / PROMPT_EMBEDS_FILE))
+    save_tiny_prior(root / "sd")
     return root
 
 

@@ -15,6 +15,12 @@ from tvt import compat
 compat.apply()
 
 import lpips
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from tvt.models.restorer import sd_noise_scheduler
+from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
 
 CSET14 = Path(__file__).resolve().parents[2] / "shared" / "data" / "CSet14"
 
@@ -75,3 +81,15 @@ def make_pairs_dir(root: Path, size: int, per_split: dict[str, int], *, seed: in
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+def save_tiny_prior(sd_dir: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
+    """A random mini "SD" (seed 0) in the layout the prior stage writes: vae/, unet/, scheduler/
+    (SD's schedule) and the null prompt; returns the VAE and UNet it saved."""
+    torch.manual_seed(0)
+    vae, unet = AutoencoderKL(**MINI_VAE_D8), UNet2DConditionModel(**MINI_UNET)
+    vae.save_pretrained(sd_dir / "vae")
+    unet.save_pretrained(sd_dir / "unet")
+    sd_noise_scheduler().save_pretrained(sd_dir / "scheduler")
+    save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])}, str(sd_dir / PROMPT_EMBEDS_FILE))
+    return vae, unet
