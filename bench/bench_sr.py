@@ -1,7 +1,7 @@
 """`tvt sr` throughput and memory: images/s and peak RSS for TVT and OSEDiff, side by side.
 
 Runs the tool's own path (read PNG -> restorer -> write PNG, :func:`tvt.sr.restore_batch`)
-on Set14 crops (random pixels if ../shared/data is absent) at each output size, with the
+on crops of the photos that ship inside installed wheels (``tvt.data.photos``) at each output size, with the
 tool's default tiling decision. Each method runs in a fresh subprocess: the restorer from
 ``resources/models/<method>`` when the pipeline trained one, else built from the MINI configs
 with random weights (the table says which; throughput and memory do not depend on the
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 METHODS = ("tvt", "osediff")
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _status_mb(key: str) -> float:
@@ -59,21 +58,19 @@ def _restorer_dir(method: str, scratch: Path) -> tuple[Path, str]:
 
 
 def _lr_images(folder: Path, side: int, count: int) -> list[Path]:
-    """``count`` LR PNGs of ``side``²: area-downscaled centre crops of Set14 photos."""
-    import numpy as np
+    """``count`` LR PNGs of ``side``²: area-downscaled centre crops of the wheel photos."""
     from PIL import Image
 
-    photos = sorted((SHARED_DATA / "CSet14").glob("*.png"))
+    from tvt.data.photos import WHEEL_PHOTOS, locate
+
+    photos = [path for path in map(locate, WHEEL_PHOTOS) if path is not None]
     folder.mkdir(parents=True)
     paths = []
     for i in range(count):
-        if photos:
-            image = Image.open(photos[i % len(photos)]).convert("RGB")
-            crop = min(image.size)
-            left, top = (image.width - crop) // 2, (image.height - crop) // 2
-            image = image.crop((left, top, left + crop, top + crop)).resize((side, side), Image.Resampling.BOX)
-        else:
-            image = Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        image = Image.open(photos[i % len(photos)]).convert("RGB")
+        crop = min(image.size)
+        left, top = (image.width - crop) // 2, (image.height - crop) // 2
+        image = image.crop((left, top, left + crop, top + crop)).resize((side, side), Image.Resampling.BOX)
         paths.append(folder / f"lr{i}.png")
         image.save(paths[-1])
     return paths

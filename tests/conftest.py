@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 
-#: the classic Set5/Set14 images beside the checkout (test and benchmark data, not product)
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def perceptual_weights(tmp_path_factory) -> Path:

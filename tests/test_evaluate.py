@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sample_photos import photo
 
 from tvt import evaluate as ev
 from tvt import tracking
@@ -19,7 +20,6 @@ from tvt.data.text_render import latin_fonts, render_text_line
 from tvt.degradation import PAIR_COLUMNS
 from tvt.metrics import ocr
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT_LINES = {16: "harbor 7KX-29Q", 24: "golden mirror"}
 METHODS = ["bicubic", "sharp"]
 
@@ -45,13 +45,10 @@ def _save(image: Image.Image | np.ndarray, path: Path) -> None:
 
 
 def _build_split(root: Path) -> Path:
-    """Two 128² Set5 photos and two rendered text lines (16, 24 px), LR by bicubic ÷4, plus a train pair."""
+    """Two 128² photo crops and two rendered text lines (16, 24 px), LR by bicubic ÷4, plus a train pair."""
     images = {}
-    for name in ("baby", "bird"):
-        path = SHARED_DATA / "CSet5" / f"{name}.png"
-        if not path.is_file():
-            pytest.skip(f"classic test image missing: {path}")
-        images[f"photo-{name}"] = ("photo", Image.open(path).convert("RGB").crop((64, 64, 192, 192)), None)
+    for name in ("astronaut", "chelsea"):
+        images[f"photo-{name}"] = ("photo", photo(name).crop((64, 64, 192, 192)), None)
     font = next(f for f in latin_fonts() if f.name == "DejaVu Sans")
     for px, text in TEXT_LINES.items():
         images[f"text-en-{px}px"] = ("text", render_text_line(text, font, px, 192), (text, px))

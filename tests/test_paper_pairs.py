@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image, ImageFilter
+from sample_photos import photo
 
 from tvt import evaluate as ev
 from tvt.config import REPO_ROOT, ConfigError, validate
@@ -32,18 +33,14 @@ from tvt.data.text_render import latin_fonts, render_text_line
 from tvt.degradation import synthesize_pairs
 from tvt.metrics import ocr
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCALE, HR = 4, 96
 TEST_SETS = ["realsr", "drealsr", "div2k_val", "realce"]
 REALCE_LINES = ["harbor 7KX", "golden mirror"]
 REALCE_WIDTH = 258  # not a multiple of 4: Real-CE's protocol crops the HR to 256
 
 
-def _photo(folder: str, name: str, size: int = HR, x: int = 16, y: int = 16) -> Image.Image:
-    path = SHARED / folder / f"{name}.png"
-    if not path.is_file():
-        pytest.skip(f"classic test image missing: {path}")
-    return Image.open(path).convert("RGB").crop((x, y, x + size, y + size))
+def _photo(name: str, size: int = HR, x: int = 16, y: int = 16) -> Image.Image:
+    return photo(name).crop((x, y, x + size, y + size))
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -58,11 +55,11 @@ def _downloaded(folder: Path) -> Path:
     return folder
 
 
-def _stablesr_like(root: Path, archive: str, photos: list[tuple[str, str]], lr_name=lambda s: s,
+def _stablesr_like(root: Path, archive: str, photos: list[str], lr_name=lambda s: s,
                    hr_name=lambda s: s) -> None:
     """``<archive>/test_HR/<name>.png`` (HR crop) and ``<archive>/test_LR/<name>.png`` (its bicubic ÷4)."""
-    for folder, name in photos:
-        hr = _photo(folder, name)
+    for name in photos:
+        hr = _photo(name)
         _save(hr, root / archive / "test_HR" / f"{hr_name(name)}.png")
         _save(hr.resize((HR // SCALE,) * 2, Image.BICUBIC), root / archive / "test_LR" / f"{lr_name(name)}.png")
 
@@ -104,12 +101,12 @@ DATASETS = {
 
 def _downloads(root: Path) -> dict:
     """Fake ``resources/datasets`` with every dataset of :data:`DATASETS`; returns the Real-CE boxes."""
-    _stablesr_like(_downloaded(root / "realsr"), "RealSRVal_crop128", [("CSet5", "baby"), ("CSet5", "bird")])
-    _stablesr_like(_downloaded(root / "drealsr"), "DrealSRVal_crop128", [("CSet14", "comic"), ("CSet14", "face")],
+    _stablesr_like(_downloaded(root / "realsr"), "RealSRVal_crop128", ["astronaut", "chelsea"])
+    _stablesr_like(_downloaded(root / "drealsr"), "DrealSRVal_crop128", ["coffee", "rocket"],
                    lr_name=lambda s: f"{s}_x4")  # LR named <stem>_x4: matched through lr_stem
-    for folder, name in (("CSet14", "zebra"), ("CSet14", "baboon")):
-        _save(_photo(folder, name, 128), _downloaded(root / "div2k_val") / "DIV2K_valid_HR" / f"{name}.png")
-    _save(_photo("CSet14", "pepper", 128), _downloaded(root / "lsdir") / "shard-00" / "0000001.png")
+    for name in ("china", "flower"):
+        _save(_photo(name, 128), _downloaded(root / "div2k_val") / "DIV2K_valid_HR" / f"{name}.png")
+    _save(_photo("motorcycle_left", 128), _downloaded(root / "lsdir") / "shard-00" / "0000001.png")
     return {"realce_boxes": _realce_like(_downloaded(root / "realce"))}
 
 
@@ -164,13 +161,13 @@ def paper(tmp_path_factory):
 def test_real_pairs_bypass_the_manifest_and_synthetic_sets_are_degraded(paper):
     manifest = read_manifest(paper["manifest"])
     assert {(r["source"], r["split"]) for r in manifest} == {("lsdir", "train"), ("div2k_val", "test")}
-    assert {r["id"] for r in manifest} == {"lsdir-shard-00__0000001", "div2k_val-DIV2K_valid_HR__zebra",
-                                           "div2k_val-DIV2K_valid_HR__baboon"}
+    assert {r["id"] for r in manifest} == {"lsdir-shard-00__0000001", "div2k_val-DIV2K_valid_HR__china",
+                                           "div2k_val-DIV2K_valid_HR__flower"}
     real = verify_manifest(paper["data"] / REAL_PAIRS_FILE)  # every LR/HR exists with its sha256
     assert sorted((r["source"], r["pair_id"], r["kind"]) for r in real) == [
-        ("drealsr", "drealsr-comic", "photo"), ("drealsr", "drealsr-face", "photo"),
+        ("drealsr", "drealsr-coffee", "photo"), ("drealsr", "drealsr-rocket", "photo"),
         ("realce", "realce-sign_001", "text"),
-        ("realsr", "realsr-baby", "photo"), ("realsr", "realsr-bird", "photo")]
+        ("realsr", "realsr-astronaut", "photo"), ("realsr", "realsr-chelsea", "photo")]
     pairs = read_manifest(paper["pairs_csv"])  # the degrade stage saw only the manifest
     assert sorted(r["source_id"] for r in pairs if r["split"] == "test") == sorted(
         r["id"] for r in manifest if r["split"] == "test")
@@ -182,10 +179,10 @@ def test_real_pairs_bypass_the_manifest_and_synthetic_sets_are_degraded(paper):
 def test_stablesr_pairs_are_the_downloaded_files_untouched(paper):
     rows = {r["pair_id"]: r for r in read_manifest(paper["data"] / REAL_PAIRS_FILE)}
     datasets = paper["tmp"] / "datasets"
-    assert (paper["data"] / rows["realsr-baby"]["lr_path"]).resolve() == \
-        (datasets / "realsr" / "RealSRVal_crop128" / "test_LR" / "baby.png").resolve()
-    assert (paper["data"] / rows["drealsr-face"]["lr_path"]).resolve() == \
-        (datasets / "drealsr" / "DrealSRVal_crop128" / "test_LR" / "face_x4.png").resolve()
+    assert (paper["data"] / rows["realsr-astronaut"]["lr_path"]).resolve() == \
+        (datasets / "realsr" / "RealSRVal_crop128" / "test_LR" / "astronaut.png").resolve()
+    assert (paper["data"] / rows["drealsr-rocket"]["lr_path"]).resolve() == \
+        (datasets / "drealsr" / "DrealSRVal_crop128" / "test_LR" / "rocket_x4.png").resolve()
 
 
 def test_realce_lr_is_the_13mm_image_resized_as_real_ce_does(paper):
@@ -296,13 +293,13 @@ def _assemble(tmp: Path, name: str, spec: dict) -> Path:
 
 def test_pairs_without_partner_are_listed(tmp_path):
     root = _downloaded(tmp_path / "datasets" / "realsr")
-    _stablesr_like(root, "RealSRVal_crop128", [("CSet5", "baby"), ("CSet5", "bird")])
-    (root / "RealSRVal_crop128" / "test_HR" / "bird.png").rename(root / "RealSRVal_crop128" / "test_HR" / "bird2.png")
+    _stablesr_like(root, "RealSRVal_crop128", ["astronaut", "chelsea"])
+    (root / "RealSRVal_crop128" / "test_HR" / "chelsea.png").rename(root / "RealSRVal_crop128" / "test_HR" / "chelsea2.png")
     spec = {"pairs": {"lr": "**/test_LR/*", "hr": "**/test_HR/*", "scale": SCALE}}
     with pytest.raises(DatasetLayoutError, match=(
             r"data.datasets.realsr.pairs: LR and HR are matched by file stem; 1 LR image\(s\) without an HR "
-            r"partner: RealSRVal_crop128/test_LR/bird.png; 1 HR image\(s\) without an LR partner: "
-            r"RealSRVal_crop128/test_HR/bird2.png")):
+            r"partner: RealSRVal_crop128/test_LR/chelsea.png; 1 HR image\(s\) without an LR partner: "
+            r"RealSRVal_crop128/test_HR/chelsea2.png")):
         _assemble(tmp_path, "realsr", spec)
     with pytest.raises(DatasetLayoutError, match=r"data.datasets.realsr.pairs.lr: '\*\*/LR/\*' matches no image"):
         _assemble(tmp_path, "realsr", {"pairs": {**spec["pairs"], "lr": "**/LR/*"}})
@@ -310,11 +307,11 @@ def test_pairs_without_partner_are_listed(tmp_path):
 
 def test_a_pair_at_the_wrong_scale_names_the_file(tmp_path):
     root = _downloaded(tmp_path / "datasets" / "drealsr")
-    _stablesr_like(root, "DrealSRVal_crop128", [("CSet5", "baby"), ("CSet5", "head")])
-    _save(_photo("CSet5", "head", 100), root / "DrealSRVal_crop128" / "test_HR" / "head.png")
+    _stablesr_like(root, "DrealSRVal_crop128", ["astronaut", "grace_hopper"])
+    _save(_photo("grace_hopper", 100), root / "DrealSRVal_crop128" / "test_HR" / "grace_hopper.png")
     with pytest.raises(DatasetLayoutError, match=(
             r"data.datasets.drealsr.pairs.scale: every HR must be 4× its LR .*1 pair\(s\) are not: "
-            r"DrealSRVal_crop128/test_HR/head.png is 100×100, its LR DrealSRVal_crop128/test_LR/head.png 24×24")):
+            r"DrealSRVal_crop128/test_HR/grace_hopper.png is 100×100, its LR DrealSRVal_crop128/test_LR/grace_hopper.png 24×24")):
         _assemble(tmp_path, "drealsr", {"pairs": {"lr": "**/test_LR/*", "hr": "**/test_HR/*", "scale": SCALE}})
 
 

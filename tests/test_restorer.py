@@ -1,7 +1,6 @@
 """One-step restorer (TVT and OSEDiff paths), its closed-form step, tiling, storage and prompts."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ compat.apply()  # diffusers imports peft -> transformers -> torchvision
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
+from sample_photos import photo
 
 from tvt.models.ce_unet import CEUNet
 from tvt.models.color_fix import apply_color_fix
@@ -29,8 +29,6 @@ from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D4, MINI_VAE_D8
 from tvt.models.tiling import crop_to, pad_to_multiple
 from tvt.models.vae_d4 import VAED4
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def restorers():
@@ -41,11 +39,8 @@ def restorers():
 
 
 def _lr_photo(side: int = 48) -> torch.Tensor:
-    """Set5's bird, area-downscaled to side x side, (1, 3, side, side) in [0, 1]."""
-    path = SHARED_DATA / "CSet5" / "bird.png"
-    if not path.exists():
-        pytest.skip(f"test photo {path} not found (shared data lives beside the repository)")
-    image = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BOX)
+    """The 'chelsea' photo's central square, area-downscaled to side x side, (1, 3, side, side) in [0, 1]."""
+    image = photo("chelsea", 300).resize((side, side), Image.Resampling.BOX)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 

@@ -21,13 +21,14 @@ import cv2
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from PIL import Image, ImageCms, ImageOps
+from sample_photos import COLOUR_PHOTOS
+from sample_photos import photo as sample_photo
 
 from tvt import sr
 from tvt.models.restorer import build_tvt_restorer
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D4
 from tvt.models.vae_d4 import VAED4
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -69,11 +70,9 @@ def run_sr(capsys, *argv) -> tuple[int, str, str]:
 
 
 def photo(width: int = 16, height: int = 12, seed: int = 0) -> np.ndarray:
-    """A textured RGB uint8 array: Set5's bird when available, else seeded noise."""
-    path = SHARED_DATA / "CSet5" / "bird.png"
-    if path.exists():
-        return np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BOX))
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    """A real photo (one per ``seed``) area-downscaled to ``width``×``height``, RGB uint8."""
+    name = COLOUR_PHOTOS[seed % len(COLOUR_PHOTOS)]
+    return np.asarray(sample_photo(name).resize((width, height), Image.Resampling.BOX))
 
 
 def error_lines(err: str) -> list[str]:

@@ -1,12 +1,11 @@
 """Seam-free tiling: tile grids, Gaussian blending, shared GroupNorm statistics, padding."""
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from sample_photos import photo_array
 from torch import nn
 
 from tvt.models.sd_configs import MINI_VAE_D4
@@ -22,15 +21,10 @@ from tvt.models.tiling import (
 )
 from tvt.models.vae_d4 import VAED4
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def _photo(height: int, width: int) -> torch.Tensor:
-    """A (1, 3, height, width) crop of Set5's butterfly in [-1, 1]."""
-    path = SHARED_DATA / "CSet5" / "butterfly.png"
-    if not path.exists():
-        pytest.skip(f"test photo {path} not found (shared data lives beside the repository)")
-    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)[:height, :width]
+    """A (1, 3, height, width) crop of the 'coffee' photo in [-1, 1]."""
+    rgb = photo_array("coffee").astype(np.float32)[:height, :width]
     return torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1
 
 

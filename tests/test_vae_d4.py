@@ -145,7 +145,11 @@ def test_encoder_lora_touches_only_the_encoder_side(family):
     assert all(a.startswith("encoder.") or a == "quant_conv" for a in adapted)
     if family == "vae_d8":  # SD's encoder mid-block attention is adapted too
         assert "encoder.mid_block.attentions.0.to_q" in adapted
-    vae.encode(torch.rand(1, 3, 8, 8)).latent_dist.mean.sum().backward()
+    # 32² input: VAE-D8's mid-block attends over 4×4 = 16 latent tokens. (At 8² it sees one
+    # token, and softmax over a single token has an exactly zero gradient w.r.t. q and k.)
+    # The loss weights every output value differently so that no gradient cancels by symmetry.
+    latent = vae.encode(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))).latent_dist.mean
+    (latent * torch.linspace(-1, 2, latent.numel()).view_as(latent)).sum().backward()
     for name, parameter in vae.named_parameters():
         if ".lora_B." in name:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

@@ -17,12 +17,11 @@ compat.apply()
 import lpips
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
+from sample_photos import COLOUR_PHOTOS, photo
 
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
 from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
-
-CSET14 = Path(__file__).resolve().parents[2] / "shared" / "data" / "CSet14"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,10 +59,8 @@ class RecordingRun:
 
 def make_pairs_dir(root: Path, size: int, per_split: dict[str, int], *, seed: int = 0, n_photos: int = 4) -> Path:
     """A pairs folder like the degradation stage writes: random HR crops, bicubic LR (÷4)."""
-    if not CSET14.is_dir():
-        pytest.skip(f"test images not found at {CSET14}")
     rng = np.random.default_rng(seed)
-    photos = [Image.open(p).convert("RGB") for p in sorted(CSET14.glob("*.png"))[:n_photos]]
+    photos = [photo(name) for name in COLOUR_PHOTOS[:n_photos]]
     rows = []
     for split, count in per_split.items():
         for i in range(count):
