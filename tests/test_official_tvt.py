@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,32 @@ def test_a_foreign_or_truncated_vae_checkpoint_is_refused_by_name(release, tmp_p
         convert(root, tmp_path / "out", vae_ckpt=tmp_path / "truncated.ckpt")
     with pytest.raises(OfficialFormatError, match="unet_lora_encoder_modules"):  # the pkl is not a Lightning file
         convert(root, tmp_path / "out", vae_ckpt=root / "model_TVT.pkl")
+
+
+def test_tvt_import_then_tvt_sr_restores_on_cpu_in_fp32_and_bf16(release, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    from skimage import data
+
+    from tvt.cli import main
+
+    root, _, _ = release
+    folder = tmp_path / "tvt_official"
+    assert main(["import", "tvt", "--vae-ckpt", str(root / "vae.ckpt"), "--unet-dir", str(root / "TVTUNet"),
+                 "--pkl", str(root / "model_TVT.pkl"), "--sd", str(root / "sd"), "--out", str(folder),
+                 "--size", "mini"]) == 0
+    report = json.loads((folder / "import_report.json").read_text())
+    assert set(report["files"]) == {"vae_ckpt", "pkl"} and len(report["files"]["pkl"]["sha256"]) == 64
+    assert "null" in report["prompt"]
+    assert main(["import", "tvt", "--vae-ckpt", str(root / "model_TVT.pkl"), "--unet-dir", str(root / "TVTUNet"),
+                 "--pkl", str(root / "model_TVT.pkl"), "--sd", str(root / "sd"), "--out", str(tmp_path / "x")]) == 1
+    assert "error:" in capsys.readouterr().err
+    Image.fromarray(data.astronaut()[::32, ::32][:12, :12]).save(tmp_path / "lr.png")
+    outputs = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(["sr", str(tmp_path / "lr.png"), "-o", str(tmp_path / dtype), "--weights", str(folder),
+                     "--device", "cpu", "--dtype", dtype]) == 0
+        outputs[dtype] = np.asarray(Image.open(tmp_path / dtype / "lr.png"), dtype=np.float32)
+        assert outputs[dtype].shape == (48, 48, 3)
+    assert np.abs(outputs["fp32"] - outputs["bf16"]).mean() < 8  # bf16 rounds, but restores the same image
