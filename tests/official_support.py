@@ -14,8 +14,22 @@ import types
 import torch
 from peft import LoraConfig
 
-UNET_GREP = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut", "conv_out",
-             "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+UNET_GREP = (
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+    "conv",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv_out",
+    "proj_out",
+    "proj_in",
+    "ff.net.2",
+    "ff.net.0.proj",
+)
 VAE_GREP = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
 
 
@@ -46,9 +60,8 @@ def vae_lora_modules(vae) -> list[str]:
         if "bias" in name or "norm" in name:
             continue
         for pattern in VAE_GREP:
-            if pattern in name and "encoder" in name:
-                modules.append(name.removesuffix(".weight"))
-            elif "quant_conv" in name and "post_quant_conv" not in name:
+            quant_conv = "quant_conv" in name and "post_quant_conv" not in name
+            if (pattern in name and "encoder" in name) or quant_conv:
                 modules.append(name.removesuffix(".weight"))
     return modules
 
@@ -56,8 +69,9 @@ def vae_lora_modules(vae) -> list[str]:
 def add_release_adapters(model, groups: dict[str, list[str]], rank: int, seed: int):
     """Real peft adapters as the releases add them, all active, with random non-zero B."""
     for adapter, modules in groups.items():
-        model.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=modules),
-                          adapter_name=adapter)
+        model.add_adapter(
+            LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=modules), adapter_name=adapter
+        )
     model.set_adapter(list(groups))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -86,8 +100,16 @@ def save_lightning_checkpoint(path, state_dict: dict) -> None:
     module = sys.modules[names[-1]]
     module.AttributeDict = type("AttributeDict", (dict,), {"__module__": module.__name__})
     try:
-        torch.save({"epoch": 3, "global_step": 1200, "pytorch-lightning_version": "1.9.4",
-                    "state_dict": state_dict, "hyper_parameters": module.AttributeDict(lr=1e-4)}, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "global_step": 1200,
+                "pytorch-lightning_version": "1.9.4",
+                "state_dict": state_dict,
+                "hyper_parameters": module.AttributeDict(lr=1e-4),
+            },
+            path,
+        )
     finally:
         for name in added:
             del sys.modules[name]

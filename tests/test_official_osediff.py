@@ -32,15 +32,19 @@ def release(tmp_path_factory):
     perturb_(unet, "conv_in", seed=2)  # trained in full as well as through LoRA
     vae_modules = vae_lora_modules(vae)
     vae = add_release_adapters(copy.deepcopy(vae), {"default_encoder": vae_modules}, RANK, seed=3).eval()
-    torch.save({
-        "vae_lora_encoder_modules": vae_modules,
-        "unet_lora_encoder_modules": groups["default_encoder"],
-        "unet_lora_decoder_modules": groups["default_decoder"],
-        "unet_lora_others_modules": groups["default_others"],
-        "rank_unet": RANK, "rank_vae": RANK,
-        "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
-        "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k},
-    }, root / "osediff.pkl")
+    torch.save(
+        {
+            "vae_lora_encoder_modules": vae_modules,
+            "unet_lora_encoder_modules": groups["default_encoder"],
+            "unet_lora_decoder_modules": groups["default_decoder"],
+            "unet_lora_others_modules": groups["default_others"],
+            "rank_unet": RANK,
+            "rank_vae": RANK,
+            "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
+            "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k},
+        },
+        root / "osediff.pkl",
+    )
     return root, vae, unet
 
 
@@ -60,7 +64,7 @@ def test_every_lora_and_full_weight_is_consumed(release, imported):
 
 
 def test_merged_weights_are_w_plus_alpha_over_r_b_a(release, imported):
-    root, vae, unet = release
+    root, _, _ = release
     folder, _ = imported
     restorer = load_restorer(folder)
     base = torch.load(root / "osediff.pkl", weights_only=True)["state_dict_unet"]
@@ -72,18 +76,18 @@ def test_merged_weights_are_w_plus_alpha_over_r_b_a(release, imported):
         adapter = "default_encoder" if module.startswith("down") else "default_others"
         a, b = base[f"{module}.lora_A.{adapter}.weight"], base[f"{module}.lora_B.{adapter}.weight"]
         expected = sd_unet[f"{module}.weight"] + (8 / RANK) * (b.flatten(1) @ a.flatten(1)).reshape(
-            sd_unet[f"{module}.weight"].shape)
+            sd_unet[f"{module}.weight"].shape
+        )
         torch.testing.assert_close(plain_unet[f"{module}.weight"], expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(plain_unet["conv_in.bias"], base["conv_in.base_layer.bias"])
 
 
 def test_the_merged_restorer_equals_the_adapters_running_unmerged(release, imported):
-    root, vae, unet = release
+    _, vae, unet = release
     folder, _ = imported
     restorer = load_restorer(folder).eval()
     assert restorer.timestep == OSEDIFF_TIMESTEP and restorer.method == "osediff_official"
-    reference = OneStepRestorer(vae, unet, method="reference", timestep=OSEDIFF_TIMESTEP,
-                                prompt=restorer.prompt).eval()
+    reference = OneStepRestorer(vae, unet, method="reference", timestep=OSEDIFF_TIMESTEP, prompt=restorer.prompt).eval()
     lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ours, theirs = restorer(lr), reference(lr)

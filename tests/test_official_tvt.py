@@ -44,10 +44,13 @@ def release(tmp_path_factory):
     save_tiny_prior(root / "sd")
     torch.manual_seed(0)
     vae = VAED4(**MINI_VAE_D4).eval()
-    save_lightning_checkpoint(root / "vae.ckpt", {
-        **{f"vaeDe4.{k}": v for k, v in vae.state_dict().items()},
-        "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4),  # a training-only module
-    })
+    save_lightning_checkpoint(
+        root / "vae.ckpt",
+        {
+            **{f"vaeDe4.{k}": v for k, v in vae.state_dict().items()},
+            "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4),  # a training-only module
+        },
+    )
     unet = UNet2DConditionModel(**FIVE_LEVEL_UNET)
     unet.save_pretrained(root / "TVTUNet" / "unet")  # the initialisation the release ships
     groups = unet_lora_modules(unet, decoder_has_conv_out=False)
@@ -55,10 +58,16 @@ def release(tmp_path_factory):
     for pattern in FULLY_TRAINED:
         perturb_(trained, pattern, seed=len(pattern))
     state = {k: v for k, v in trained.state_dict().items() if "lora" in k or any(p in k for p in FULLY_TRAINED)}
-    torch.save({"unet_lora_encoder_modules": groups["default_encoder"],
-                "unet_lora_decoder_modules": groups["default_decoder"],
-                "unet_lora_others_modules": groups["default_others"],
-                "rank_unet": 4, "state_dict_unet": state}, root / "model_TVT.pkl")
+    torch.save(
+        {
+            "unet_lora_encoder_modules": groups["default_encoder"],
+            "unet_lora_decoder_modules": groups["default_decoder"],
+            "unet_lora_others_modules": groups["default_others"],
+            "rank_unet": 4,
+            "state_dict_unet": state,
+        },
+        root / "model_TVT.pkl",
+    )
     return root, vae, trained
 
 
@@ -74,7 +83,7 @@ def imported(release, tmp_path_factory):
 
 
 def test_every_key_is_consumed_or_ignored_with_its_reason(release, imported):
-    root, vae, trained = release
+    root, vae, _ = release
     _, report = imported
     vae_part, unet_part = report["sources"]
     assert vae_part["consumed"] == len(vae.state_dict()) and vae_part["keys"] == len(vae.state_dict()) + 1
@@ -98,12 +107,14 @@ def test_the_converted_restorer_computes_what_the_official_model_computes(releas
         official = trained(z, TVT_TIMESTEP, prompt.expand(2, -1, -1)).sample
         ours = restorer.unet(z, TVT_TIMESTEP, prompt.expand(2, -1, -1)).sample
         plain = UNet2DConditionModel.from_pretrained(root / "TVTUNet" / "unet")(
-            z, TVT_TIMESTEP, prompt.expand(2, -1, -1)).sample
+            z, TVT_TIMESTEP, prompt.expand(2, -1, -1)
+        ).sample
     assert (official - plain).abs().max() > 1e-2  # the adapters and fine-tuned ends change the output
     torch.testing.assert_close(ours, official, atol=2e-5, rtol=1e-4)
     lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
-    reference = OneStepRestorer(vae, trained, method="reference", timestep=TVT_TIMESTEP, color_fix="adain",
-                                prompt=restorer.prompt).eval()
+    reference = OneStepRestorer(
+        vae, trained, method="reference", timestep=TVT_TIMESTEP, color_fix="adain", prompt=restorer.prompt
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(restorer(lr), reference(lr), atol=1e-4, rtol=1e-4)
 
@@ -140,20 +151,70 @@ def test_tvt_import_then_tvt_sr_restores_on_cpu_in_fp32_and_bf16(release, tmp_pa
 
     root, _, _ = release
     folder = tmp_path / "tvt_official"
-    assert main(["import", "tvt", "--vae-ckpt", str(root / "vae.ckpt"), "--unet-dir", str(root / "TVTUNet"),
-                 "--pkl", str(root / "model_TVT.pkl"), "--sd", str(root / "sd"), "--out", str(folder),
-                 "--size", "mini"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "tvt",
+                "--vae-ckpt",
+                str(root / "vae.ckpt"),
+                "--unet-dir",
+                str(root / "TVTUNet"),
+                "--pkl",
+                str(root / "model_TVT.pkl"),
+                "--sd",
+                str(root / "sd"),
+                "--out",
+                str(folder),
+                "--size",
+                "mini",
+            ]
+        )
+        == 0
+    )
     report = json.loads((folder / "import_report.json").read_text())
     assert set(report["files"]) == {"vae_ckpt", "pkl"} and len(report["files"]["pkl"]["sha256"]) == 64
     assert "null" in report["prompt"]
-    assert main(["import", "tvt", "--vae-ckpt", str(root / "model_TVT.pkl"), "--unet-dir", str(root / "TVTUNet"),
-                 "--pkl", str(root / "model_TVT.pkl"), "--sd", str(root / "sd"), "--out", str(tmp_path / "x")]) == 1
+    assert (
+        main(
+            [
+                "import",
+                "tvt",
+                "--vae-ckpt",
+                str(root / "model_TVT.pkl"),
+                "--unet-dir",
+                str(root / "TVTUNet"),
+                "--pkl",
+                str(root / "model_TVT.pkl"),
+                "--sd",
+                str(root / "sd"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 1
+    )
     assert "error:" in capsys.readouterr().err
     Image.fromarray(data.astronaut()[::32, ::32][:12, :12]).save(tmp_path / "lr.png")
     outputs = {}
     for dtype in ("fp32", "bf16"):
-        assert main(["sr", str(tmp_path / "lr.png"), "-o", str(tmp_path / dtype), "--weights", str(folder),
-                     "--device", "cpu", "--dtype", dtype]) == 0
+        assert (
+            main(
+                [
+                    "sr",
+                    str(tmp_path / "lr.png"),
+                    "-o",
+                    str(tmp_path / dtype),
+                    "--weights",
+                    str(folder),
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    dtype,
+                ]
+            )
+            == 0
+        )
         outputs[dtype] = np.asarray(Image.open(tmp_path / dtype / "lr.png"), dtype=np.float32)
         assert outputs[dtype].shape == (48, 48, 3)
     assert np.abs(outputs["fp32"] - outputs["bf16"]).mean() < 8  # bf16 rounds, but restores the same image

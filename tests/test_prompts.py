@@ -42,9 +42,18 @@ def clip(tmp_path_factory):
     tokenizer = CLIPTokenizer(folder / "vocab.json", folder / "merges.txt", pad_token="<|endoftext|>")
     tokenizer.model_max_length = 77
     torch.manual_seed(0)
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=MINI_UNET["cross_attention_dim"],
-                                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                           eos_token_id=1, bos_token_id=0, pad_token_id=1)).eval()
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=MINI_UNET["cross_attention_dim"],
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            eos_token_id=1,
+            bos_token_id=0,
+            pad_token_id=1,
+        )
+    ).eval()
     return tokenizer, encoder
 
 
@@ -57,8 +66,10 @@ def test_tags_of_the_upsampled_lr_become_the_official_prompt_and_its_embedding(c
     prompt = TaggedPrompt(brightness_tagger, encode)
     lr = torch.cat([images(0, 0.55), images(1, 0.05)])
     embeds = prompt(lr)
-    assert prompt.last_tags == ["bright, " + prompt.last_tags[0].split(", ")[1], "dark, " +
-                                prompt.last_tags[1].split(", ")[1]]
+    assert prompt.last_tags == [
+        "bright, " + prompt.last_tags[0].split(", ")[1],
+        "dark, " + prompt.last_tags[1].split(", ")[1],
+    ]
     assert prompt.last_prompts[0] == f"{prompt.last_tags[0]}, clean, high-resolution, 8k,"
     assert embeds.shape == (2, 77, MINI_UNET["cross_attention_dim"])
     torch.testing.assert_close(embeds, encode(prompt.last_prompts))

@@ -20,6 +20,8 @@ training, RAM's tags of the HR image, with a negative prompt for VSD's CFG.
       # put that ``ram`` folder first on PYTHONPATH instead of the package above.
 
   plus ``ram_swin_large_14m.pth`` and OSEDiff's ``DAPE.pth`` from the model hub.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -23,13 +23,21 @@ FORMATS = ("tvt", "osediff", "stablesr")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--sd", type=Path, required=True,
-                        help="SD 2.1-base snapshot folder (resources/models/sd-base: unet/, vae/, scheduler/, "
-                             "prompt_embeds.safetensors)")
+    common.add_argument(
+        "--sd",
+        type=Path,
+        required=True,
+        help="SD 2.1-base snapshot folder (resources/models/sd-base: unet/, vae/, scheduler/, "
+        "prompt_embeds.safetensors)",
+    )
     common.add_argument("--out", type=Path, required=True, help="restorer folder to write")
-    common.add_argument("--size", choices=("paper", "mini"), default="paper",
-                        help="architecture of the parts the files do not describe (VAE-D4, StableSR's encoder): "
-                             "the released paper size, or this project's mini size (tests, demos)")
+    common.add_argument(
+        "--size",
+        choices=("paper", "mini"),
+        default="paper",
+        help="architecture of the parts the files do not describe (VAE-D4, StableSR's encoder): "
+        "the released paper size, or this project's mini size (tests, demos)",
+    )
     p = sub.add_parser("tvt", parents=[common], help="Joyies/TVT: vae.ckpt + TVTUNet/ + model_TVT.pkl")
     p.add_argument("--vae-ckpt", type=Path, required=True, help="ckp/vae.ckpt (Lightning, keys 'vaeDe4.*')")
     p.add_argument("--unet-dir", type=Path, required=True, help="ckp/TVTUNet (holds unet/config.json + weights)")
@@ -57,8 +65,9 @@ def run_import(fmt: str, sources: dict[str, Path], sd_dir: Path, out_dir: Path, 
     else:
         raise ValueError(f"unknown release format {fmt!r}; known: {', '.join(FORMATS)}")
     out_dir, report = convert(**sources, sd_dir=sd_dir, out_dir=out_dir, **options)
-    report["files"] = {name: {"path": str(path), "sha256": sha256_of(path)}
-                       for name, path in sources.items() if Path(path).is_file()}
+    report["files"] = {
+        name: {"path": str(path), "sha256": sha256_of(path)} for name, path in sources.items() if Path(path).is_file()
+    }
     report["prompt"] = "null (the SD snapshot's empty-prompt embedding)"
     write_report(out_dir, report)
     return out_dir, report
@@ -78,21 +87,30 @@ def stage_handler(name: str):
         from tvt.stages import RESOURCES, SD_DIR, method_model_dir
 
         section = cfg["official"][name]
-        names = {key: spec.get("filename") or _STAGE_FILENAMES.get(key) or PurePosixPath(spec["url"]).name
-                 for key, spec in section["files"].items()}
+        names = {
+            key: spec.get("filename") or _STAGE_FILENAMES.get(key) or PurePosixPath(spec["url"]).name
+            for key, spec in section["files"].items()
+        }
         archives = [{**spec, "filename": names[key], "extract": False} for key, spec in section["files"].items()]
-        folder = fetch_dataset(f"official_{name}", {"archives": archives}, Path(RESOURCES) / "official",
-                               trust_new_hashes=opts.get("trust_new_hashes", False))
+        folder = fetch_dataset(
+            f"official_{name}",
+            {"archives": archives},
+            Path(RESOURCES) / "official",
+            trust_new_hashes=opts.get("trust_new_hashes", False),
+        )
         files = {key: folder / filename for key, filename in names.items()}
         if name == "tvt":  # TVTUNet's config.json and weights sit in the release folder itself
             sources = {"vae_ckpt": files["vae_ckpt"], "unet_dir": folder, "pkl": files["pkl"]}
         else:
             sources = files
         options = {k: section[k] for k in ("steps", "w") if k in section}
-        out_dir, report = run_import(name, sources, Path(SD_DIR), Path(method_model_dir(f"{name}_official")),
-                                     **options)
-        run.log_metrics({"keys": sum(p["keys"] for p in report["sources"]),
-                         "keys_consumed": sum(p["consumed"] for p in report["sources"])})
+        out_dir, report = run_import(name, sources, Path(SD_DIR), Path(method_model_dir(f"{name}_official")), **options)
+        run.log_metrics(
+            {
+                "keys": sum(p["keys"] for p in report["sources"]),
+                "keys_consumed": sum(p["consumed"] for p in report["sources"]),
+            }
+        )
         run.log_artifact(out_dir / "import_report.json", "import")
 
     return handler
@@ -107,8 +125,11 @@ def main(args: argparse.Namespace) -> int:
     if args.size == "mini":
         from tvt.models.sd_configs import MINI_VAE_D4, STABLESR_ENCODER_MINI
 
-        options.update({"tvt": {"vae_config": MINI_VAE_D4}, "stablesr": {"encoder_config": STABLESR_ENCODER_MINI}}
-                       .get(args.format, {}))
+        options.update(
+            {"tvt": {"vae_config": MINI_VAE_D4}, "stablesr": {"encoder_config": STABLESR_ENCODER_MINI}}.get(
+                args.format, {}
+            )
+        )
     try:
         out_dir, report = run_import(args.format, sources, args.sd, args.out, **options)
     except (OfficialFormatError, FileNotFoundError) as exc:

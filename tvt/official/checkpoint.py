@@ -86,8 +86,11 @@ def require_keys(what: str, found: Iterable[str], expected: Iterable[str]) -> No
 def require_shapes(what: str, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
     """Same keys (see :func:`require_keys`) and the same shape for each."""
     require_keys(what, state, reference)
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}" for k in sorted(state)
-             if tuple(state[k].shape) != tuple(reference[k].shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}"
+        for k in sorted(state)
+        if tuple(state[k].shape) != tuple(reference[k].shape)
+    ]
     if wrong:
         raise OfficialFormatError(f"{what}: {len(wrong)} tensors have another shape than expected: {_few(wrong)}")
 
@@ -118,11 +121,17 @@ class KeyLedger:
         """Raise if a key was neither consumed nor ignored; return the accounting for the import report."""
         left = self.pending()
         if left:
-            raise OfficialFormatError(f"{self.source}: {len(left)} keys this importer does not know what to do "
-                                      f"with (a newer or foreign release?): {_few(left)}")
+            raise OfficialFormatError(
+                f"{self.source}: {len(left)} keys this importer does not know what to do "
+                f"with (a newer or foreign release?): {_few(left)}"
+            )
         reasons = Counter(self.ignored.values())
-        return {"source": self.source, "keys": len(self.keys), "consumed": len(self.consumed),
-                "ignored": [{"reason": r, "keys": n} for r, n in reasons.items()]}
+        return {
+            "source": self.source,
+            "keys": len(self.keys),
+            "consumed": len(self.consumed),
+            "ignored": [{"reason": r, "keys": n} for r, n in reasons.items()],
+        }
 
 
 def _digest(tensor: torch.Tensor) -> tuple[str, int]:

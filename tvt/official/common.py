@@ -26,8 +26,9 @@ def read_model_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file = folder / "config.json"
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
     if not config_file.is_file() or weights is None:
-        raise OfficialFormatError(f"{folder}: not a diffusers model folder (needs config.json and one of "
-                                  f"{', '.join(WEIGHT_NAMES)})")
+        raise OfficialFormatError(
+            f"{folder}: not a diffusers model folder (needs config.json and one of {', '.join(WEIGHT_NAMES)})"
+        )
     return json.loads(config_file.read_text()), load_state_dict(weights)
 
 

@@ -28,8 +28,9 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, weight_shape: torch.S
     """scaling · B · A in the shape of the wrapped weight (linear or conv)."""
     delta = lora_b.float().flatten(1) @ lora_a.float().flatten(1)
     if delta.numel() != torch.Size(weight_shape).numel():
-        raise OfficialFormatError(f"LoRA B·A has shape {tuple(delta.shape)}, which does not fit a weight of "
-                                  f"shape {tuple(weight_shape)}")
+        raise OfficialFormatError(
+            f"LoRA B·A has shape {tuple(delta.shape)}, which does not fit a weight of shape {tuple(weight_shape)}"
+        )
     return scaling * delta.reshape(weight_shape)
 
 
@@ -53,12 +54,16 @@ def merge_lora_state(
     replaced = {k: k.replace(".base_layer.", ".") for k in trained if k not in lora_keys}
     strangers = [k for k, plain in replaced.items() if plain not in base]
     if strangers:
-        raise OfficialFormatError(f"{ledger.source}: {prefix}: {len(strangers)} weights have no counterpart in the "
-                                  f"base model: {_few(strangers)}")
+        raise OfficialFormatError(
+            f"{ledger.source}: {prefix}: {len(strangers)} weights have no counterpart in the "
+            f"base model: {_few(strangers)}"
+        )
     for key, plain in replaced.items():
         if tuple(trained[key].shape) != tuple(base[plain].shape):
-            raise OfficialFormatError(f"{ledger.source}: {prefix}{key} has shape {tuple(trained[key].shape)}, the "
-                                      f"base model's {plain} {tuple(base[plain].shape)}")
+            raise OfficialFormatError(
+                f"{ledger.source}: {prefix}{key} has shape {tuple(trained[key].shape)}, the "
+                f"base model's {plain} {tuple(base[plain].shape)}"
+            )
         merged[plain] = trained[key]
         ledger.take(prefix + key)
 
@@ -72,18 +77,23 @@ def merge_lora_state(
                 continue
             lora_a, lora_b = trained[pair[0]], trained[pair[1]]
             if lora_a.shape[0] != rank or lora_b.shape[1] != rank:
-                raise OfficialFormatError(f"{ledger.source}: {prefix}{pair[0]} has rank {lora_a.shape[0]}, the file "
-                                          f"says {rank}")
+                raise OfficialFormatError(
+                    f"{ledger.source}: {prefix}{pair[0]} has rank {lora_a.shape[0]}, the file says {rank}"
+                )
             weight = merged[f"{module}.weight"]
             merged[f"{module}.weight"] = (weight.float() + lora_delta(lora_a, lora_b, weight.shape, scaling)).to(
-                weight.dtype)
+                weight.dtype
+            )
             used.update(pair)
             ledger.take(*(prefix + k for k in pair))
     if missing:
-        raise OfficialFormatError(f"{ledger.source}: {prefix}: {len(missing)} LoRA modules listed in the file have no "
-                                  f"weights: {_few(missing)}")
+        raise OfficialFormatError(
+            f"{ledger.source}: {prefix}: {len(missing)} LoRA modules listed in the file have no "
+            f"weights: {_few(missing)}"
+        )
     unlisted = lora_keys - used
     if unlisted:
-        raise OfficialFormatError(f"{ledger.source}: {prefix}: {len(unlisted)} LoRA weights belong to no listed module: "
-                                  f"{_few(unlisted)}")
+        raise OfficialFormatError(
+            f"{ledger.source}: {prefix}: {len(unlisted)} LoRA weights belong to no listed module: {_few(unlisted)}"
+        )
     return merged

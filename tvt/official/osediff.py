@@ -27,29 +27,48 @@ from tvt.official.common import build_strict, read_model_folder, sd_prompt_embed
 from tvt.official.lora import merge_lora_state
 
 METHOD = "osediff_official"
-PKL_KEYS = {"unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
-            "vae_lora_encoder_modules", "rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae"}
-UNET_ADAPTERS = {"default_encoder": "unet_lora_encoder_modules", "default_decoder": "unet_lora_decoder_modules",
-                 "default_others": "unet_lora_others_modules"}
+PKL_KEYS = {
+    "unet_lora_encoder_modules",
+    "unet_lora_decoder_modules",
+    "unet_lora_others_modules",
+    "vae_lora_encoder_modules",
+    "rank_unet",
+    "rank_vae",
+    "state_dict_unet",
+    "state_dict_vae",
+}
+UNET_ADAPTERS = {
+    "default_encoder": "unet_lora_encoder_modules",
+    "default_decoder": "unet_lora_decoder_modules",
+    "default_others": "unet_lora_others_modules",
+}
 
 
 def import_osediff(pkl: Path, sd_dir: Path, out_dir: Path) -> tuple[Path, dict]:
     """Write the ``osediff_official`` restorer folder; returns it and the key accounting."""
     release = load_checkpoint(pkl)
     require_keys(f"{pkl} (top level)", release, PKL_KEYS)
-    ledger = KeyLedger(str(pkl), [f"{part}.{k}" for part in ("state_dict_unet", "state_dict_vae")
-                                  for k in release[part]])
+    ledger = KeyLedger(
+        str(pkl), [f"{part}.{k}" for part in ("state_dict_unet", "state_dict_vae") for k in release[part]]
+    )
     models = {}
     for part, model_class, adapters, rank in (
         ("unet", UNet2DConditionModel, {a: release[k] for a, k in UNET_ADAPTERS.items()}, release["rank_unet"]),
         ("vae", AutoencoderKL, {"default_encoder": release["vae_lora_encoder_modules"]}, release["rank_vae"]),
     ):
         config, base = read_model_folder(Path(sd_dir) / part)
-        merged = merge_lora_state(base, release[f"state_dict_{part}"], adapters, int(rank), ledger,
-                                  f"state_dict_{part}.")
+        merged = merge_lora_state(
+            base, release[f"state_dict_{part}"], adapters, int(rank), ledger, f"state_dict_{part}."
+        )
         models[part] = build_strict(model_class, config, merged, f"{pkl} merged into {sd_dir}/{part}")
-    restorer = OneStepRestorer(models["vae"], models["unet"], method=METHOD, timestep=OSEDIFF_TIMESTEP,
-                               prompt=NullPrompt(sd_prompt_embedding(sd_dir)), scheduler=sd_scheduler(sd_dir))
+    restorer = OneStepRestorer(
+        models["vae"],
+        models["unet"],
+        method=METHOD,
+        timestep=OSEDIFF_TIMESTEP,
+        prompt=NullPrompt(sd_prompt_embedding(sd_dir)),
+        scheduler=sd_scheduler(sd_dir),
+    )
     with torch.no_grad():
         restorer.save_pretrained_dir(out_dir)
     report = ledger.close()

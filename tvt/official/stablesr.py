@@ -62,14 +62,33 @@ from tvt.official.common import load_model_folder, sd_prompt_embedding, sd_sched
 
 METHOD = "stablesr_official"
 SPADE_GROUPS = 32  # ldm.modules.diffusionmodules.util.normalization: GroupNorm32(32, channels)
-ENCODER, UNET, VAE, TEXT = "structcond_stage_model.", "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+ENCODER, UNET, VAE, TEXT = (
+    "structcond_stage_model.",
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "cond_stage_model.",
+)
 SCHEDULE_CHECKED = ("betas", "alphas_cumprod")
-SCHEDULE_DERIVED = ("alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-                    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-                    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1",
-                    "posterior_mean_coef2")
-_RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+SCHEDULE_DERIVED = (
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+_RESBLOCK = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 _SPADE = {"param_free_norm": "norm", "mlp_shared.0": "shared.0", "mlp_gamma": "scale", "mlp_beta": "shift"}
 _FUSE_RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_out": "conv_shortcut"}
 
@@ -87,8 +106,11 @@ def split_legacy_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch
 
 def _encoder_blocks(config: dict) -> list[tuple[str, str, str]]:
     """(official prefix, our prefix, kind) for ``EncoderUNetModelWT`` laid out as ``config`` says."""
-    blocks = [("time_embed.0.", "time_embedding.linear_1.", "plain"), ("time_embed.2.", "time_embedding.linear_2.", "plain"),
-              ("input_blocks.0.0.", "conv_in.", "plain")]
+    blocks = [
+        ("time_embed.0.", "time_embedding.linear_1.", "plain"),
+        ("time_embed.2.", "time_embedding.linear_2.", "plain"),
+        ("input_blocks.0.0.", "conv_in.", "plain"),
+    ]
     index, levels = 1, len(config["block_out_channels"])
     for level, block_type in enumerate(config["down_block_types"]):
         for j in range(config["layers_per_block"]):
@@ -99,9 +121,11 @@ def _encoder_blocks(config: dict) -> list[tuple[str, str, str]]:
         if level < levels - 1:
             blocks.append((f"input_blocks.{index}.0.op.", f"down_blocks.{level}.downsamplers.0.conv.", "plain"))
             index += 1
-    blocks += [("middle_block.0.", "mid_block.resnets.0.", "resblock"),
-               ("middle_block.1.", "mid_block.attentions.0.", "attention"),
-               ("middle_block.2.", "mid_block.resnets.1.", "resblock")]
+    blocks += [
+        ("middle_block.0.", "mid_block.resnets.0.", "resblock"),
+        ("middle_block.1.", "mid_block.attentions.0.", "attention"),
+        ("middle_block.2.", "mid_block.resnets.1.", "resblock"),
+    ]
     blocks += [(f"fea_tran.{i}.", f"feature_heads.{i}.", "resblock") for i in range(levels)]
     return blocks
 
@@ -148,24 +172,28 @@ def _check_schedule(state, ledger, scheduler, vae) -> None:
         if name in state and not torch.allclose(state[name].float(), ours, rtol=1e-4, atol=1e-7):
             raise OfficialFormatError(f"{ledger.source}: its '{name}' is not the SD snapshot's noise schedule")
     if "scale_factor" in state and abs(float(state["scale_factor"]) - vae.config.scaling_factor) > 1e-6:
-        raise OfficialFormatError(f"{ledger.source}: scale_factor {float(state['scale_factor'])} is not the VAE's "
-                                  f"{vae.config.scaling_factor}")
+        raise OfficialFormatError(
+            f"{ledger.source}: scale_factor {float(state['scale_factor'])} is not the VAE's {vae.config.scaling_factor}"
+        )
     ledger.take(*(k for k in (*SCHEDULE_CHECKED, "scale_factor") if k in state))
     ledger.ignore([k for k in SCHEDULE_DERIVED if k in state], "schedule buffers derived from betas")
 
 
-def convert_diffusion(path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler,
-                      encoder_config: dict) -> tuple[StableSRConditioner, dict]:
+def convert_diffusion(
+    path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler, encoder_config: dict
+) -> tuple[StableSRConditioner, dict]:
     ckpt = load_checkpoint(path)
     if "state_dict" not in ckpt:
         raise OfficialFormatError(f"{path}: no 'state_dict'; not a StableSR Lightning checkpoint")
     state = ckpt["state_dict"]
     ledger = KeyLedger(str(path), state)
     if not any(k.startswith(ENCODER) for k in state):
-        raise OfficialFormatError(f"{path}: no '{ENCODER}*' keys (the time-aware encoder); not StableSR's diffusion "
-                                  f"checkpoint")
-    encoder = convert_encoder({k.removeprefix(ENCODER): v for k, v in state.items() if k.startswith(ENCODER)},
-                              encoder_config, ledger)
+        raise OfficialFormatError(
+            f"{path}: no '{ENCODER}*' keys (the time-aware encoder); not StableSR's diffusion checkpoint"
+        )
+    encoder = convert_encoder(
+        {k.removeprefix(ENCODER): v for k, v in state.items() if k.startswith(ENCODER)}, encoder_config, ledger
+    )
     spade = {}
     for source, target in spade_targets(unet).items():
         for key in [k for k in state if k.startswith(UNET + source)]:
@@ -176,8 +204,9 @@ def convert_diffusion(path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL
     hidden = next((v.shape[0] for k, v in spade.items() if k.endswith("shared.0.weight")), None)
     if hidden is None:
         raise OfficialFormatError(f"{path}: no SPADE heads ('{UNET}input_blocks.1.0.spade.*'); not StableSR")
-    conditioner = StableSRConditioner.for_unet(unet, encoder_config, sft_hidden_channels=hidden,
-                                               sft_norm_groups=SPADE_GROUPS)
+    conditioner = StableSRConditioner.for_unet(
+        unet, encoder_config, sft_hidden_channels=hidden, sft_norm_groups=SPADE_GROUPS
+    )
     converted = {**{f"encoder.{k}": v for k, v in encoder.items()}, **spade}
     require_shapes(f"{path} as StableSRConditioner", converted, conditioner.state_dict())
     conditioner.load_state_dict(converted, strict=True)
@@ -187,8 +216,10 @@ def convert_diffusion(path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL
         require_same_tensors(f"{path}: {prefix}*", frozen, model.state_dict())
         ledger.take(*frozen)
     _check_schedule(state, ledger, scheduler, vae)
-    ledger.ignore(ledger.pending(TEXT), "SD 2.1's frozen OpenCLIP text encoder; the empty prompt's embedding "
-                                        "comes from the SD snapshot")
+    ledger.ignore(
+        ledger.pending(TEXT),
+        "SD 2.1's frozen OpenCLIP text encoder; the empty prompt's embedding comes from the SD snapshot",
+    )
     return conditioner.eval(), ledger.close()
 
 
@@ -204,8 +235,9 @@ def convert_cfw(path: Path, vae: AutoencoderKL) -> tuple[CFWModule, dict]:
     growth = next(v.shape[0] for k, v in state.items() if k.endswith("encode_enc_2.0.rdb1.conv1.weight"))
     cfw = CFWModule.for_vae(vae, num_rrdb_blocks=rrdbs, growth_channels=growth)
     if list(cfw.levels) != layers:
-        raise OfficialFormatError(f"{path}: fusion layers at levels {layers}, the VAE's intermediate levels are "
-                                  f"{list(cfw.levels)}")
+        raise OfficialFormatError(
+            f"{path}: fusion layers at levels {layers}, the VAE's intermediate levels are {list(cfw.levels)}"
+        )
     ours = {}
     for key in [k for k in state if fusion.match(k)]:
         level, leaf = fusion.match(key).groups()
@@ -215,8 +247,9 @@ def convert_cfw(path: Path, vae: AutoencoderKL) -> tuple[CFWModule, dict]:
             ours[f"fusions.{index}.body.{rest}"] = state[key]
         elif part in ("encode_enc_1", "encode_enc_3") and rest.rpartition(".")[0] in _FUSE_RESBLOCK:
             module, _, tensor = rest.rpartition(".")
-            ours[f"fusions.{index}.{'merge' if part == 'encode_enc_1' else 'out'}.{_FUSE_RESBLOCK[module]}.{tensor}"] \
-                = state[key]
+            ours[
+                f"fusions.{index}.{'merge' if part == 'encode_enc_1' else 'out'}.{_FUSE_RESBLOCK[module]}.{tensor}"
+            ] = state[key]
         else:
             continue
         ledger.take(key)
@@ -229,16 +262,34 @@ def convert_cfw(path: Path, vae: AutoencoderKL) -> tuple[CFWModule, dict]:
     return cfw.eval(), ledger.close()
 
 
-def import_stablesr(ckpt: Path, cfw_ckpt: Path, sd_dir: Path, out_dir: Path, *,
-                    encoder_config: dict | None = None, steps: int = 200, w: float = 0.5) -> tuple[Path, dict]:
+def import_stablesr(
+    ckpt: Path,
+    cfw_ckpt: Path,
+    sd_dir: Path,
+    out_dir: Path,
+    *,
+    encoder_config: dict | None = None,
+    steps: int = 200,
+    w: float = 0.5,
+) -> tuple[Path, dict]:
     """Write the ``stablesr_official`` restorer folder (SD's frozen parts from ``sd_dir``)."""
     unet = load_model_folder(UNet2DConditionModel, Path(sd_dir) / "unet").requires_grad_(False)
     vae = load_model_folder(AutoencoderKL, Path(sd_dir) / "vae").requires_grad_(False)
     scheduler = sd_scheduler(sd_dir)
-    conditioner, diffusion_report = convert_diffusion(Path(ckpt), unet, vae, scheduler,
-                                                      dict(encoder_config or STABLESR_ENCODER_PAPER))
+    conditioner, diffusion_report = convert_diffusion(
+        Path(ckpt), unet, vae, scheduler, dict(encoder_config or STABLESR_ENCODER_PAPER)
+    )
     cfw, cfw_report = convert_cfw(Path(cfw_ckpt), vae)
-    restorer = StableSRRestorer(vae, unet, conditioner, cfw, scheduler=scheduler,
-                                prompt=NullPrompt(sd_prompt_embedding(sd_dir)), steps=steps, w=w, method=METHOD)
+    restorer = StableSRRestorer(
+        vae,
+        unet,
+        conditioner,
+        cfw,
+        scheduler=scheduler,
+        prompt=NullPrompt(sd_prompt_embedding(sd_dir)),
+        steps=steps,
+        w=w,
+        method=METHOD,
+    )
     restorer.save_pretrained_dir(out_dir)
     return Path(out_dir), {"format": "stablesr", "sources": [diffusion_report, cfw_report]}

@@ -43,21 +43,38 @@ from tvt.official.lora import merge_lora_state
 
 METHOD = "tvt_official"
 VAE_PREFIX = "vaeDe4."
-PKL_KEYS = {"unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules", "rank_unet",
-            "state_dict_unet"}
-ADAPTERS = {"default_encoder": "unet_lora_encoder_modules", "default_decoder": "unet_lora_decoder_modules",
-            "default_others": "unet_lora_others_modules"}
+PKL_KEYS = {
+    "unet_lora_encoder_modules",
+    "unet_lora_decoder_modules",
+    "unet_lora_others_modules",
+    "rank_unet",
+    "state_dict_unet",
+}
+ADAPTERS = {
+    "default_encoder": "unet_lora_encoder_modules",
+    "default_decoder": "unet_lora_decoder_modules",
+    "default_others": "unet_lora_others_modules",
+}
 # five-level config entries with one value per level: the inner UNet drops the first level
-_PER_LEVEL = ("block_out_channels", "down_block_types", "attention_head_dim", "num_attention_heads",
-              "cross_attention_dim", "transformer_layers_per_block", "layers_per_block", "only_cross_attention")
+_PER_LEVEL = (
+    "block_out_channels",
+    "down_block_types",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "layers_per_block",
+    "only_cross_attention",
+)
 
 
 def convert_vae(vae_ckpt: Path, vae_config: dict) -> tuple[VAED4, dict]:
     """VAE-D4 from the Lightning file: ``vaeDe4.*`` consumed exactly, everything else ignored by name."""
     ckpt = load_checkpoint(vae_ckpt)
     if "state_dict" not in ckpt:
-        raise OfficialFormatError(f"{vae_ckpt}: no 'state_dict' (top-level keys: {sorted(ckpt)[:8]}); "
-                                  f"not a Lightning checkpoint")
+        raise OfficialFormatError(
+            f"{vae_ckpt}: no 'state_dict' (top-level keys: {sorted(ckpt)[:8]}); not a Lightning checkpoint"
+        )
     state = ckpt["state_dict"]
     ledger = KeyLedger(str(vae_ckpt), state)
     ours = {k.removeprefix(VAE_PREFIX): v for k, v in state.items() if k.startswith(VAE_PREFIX)}
@@ -66,19 +83,27 @@ def convert_vae(vae_ckpt: Path, vae_config: dict) -> tuple[VAED4, dict]:
     vae = build_strict(VAED4, vae_config, ours, f"{vae_ckpt} ({VAE_PREFIX}*)")
     ledger.take(*(VAE_PREFIX + k for k in ours))
     others = ledger.pending()
-    ledger.ignore(others, "Lightning module parts other than VAE-D4 (training only): "
-                          + ", ".join(sorted({k.split(".")[0] for k in others})))
+    ledger.ignore(
+        others,
+        "Lightning module parts other than VAE-D4 (training only): "
+        + ", ".join(sorted({k.split(".")[0] for k in others})),
+    )
     return vae, ledger.close()
 
 
 def inner_unet_config(config: dict) -> dict:
     """The SD UNet config inside a five-level TVT UNet config (its first level is the replica)."""
     levels = len(config["down_block_types"])
-    if levels < 3 or config["down_block_types"][0] != config["down_block_types"][1] \
-            or config["block_out_channels"][0] != config["block_out_channels"][1]:
-        raise OfficialFormatError("not TVT's UNet: its first level must replicate the second "
-                                  f"(down_block_types={config['down_block_types']}, "
-                                  f"block_out_channels={config['block_out_channels']})")
+    if (
+        levels < 3
+        or config["down_block_types"][0] != config["down_block_types"][1]
+        or config["block_out_channels"][0] != config["block_out_channels"][1]
+    ):
+        raise OfficialFormatError(
+            "not TVT's UNet: its first level must replicate the second "
+            f"(down_block_types={config['down_block_types']}, "
+            f"block_out_channels={config['block_out_channels']})"
+        )
     inner = {k: v for k, v in config.items() if not k.startswith("_")}
     for key in _PER_LEVEL:
         if isinstance(inner.get(key), (list, tuple)) and len(inner[key]) == levels:
@@ -119,18 +144,28 @@ def convert_unet(unet_dir: Path, pkl: Path) -> tuple[CEUNet, dict]:
     renamed = {five_level_to_ce_unet(k, levels): v for k, v in merged.items()}
     ce_unet = build_strict(CEUNet, {"unet_config": inner_unet_config(config)}, renamed, f"{folder} as CE-UNet")
     report = ledger.close()
-    report["lora"] = {"rank": int(release["rank_unet"]), "alpha": 8,
-                      "modules": {name: len(modules) for name, modules in adapters.items()}}
+    report["lora"] = {
+        "rank": int(release["rank_unet"]),
+        "alpha": 8,
+        "modules": {name: len(modules) for name, modules in adapters.items()},
+    }
     return ce_unet, report
 
 
-def import_tvt(vae_ckpt: Path, unet_dir: Path, pkl: Path, sd_dir: Path, out_dir: Path,
-               vae_config: dict | None = None) -> tuple[Path, dict]:
+def import_tvt(
+    vae_ckpt: Path, unet_dir: Path, pkl: Path, sd_dir: Path, out_dir: Path, vae_config: dict | None = None
+) -> tuple[Path, dict]:
     """Write the ``tvt_official`` restorer folder; returns it and the key accounting."""
     vae, vae_report = convert_vae(Path(vae_ckpt), dict(vae_config or VAE_D4_PAPER))
     unet, unet_report = convert_unet(Path(unet_dir), Path(pkl))
-    restorer = OneStepRestorer(vae, unet, method=METHOD, timestep=TVT_TIMESTEP,
-                               prompt=NullPrompt(sd_prompt_embedding(sd_dir)), scheduler=sd_scheduler(sd_dir))
+    restorer = OneStepRestorer(
+        vae,
+        unet,
+        method=METHOD,
+        timestep=TVT_TIMESTEP,
+        prompt=NullPrompt(sd_prompt_embedding(sd_dir)),
+        scheduler=sd_scheduler(sd_dir),
+    )
     with torch.no_grad():
         restorer.save_pretrained_dir(out_dir)
     return Path(out_dir), {"format": "tvt", "sources": [vae_report, unet_report]}
