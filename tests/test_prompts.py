@@ -39,7 +39,7 @@ def clip(tmp_path_factory):
         vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(folder / "vocab.json", folder / "merges.txt", pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
     tokenizer.model_max_length = 77
     torch.manual_seed(0)
     encoder = CLIPTextModel(

@@ -101,11 +101,12 @@ class KeyLedger:
     def __init__(self, source: str, keys: Iterable[str]):
         self.source = source
         self.keys = list(keys)
+        self._known = set(self.keys)
         self.consumed: set[str] = set()
         self.ignored: dict[str, str] = {}
 
     def take(self, *keys: str) -> None:
-        unknown = [k for k in keys if k not in self.keys]
+        unknown = [k for k in keys if k not in self._known]
         if unknown:
             raise OfficialFormatError(f"{self.source}: missing {_few(unknown)}")
         self.consumed.update(keys)

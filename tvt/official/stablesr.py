@@ -212,7 +212,7 @@ def convert_diffusion(
     conditioner.load_state_dict(converted, strict=True)
 
     for prefix, model in ((UNET, unet), (VAE, vae)):
-        frozen = {k: v for k, v in state.items() if k.startswith(prefix) and k in ledger.pending(prefix)}
+        frozen = {k: state[k] for k in ledger.pending(prefix)}
         require_same_tensors(f"{path}: {prefix}*", frozen, model.state_dict())
         ledger.take(*frozen)
     _check_schedule(state, ledger, scheduler, vae)
