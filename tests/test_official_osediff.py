@@ -109,3 +109,37 @@ def test_a_pkl_with_an_unlisted_or_foreign_layout_is_refused_by_name(release, tm
     torch.save({"state_dict": {}}, tmp_path / "foreign.pkl")
     with pytest.raises(OfficialFormatError, match=r"8 missing \(rank_unet, rank_vae, state_dict_unet"):
         import_osediff(tmp_path / "foreign.pkl", root / "sd", tmp_path / "out")
+
+
+def test_the_pipeline_stage_refuses_an_unpinned_file_then_pins_and_imports_it(release, tmp_path, monkeypatch):
+    import shutil
+
+    from tvt.data.download import DownloadError, sha256_of
+    from tvt.official import stage_handler
+    from tvt.stages import SD_DIR, method_model_dir
+
+    root, _, _ = release
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "sd", SD_DIR)
+    spec = {"url": (root / "osediff.pkl").as_uri(), "sha256": None}
+    cfg = {"official": {"osediff": {"files": {"pkl": spec}}}}
+
+    class Run:
+        metrics, artifacts = {}, []
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.update(metrics)
+
+        def log_artifact(self, path, folder=None):
+            self.artifacts.append(path)
+
+    with pytest.raises(DownloadError, match="sha256"):
+        stage_handler("osediff")(cfg, Run(), {})
+    run = Run()
+    stage_handler("osediff")(cfg, run, {"trust_new_hashes": True})
+    assert run.metrics["keys"] == run.metrics["keys_consumed"] > 0
+    assert load_restorer(method_model_dir("osediff_official")).method == "osediff_official"
+    spec["sha256"] = "0" * 64  # a pinned hash that the file does not have
+    shutil.rmtree(tmp_path / "resources" / "official")
+    with pytest.raises(DownloadError, match=sha256_of(root / "osediff.pkl")[:12]):
+        stage_handler("osediff")(cfg, Run(), {})
