@@ -218,3 +218,23 @@ def test_tvt_import_then_tvt_sr_restores_on_cpu_in_fp32_and_bf16(release, tmp_pa
         outputs[dtype] = np.asarray(Image.open(tmp_path / dtype / "lr.png"), dtype=np.float32)
         assert outputs[dtype].shape == (48, 48, 3)
     assert np.abs(outputs["fp32"] - outputs["bf16"]).mean() < 8  # bf16 rounds, but restores the same image
+
+
+def test_at_paper_size_the_five_level_unet_renames_onto_ce_unet_key_for_key():
+    """SD 2.1-base with a replicated first level (the presumed TVTUNet config) on the meta device."""
+    from tvt.models.sd_configs import SD21_BASE_UNET
+    from tvt.official.tvt import five_level_to_ce_unet, inner_unet_config
+
+    config = {
+        **SD21_BASE_UNET,
+        "block_out_channels": (320, 320, 640, 1280, 1280),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 4 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 4,
+        "attention_head_dim": (5, 5, 10, 20, 20),
+    }
+    with torch.device("meta"):
+        official = UNet2DConditionModel(**config).state_dict()
+        ours = CEUNet(unet_config=inner_unet_config(config)).state_dict()
+    renamed = {five_level_to_ce_unet(k, 5): tuple(v.shape) for k, v in official.items()}
+    assert len(renamed) == len(official) == len(ours)
+    assert renamed == {k: tuple(v.shape) for k, v in ours.items()}
