@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_arguments(p)
     p.set_defaults(func=sr.main)
 
+    from tvt import official  # cheap: torch is imported only when `tvt import` runs
+
+    p = sub.add_parser("import", help=official.HELP)
+    official.add_arguments(p)
+    p.set_defaults(func=official.main)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     q = csub.add_parser("validate", help="validate config files against the schema")

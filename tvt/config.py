@@ -150,12 +150,12 @@ def _semantic_checks(cfg: dict) -> None:
         raise ConfigError("stablesr: needs the 'prior' section (the SD weights it conditions)")
     if "stablesr" in isr:
         raise ConfigError("isr.stablesr: the name is taken by the StableSR baseline (the stablesr section)")
-    trained = [*isr, *(["stablesr"] if "stablesr" in cfg else [])]
+    trained = [*isr, *(["stablesr"] if "stablesr" in cfg else []), *(f"{n}_official" for n in cfg.get("official", {}))]
     for i, method in enumerate(cfg["evaluate"]["methods"]):
         if method != "bicubic" and method not in trained:
             raise ConfigError(f"evaluate.methods[{i}]: {method!r} is neither 'bicubic' nor a trained model "
                               f"(isr section: {', '.join(isr) or 'none configured'}; 'stablesr' with a stablesr "
-                              "section)")
+                              "section; '<name>_official' with an official section)")
     known = set(data.get("datasets", {}))
     for i, name in enumerate(cfg["evaluate"].get("test_sets", [])):
         if name not in known:

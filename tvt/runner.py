@@ -191,6 +191,10 @@ def run_stage(name: str, config_path: str | Path, **opts) -> None:
         handler = _stage_download(name.removeprefix("download_"))
     if handler is None and name.startswith("isr_"):
         handler = _stage_isr(name.removeprefix("isr_"))
+    if handler is None and name.startswith("official_"):
+        from tvt.official import stage_handler
+
+        handler = stage_handler(name.removeprefix("official_"))
     if handler is None:
         raise StageError(f"stage {name!r} has no implementation in this version of tvt")
     for dep in stage.deps:

@@ -192,6 +192,12 @@ def build_stages(cfg: Mapping) -> list[Stage]:
                 "tvt/training/stablesr_cfw.py", "tvt/models/cfw.py", "tvt/models/stablesr_restorer.py",
                 "tvt/models/color_fix.py", "tvt/models/prompts.py"),
             outs=(method_model_dir("stablesr"),), retries=TRAINING_RETRIES if gpu else 0, resources=training_resources(gpu, 2880)))
+    # the authors' released weights: download (pinned sha256), `tvt import`, scored as <name>_official
+    for name in cfg.get("official", {}):
+        stages.append(Stage(
+            f"official_{name}", f"official.{name}", f"download and convert the released {name} weights",
+            deps=(SD_DIR,), code=code_files("tvt/official", "tvt/data/download.py", *ONE_STEP_MODEL_CODE),
+            outs=(method_model_dir(f"{name}_official"),), resources=Resources(cpus=2, mem_mb=32000, runtime=240)))
     stages.append(Stage(
         "complexity", None, "parameters and MACs of every network at SD 2.1-base scale (meta device)",
         code=code_files("tvt/complexity.py", "tvt/models/vae_d4.py", "tvt/models/ce_unet.py",

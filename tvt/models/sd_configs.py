@@ -157,6 +157,8 @@ STABLESR_ENCODER_MINI = {
 
 # The trainable part of StableSR (encoder + SFT heads; tvt.models.stablesr.StableSRConditioner):
 # ``StableSRConditioner.for_unet(unet, **STABLESR_CONDITIONER_PAPER)``. StableSR's SFT layers
-# (its ``SPADE``) have 128 hidden channels.
-STABLESR_CONDITIONER_PAPER = {"encoder_config": STABLESR_ENCODER_PAPER, "sft_hidden_channels": 128}
+# (its ``SPADE``) have 128 hidden channels and GroupNorm(32) the feature first; mini mode keeps
+# the plain SFT equation, whose zero-initialised heads start exactly at the prior.
+STABLESR_CONDITIONER_PAPER = {"encoder_config": STABLESR_ENCODER_PAPER, "sft_hidden_channels": 128,
+                              "sft_norm_groups": 32}
 STABLESR_CONDITIONER_MINI = {"encoder_config": STABLESR_ENCODER_MINI, "sft_hidden_channels": 16}

@@ -19,9 +19,15 @@ perturbation of it.
 Where F is taken: the official ``ResBlockDual`` modulates the residual branch — the output of
 the block's last convolution, before the skip connection is added (diffusers'
 ``ResnetBlock2D.conv2``) — so the skip path carries the unmodified features. We do the same.
-One deliberate difference: the official code's ``SPADE`` first GroupNorm-normalises F (its own
-comment calls this an implementation detail "with no significant influence"); we apply the
-paper's SFT equation to F itself, which is what makes the zero-initialised identity exact.
+The official head is SPADE (IceClear/StableSR ``ldm/modules/spade.py::SPADE``): an affine
+GroupNorm(32) of F *first*, then ``× (1 + γ) + β`` — so F' = GN(F) ⊙ (1 + γ(c)) + β(c). With
+``sft_norm_groups=32`` (:data:`~tvt.models.sd_configs.STABLESR_CONDITIONER_PAPER`, and what the
+official-weights importer builds) our head computes exactly that. The price: with γ = β = 0
+the head is GN(F), not F, so a fresh conditioner *perturbs* SD's UNet (as the official one
+does at the start of its training). ``sft_norm_groups=None`` (the mini configuration, and any
+conditioner saved before this option existed) applies the paper's SFT equation to F itself:
+zero-initialised γ, β then make the conditioned UNet SD's UNet bit for bit, so the mini
+StableSR stage starts exactly from the prior.
 
 The SFT layers enter diffusers' UNet through forward hooks on those convolutions (no copied
 UNet code), registered only for the duration of :meth:`SFTConditionedUNet.forward`: the same
@@ -157,13 +163,17 @@ class TimeAwareEncoder(ModelMixin, ConfigMixin):
 
 
 class SFTHead(nn.Module):
-    """F' = (1 + α(c)) ⊙ F + β(c) with α, β convolutions of the condition c (StableSR's SFT/SPADE head).
+    """F' = N(F) ⊙ (1 + α(c)) + β(c) with α, β convolutions of the condition c (StableSR's SFT/SPADE head).
 
-    The α and β convolutions start at zero: the head is the identity until it is trained.
+    N is StableSR's affine GroupNorm (``norm_groups`` groups, ε 1e-5, computed in fp32 like its
+    ``GroupNorm32``) or, with ``norm_groups=None``, the identity. The α and β convolutions start
+    at zero, so without the norm the head is the identity until it is trained.
     """
 
-    def __init__(self, condition_channels: int, hidden_channels: int, feature_channels: int):
+    def __init__(self, condition_channels: int, hidden_channels: int, feature_channels: int,
+                 norm_groups: int | None = None):
         super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, feature_channels, eps=1e-5) if norm_groups else None
         self.shared = nn.Sequential(nn.Conv2d(condition_channels, hidden_channels, 3, padding=1), nn.ReLU())
         self.scale = nn.Conv2d(hidden_channels, feature_channels, 3, padding=1)
         self.shift = nn.Conv2d(hidden_channels, feature_channels, 3, padding=1)
@@ -174,6 +184,8 @@ class SFTHead(nn.Module):
     def forward(self, feature: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         hidden = self.shared(condition)
         alpha, beta = self.scale(hidden), self.shift(hidden)
+        if self.norm is not None:
+            feature = self.norm(feature.float()).to(feature.dtype)
         return feature * (1 + alpha).to(feature.dtype) + beta.to(feature.dtype)
 
 
@@ -197,6 +209,7 @@ class StableSRConditioner(ModelMixin, ConfigMixin):
         sft_channels: Sequence[int],
         sft_levels: Sequence[int],
         sft_hidden_channels: int = SFT_HIDDEN_CHANNELS,
+        sft_norm_groups: int | None = None,
     ):
         super().__init__()
         if not len(sft_targets) == len(sft_channels) == len(sft_levels):
@@ -208,14 +221,18 @@ class StableSRConditioner(ModelMixin, ConfigMixin):
             raise ValueError(f"sft_levels {list(sft_levels)} must lie in [0, {levels}), the encoder's levels")
         condition_channels = self.encoder.config.out_channels
         self.sft = nn.ModuleDict({
-            _sft_key(target): SFTHead(condition_channels, sft_hidden_channels, channels)
+            _sft_key(target): SFTHead(condition_channels, sft_hidden_channels, channels, sft_norm_groups)
             for target, channels in zip(sft_targets, sft_channels)
         })
 
     @classmethod
     def for_unet(cls, unet: UNet2DConditionModel, encoder_config: dict,
-                 sft_hidden_channels: int = SFT_HIDDEN_CHANNELS) -> StableSRConditioner:
+                 sft_hidden_channels: int = SFT_HIDDEN_CHANNELS,
+                 sft_norm_groups: int | None = None) -> StableSRConditioner:
         """A conditioner for ``unet``: an SFT head for every ResNet of its down, mid and up blocks.
+
+        ``sft_norm_groups``: 32 for StableSR's SPADE heads (GroupNorm first), None for the plain
+        SFT equation that starts as the identity (module docstring).
 
         ``encoder_config`` (e.g. ``sd_configs.STABLESR_ENCODER_PAPER``) must have as many
         levels as the UNet and take the UNet's latent channels.
@@ -238,7 +255,8 @@ class StableSRConditioner(ModelMixin, ConfigMixin):
                 channels.append(resnet.out_channels)
                 target_levels.append(level)
         return cls(encoder_config=dict(encoder_config), sft_targets=targets, sft_channels=channels,
-                   sft_levels=target_levels, sft_hidden_channels=sft_hidden_channels)
+                   sft_levels=target_levels, sft_hidden_channels=sft_hidden_channels,
+                   sft_norm_groups=sft_norm_groups)
 
     def check_unet(self, unet: nn.Module) -> None:
         """Raise if ``unet`` lacks a ResNet this conditioner was built for, or its channels differ."""

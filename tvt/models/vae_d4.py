@@ -10,8 +10,10 @@ The paper's VAE-D4 has **no mid-block and no attention**, which stock
 decoder are therefore assembled here from diffusers' own ``DownEncoderBlock2D`` /
 ``UpDecoderBlock2D`` (ResnetBlock2D + Downsample2D / Upsample2D) and, for the V1 ablation
 only, ``UNetMidBlock2D``. Module names follow ``AutoencoderKL`` exactly (``encoder.down_blocks.0
-.resnets.0...``, ``quant_conv``...), so the official TVT checkpoints load as they are, and
-``encode``/``decode``/``forward`` keep AutoencoderKL's contract so callers can swap the two.
+.resnets.0...``, ``quant_conv``...), so the official TVT VAE-D4 has the same keys and shapes —
+its Lightning ``vae.ckpt`` prefixes each with ``vaeDe4.``, which ``tvt import tvt``
+(tvt/official/tvt.py) strips before a strict load — and ``encode``/``decode``/``forward`` keep
+AutoencoderKL's contract so callers can swap the two.
 """
 
 from __future__ import annotations
