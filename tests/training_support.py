@@ -64,9 +64,9 @@ def make_pairs_dir(root: Path, size: int, per_split: dict[str, int], *, seed: in
     rows = []
     for split, count in per_split.items():
         for i in range(count):
-            photo = photos[i % len(photos)]
-            x, y = rng.integers(0, photo.width - size), rng.integers(0, photo.height - size)
-            hr = photo.crop((x, y, x + size, y + size))
+            source = photos[i % len(photos)]
+            x, y = rng.integers(0, source.width - size), rng.integers(0, source.height - size)
+            hr = source.crop((x, y, x + size, y + size))
             pair_id = f"{split}{i:03d}"
             paths = {"hr_path": f"{split}/hr/{pair_id}.png", "lr_path": f"{split}/lr/{pair_id}.png"}
             for key, image in (("hr_path", hr), ("lr_path", hr.resize((size // 4,) * 2, Image.BICUBIC))):
