@@ -75,10 +75,14 @@ def bootstrap_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Means of every series under every resample: ``values`` (..., n) with NaN for unscored items,
     ``counts`` (B, n) → (..., B); NaN where a resample drew no scored item."""
     values = np.asarray(values, dtype=np.float64)
-    scored = np.isfinite(values)
-    flat = np.where(scored, values, 0.0).reshape(-1, values.shape[-1])
-    sums = flat @ counts.T
-    weights = scored.reshape(-1, values.shape[-1]).astype(np.float64) @ counts.T
+    n = values.shape[-1]
+    flat = values.reshape(-1, n)
+    scored = np.isfinite(flat)
+    sums = np.where(scored, flat, 0.0) @ counts.T
+    weights = np.full_like(sums, float(n))  # a fully scored series: n items in every resample
+    partial = ~scored.all(axis=1)
+    if partial.any():  # a second product only for the series with unscored items
+        weights[partial] = scored[partial].astype(np.float64) @ counts.T
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / weights
     return means.reshape(*values.shape[:-1], counts.shape[0])
@@ -87,6 +91,9 @@ def bootstrap_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper percentile bounds along the last axis (NaN resamples ignored)."""
     tail = (1.0 - confidence) / 2
+    if not np.isnan(samples).any():  # the usual case, and much faster than nanquantile
+        low, high = np.quantile(samples, [tail, 1.0 - tail], axis=-1)
+        return low, high
     with _all_nan_is_nan():
         low, high = np.nanquantile(samples, [tail, 1.0 - tail], axis=-1)
     return low, high
@@ -159,28 +166,35 @@ def analyse(values: np.ndarray, rows: Sequence[str], metrics: Sequence[str], boo
     out = {}
     for m, metric in enumerate(metrics):
         present = [r for r in range(len(rows)) if scored[m, r].any()]
-        comparisons = []
+        pairs, diffs, observed = [], [], []
         for i, r in enumerate(present):
             for s in present[i + 1:]:
                 both = scored[m, r] & scored[m, s]
                 if not both.any():
                     continue
+                pairs.append((rows[r], rows[s]))
+                observed.append(float(np.mean(values[m, r, both] - values[m, s, both])))
                 if (scored[m, r] == scored[m, s]).all():  # same items: the resampled means pair up as they are
-                    diffs = boot[m, r] - boot[m, s]
+                    diffs.append(boot[m, r] - boot[m, s])
                 else:  # restrict both to the items they share
-                    diffs = bootstrap_means(np.where(both, values[m, r] - values[m, s], np.nan), counts)
-                comparisons.append(_comparison(rows[r], rows[s], float(np.mean(values[m, r, both] - values[m, s, both])),
-                                               diffs, bootstrap.confidence))
+                    diffs.append(bootstrap_means(np.where(both, values[m, r] - values[m, s], np.nan), counts))
+        comparisons = _comparisons(pairs, observed, np.array(diffs), bootstrap.confidence) if pairs else []
         out[metric] = SeriesStats({rows[r]: float(point[m, r]) for r in present},
                                   {rows[r]: (float(low[m, r]), float(high[m, r])) for r in present}, comparisons)
     return out
 
 
-def _comparison(a: str, b: str, diff: float, resampled: np.ndarray, confidence: float) -> Comparison:
-    resampled = resampled[np.isfinite(resampled)]
+def _comparisons(pairs: list[tuple[str, str]], observed: list[float], resampled: np.ndarray, confidence: float
+                 ) -> list[Comparison]:
+    """Interval and two-sided p-value of each pair's resampled differences (pairs, B); NaN resamples ignored."""
+    finite = np.isfinite(resampled)
+    drawn = finite.sum(axis=-1)
+    below = ((resampled <= 0) & finite).sum(axis=-1) / drawn
+    above = ((resampled >= 0) & finite).sum(axis=-1) / drawn
+    p = np.minimum(1.0, 2.0 * np.minimum(below, above))
     low, high = percentile_interval(resampled, confidence)
-    p = min(1.0, 2.0 * min(float(np.mean(resampled <= 0)), float(np.mean(resampled >= 0))))
-    return Comparison(a, b, diff, float(low), float(high), p)
+    return [Comparison(a, b, diff, float(lo), float(hi), float(pv))
+            for (a, b), diff, lo, hi, pv in zip(pairs, observed, low, high, p, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------
