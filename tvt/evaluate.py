@@ -365,7 +365,7 @@ def _ocr_keys(records: list[dict]) -> dict[str, tuple[str, str | None]]:
 
 
 def table_statistics(records: list[dict], names: list[str], subsets: dict[str, list[dict]], image_metrics: list[str],
-               ocr_rows: list[str], bootstrap: stats.Bootstrap) -> dict:
+                     ocr_rows: list[str], bootstrap: stats.Bootstrap) -> dict:
     """The ``statistics`` block of the summary: intervals and paired tests per subset over its images,
     and for OCR over text lines (HR included: how far each method is from the upper bound)."""
     out: dict = {**bootstrap.describe(), "subsets": {}}

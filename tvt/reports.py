@@ -143,13 +143,19 @@ class Table:
                         for method, mark in stats.marks(means, col.higher_is_better, differ).items()})
         return out
 
+    def half_width(self, method: str, key: str) -> float | None:
+        """Half the width of a cell's interval (None without one): the ``±`` of the tables."""
+        interval = self.intervals.get((method, key))
+        if interval is None or not all(map(_is_number, interval)):
+            return None
+        return (interval[1] - interval[0]) / 2
+
     def cell(self, row: Mapping, col: Column) -> str:
         """The value, with ``± half-width`` of its interval when there is one."""
         value = row.get(col.key)
         text = format_value(col.key, value)
-        interval = self.intervals.get((row["method"], col.key))
-        if interval is not None and _is_number(value) and all(map(_is_number, interval)):
-            text += " ± " + format_value(col.key, (interval[1] - interval[0]) / 2)
+        if _is_number(value) and (half := self.half_width(row["method"], col.key)) is not None:
+            text += " ± " + format_value(col.key, half)
         return text
 
     def paper_cell(self, row: Mapping, col: Column) -> str:
@@ -205,8 +211,8 @@ class Table:
         for row in self.rows:
             out = {"method": row["method"], **{c.key: row.get(c.key) for c in self.columns}}
             for col in self.columns:
-                if (interval := self.intervals.get((row["method"], col.key))) is not None:
-                    out[f"{col.key}_pm"] = (interval[1] - interval[0]) / 2
+                if (half := self.half_width(row["method"], col.key)) is not None:
+                    out[f"{col.key}_pm"] = half
                 if (published := self.paper.get((row["method"], col.key))) is not None:
                     out[f"{col.key}_paper"] = published.value
                     if self.paper_deltas and _is_number(row.get(col.key)):

@@ -3,7 +3,7 @@
 Every table cell is a mean over the same test items for every method, so one set of
 bootstrap resamples of the *items* serves every metric and every method at once:
 
-* **interval** — the percentile bootstrap (Efron & Tibshirani 1993, §13.3): resample the
+* **interval** — the percentile bootstrap (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13): resample the
   items with replacement ``resamples`` times, take the mean of each resample, and report the
   ``(1 − confidence)/2`` and ``(1 + confidence)/2`` quantiles of those means;
 * **paired test** — the same resamples give, for two methods A and B, the bootstrap
@@ -48,10 +48,6 @@ class Bootstrap:
                              f"95 % percentile bounds")
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"bootstrap: confidence {self.confidence} is not in [0.5, 1)")
-
-    @property
-    def alpha(self) -> float:
-        return 1.0 - self.confidence
 
     def describe(self) -> dict:
         return {"interval": "percentile bootstrap over test items",
