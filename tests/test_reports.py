@@ -202,7 +202,7 @@ def test_comparison_figure_renders_every_panel_and_its_zoom():
 
 @pytest.mark.parametrize("value", [True, "0.5"])
 def test_non_numbers_are_not_ranked(value):
-    table = reports.Table("t", "t", [reports.Column("x", "x", True, by_value=True)],
+    table = reports.Table("t", "t", [reports.Column("x", "x", True, noise="exact")],
                           [{"method": "a", "x": value}, {"method": "b", "x": 1.0}, {"method": "c", "x": 0.5},
                            {"method": "d", "x": 0.25}])
     assert table.marks() == {("b", "x"): Mark.BEST, ("c", "x"): Mark.SECOND}
@@ -264,7 +264,7 @@ def _mini_with_baselines(psnr: dict, psnr_noise=(), lpips: dict | None = None) -
     return {
         "test_set": "mini-test", "crop_border": 4, "device": "cpu", "methods": list(psnr),
         "metrics": ["psnr_y", "lpips"], "unavailable": {}, "subsets": {"all": subset, "photo": subset},
-        "complexity": {"osediff": {"steps": 1}, "stablesr": {"steps": 200}},
+        "complexity": {"osediff": {"steps": 1, "latency_ms": 900.0}, "stablesr": {"steps": 200, "latency_ms": 500.0}},
         "statistics": {**STATISTICS, "subsets": {s: {"items": 8, "metrics": {
             "psnr_y": _series(_around(psnr, 0.2), within_noise=psnr_noise),
             "lpips": _series(_around(lpips, 0.01), within_noise=[("osediff", "stablesr")])}} for s in ("all", "photo")}},
@@ -286,6 +286,9 @@ def test_mini_mode_compares_the_published_orderings_not_values():
     # LPIPS: published OSEDiff better everywhere, ours too but within noise
     assert {r["ordering"] for (metric, _), r in rows.items() if metric == "LPIPS ↓"} == {"agree (n.s.)"}
     assert rows[("Steps ↓", "all methods")]["ordering"] == "agree"  # exact values: no test needed
+    assert rows[("Latency (ms/img) ↓", "all methods")]["ordering"] == "disagree (untested)"  # one noisy run each
+    with pytest.raises(ValueError, match="noise 'noisy' is not sampled, exact or measured"):
+        reports.Column("x", "x", True, noise="noisy")
     assert "Mini mode" in agreement.markdown() and "| Metric | Published | Ours | Ordering |" in agreement.markdown()
 
 

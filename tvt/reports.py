@@ -82,7 +82,18 @@ class Column:
     key: str
     label: str
     higher_is_better: bool | None = None  # None: not ranked
-    by_value: bool = False  # no sampling noise (steps, parameters, MACs): ranked by value, not by a test
+    #: "sampled": a mean over test items, ranked by the paired tests; "exact": no noise (steps, parameters,
+    #: MACs), ranked by value; "measured": one noisy measurement (latency), ranked by value but never
+    #: counted as evidence in the ordering check
+    noise: str = "sampled"
+
+    def __post_init__(self):
+        if self.noise not in ("sampled", "exact", "measured"):
+            raise ValueError(f"column {self.key!r}: noise {self.noise!r} is not sampled, exact or measured")
+
+    @property
+    def by_value(self) -> bool:
+        return self.noise != "sampled"
 
     @property
     def header(self) -> str:
@@ -372,10 +383,10 @@ def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()
         rows.append({"method": method, "steps": info.get("steps"), "params_M": info.get("params_M"),
                      "paper_params_M": paper.get("params_M"), "paper_gmacs": paper.get("gmacs"),
                      "latency_ms": info.get("latency_ms")})
-    columns = [Column("steps", "Steps", False, by_value=True), Column("params_M", "Params (M)", False, by_value=True),
+    columns = [Column("steps", "Steps", False, "exact"), Column("params_M", "Params (M)", False, "exact"),
                Column("paper_params_M", "Paper-size params (M)"),
-               Column("paper_gmacs", "Paper-size MACs (G)", False, by_value=True),
-               Column("latency_ms", "Latency (ms/img)", False, by_value=True)]
+               Column("paper_gmacs", "Paper-size MACs (G)", False, "exact"),
+               Column("latency_ms", "Latency (ms/img)", False, "measured")]
     notes = [(f"Steps: denoising steps (bicubic 0; unknown for external results). Params: the evaluated model. "
               f"Paper-size: the method's SD 2.1-base-scale architecture at 512² output (tvt.complexity, counted on "
               f"the meta device; MACs of convolutions and linear layers). Latency: median per image over the "
@@ -533,9 +544,11 @@ def _ordering(values: Mapping[str, float], col: Column, where: str) -> str:
 
 
 def _separation(table: Table, col: Column):
-    """How to tell whether two of our values differ: exactly (``by_value``), by the paired test, or not at all (None)."""
-    if col.by_value:
+    """How to tell whether two of our values differ: exactly, by the paired test, or not at all (None: untested)."""
+    if col.noise == "exact":
         return lambda a, b: True
+    if col.noise == "measured":
+        return None
     if col.key in table.comparisons:
         return stats.significance(table.comparisons[col.key], table.alpha)
     return None
