@@ -53,14 +53,19 @@ def loop(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def gather(values: np.ndarray, index: np.ndarray, chunk: int = 100) -> np.ndarray:
     flat = values.reshape(-1, values.shape[-1])
-    return np.concatenate([np.nanmean(flat[:, index[i:i + chunk]], axis=-1) for i in range(0, len(index), chunk)],
-                          axis=1)
+    return np.concatenate(
+        [np.nanmean(flat[:, index[i : i + chunk]], axis=-1) for i in range(0, len(index), chunk)], axis=1
+    )
 
 
 def scipy_percentile(values: np.ndarray, resamples: int, seed: int) -> list:
     flat = values.reshape(-1, values.shape[-1])
-    return [scipy.stats.bootstrap((s[np.isfinite(s)],), np.mean, n_resamples=resamples, method="percentile",
-                                  rng=np.random.default_rng(seed)).confidence_interval for s in flat]
+    return [
+        scipy.stats.bootstrap(
+            (s[np.isfinite(s)],), np.mean, n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed)
+        ).confidence_interval
+        for s in flat
+    ]
 
 
 def main() -> None:
@@ -78,21 +83,32 @@ def main() -> None:
     t_scipy, _ = _timed(lambda: scipy_percentile(few, args.resamples, seed))
     t_gather, by_gather = _timed(lambda: gather(values, index))
     t_counts, by_counts = _timed(
-        lambda: stats.bootstrap_means(values, stats.resample_counts(args.images, args.resamples, seed)), repeat=3)
+        lambda: stats.bootstrap_means(values, stats.resample_counts(args.images, args.resamples, seed)), repeat=3
+    )
     bootstrap = stats.Bootstrap(resamples=args.resamples, seed=seed)
-    t_analyse, result = _timed(lambda: stats.analyse(values, [f"m{i}" for i in range(METHODS)],
-                                                     [f"k{i}" for i in range(METRICS)], bootstrap), repeat=3)
+    t_analyse, result = _timed(
+        lambda: stats.analyse(values, [f"m{i}" for i in range(METHODS)], [f"k{i}" for i in range(METRICS)], bootstrap),
+        repeat=3,
+    )
     same = np.nanmax(np.abs(by_gather - by_counts.reshape(series, -1)))
     tests = sum(len(s.comparisons) for s in result.values())
 
     scale = series / args.sampled_series
-    rows = [("loop", f"{series} series, python loop over resamples (timed on {args.sampled_series}, ×{scale:g})",
-             t_loop * scale),
-            ("scipy", f"{series} × scipy.stats.bootstrap percentile (timed on {args.sampled_series}, ×{scale:g})",
-             t_scipy * scale),
-            ("gather", f"{series} series, chunked fancy-index gather", t_gather),
-            ("counts", f"{series} series, counts matrix @ values (ours)", t_counts),
-            ("analyse", f"ours: {series} intervals + {tests} paired tests", t_analyse)]
+    rows = [
+        (
+            "loop",
+            f"{series} series, python loop over resamples (timed on {args.sampled_series}, ×{scale:g})",
+            t_loop * scale,
+        ),
+        (
+            "scipy",
+            f"{series} × scipy.stats.bootstrap percentile (timed on {args.sampled_series}, ×{scale:g})",
+            t_scipy * scale,
+        ),
+        ("gather", f"{series} series, chunked fancy-index gather", t_gather),
+        ("counts", f"{series} series, counts matrix @ values (ours)", t_counts),
+        ("analyse", f"ours: {series} intervals + {tests} paired tests", t_analyse),
+    ]
     print(f"bootstrap of {METRICS} metrics × {METHODS} methods × {args.images} images, {args.resamples} resamples")
     print(f"{'variant':<9} {'what':<72} {'seconds':>9} {'× counts':>9}")
     for name, what, seconds in rows:

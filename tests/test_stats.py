@@ -113,10 +113,14 @@ def test_marks_best_second_and_ties():
     assert stats.marks(means, True, tie) == {"a": Mark.TIED, "b": Mark.TIED}
     # a is best, but b and c are within noise of each other: no second
     assert stats.marks(means, True, separated(("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d"))) == {
-        "a": Mark.BEST}
+        "a": Mark.BEST
+    }
     # best must beat every row, not just the runner-up: a is within noise of the (noisy) c and d
     assert stats.marks(means, True, separated(("a", "b"), ("b", "c"), ("b", "d"))) == {
-        "a": Mark.TIED, "c": Mark.TIED, "d": Mark.TIED}
+        "a": Mark.TIED,
+        "c": Mark.TIED,
+        "d": Mark.TIED,
+    }
     # two rows: the loser is not "second"
     assert stats.marks({"a": 1.0, "b": 0.0}, True, everything) == {"a": Mark.BEST}
     # exact values (no test): equal values tie

@@ -44,15 +44,20 @@ class Bootstrap:
 
     def __post_init__(self):
         if self.resamples < 1000:
-            raise ValueError(f"bootstrap: {self.resamples} resamples; at least 1000 are needed for stable "
-                             f"95 % percentile bounds")
+            raise ValueError(
+                f"bootstrap: {self.resamples} resamples; at least 1000 are needed for stable 95 % percentile bounds"
+            )
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"bootstrap: confidence {self.confidence} is not in [0.5, 1)")
 
     def describe(self) -> dict:
-        return {"interval": "percentile bootstrap over test items",
-                "test": "paired bootstrap of the difference of means over the same items (two-sided)",
-                "resamples": self.resamples, "confidence": self.confidence, "seed": self.seed}
+        return {
+            "interval": "percentile bootstrap over test items",
+            "test": "paired bootstrap of the difference of means over the same items (two-sided)",
+            "resamples": self.resamples,
+            "confidence": self.confidence,
+            "seed": self.seed,
+        }
 
 
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
@@ -132,16 +137,19 @@ class SeriesStats:
 
     def to_json(self) -> dict:
         """Intervals and comparisons as stored in ``metrics.json`` (the means are the table's values)."""
-        return {"intervals": {row: [_finite_or_none(v) for v in bounds] for row, bounds in self.intervals.items()},
-                "comparisons": [c.to_json() for c in self.comparisons]}
+        return {
+            "intervals": {row: [_finite_or_none(v) for v in bounds] for row, bounds in self.intervals.items()},
+            "comparisons": [c.to_json() for c in self.comparisons],
+        }
 
 
 def _finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def analyse(values: np.ndarray, rows: Sequence[str], metrics: Sequence[str], bootstrap: Bootstrap
-            ) -> dict[str, SeriesStats]:
+def analyse(
+    values: np.ndarray, rows: Sequence[str], metrics: Sequence[str], bootstrap: Bootstrap
+) -> dict[str, SeriesStats]:
     """Intervals and all pairwise paired tests for ``values`` (metrics, rows, items), NaN = not scored.
 
     Every (metric, row) series is resampled with the same item counts, so the differences
@@ -164,7 +172,7 @@ def analyse(values: np.ndarray, rows: Sequence[str], metrics: Sequence[str], boo
         present = [r for r in range(len(rows)) if scored[m, r].any()]
         pairs, diffs, observed = [], [], []
         for i, r in enumerate(present):
-            for s in present[i + 1:]:
+            for s in present[i + 1 :]:
                 both = scored[m, r] & scored[m, s]
                 if not both.any():
                     continue
@@ -175,13 +183,17 @@ def analyse(values: np.ndarray, rows: Sequence[str], metrics: Sequence[str], boo
                 else:  # restrict both to the items they share
                     diffs.append(bootstrap_means(np.where(both, values[m, r] - values[m, s], np.nan), counts))
         comparisons = _comparisons(pairs, observed, np.array(diffs), bootstrap.confidence) if pairs else []
-        out[metric] = SeriesStats({rows[r]: float(point[m, r]) for r in present},
-                                  {rows[r]: (float(low[m, r]), float(high[m, r])) for r in present}, comparisons)
+        out[metric] = SeriesStats(
+            {rows[r]: float(point[m, r]) for r in present},
+            {rows[r]: (float(low[m, r]), float(high[m, r])) for r in present},
+            comparisons,
+        )
     return out
 
 
-def _comparisons(pairs: list[tuple[str, str]], observed: list[float], resampled: np.ndarray, confidence: float
-                 ) -> list[Comparison]:
+def _comparisons(
+    pairs: list[tuple[str, str]], observed: list[float], resampled: np.ndarray, confidence: float
+) -> list[Comparison]:
     """Interval and two-sided p-value of each pair's resampled differences (pairs, B); NaN resamples ignored."""
     finite = np.isfinite(resampled)
     drawn = finite.sum(axis=-1)
@@ -189,8 +201,10 @@ def _comparisons(pairs: list[tuple[str, str]], observed: list[float], resampled:
     above = ((resampled >= 0) & finite).sum(axis=-1) / drawn
     p = np.minimum(1.0, 2.0 * np.minimum(below, above))
     low, high = percentile_interval(resampled, confidence)
-    return [Comparison(a, b, diff, float(lo), float(hi), float(pv))
-            for (a, b), diff, lo, hi, pv in zip(pairs, observed, low, high, p, strict=True)]
+    return [
+        Comparison(a, b, diff, float(lo), float(hi), float(pv))
+        for (a, b), diff, lo, hi, pv in zip(pairs, observed, low, high, p, strict=True)
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,8 +226,9 @@ def significance(comparisons: Sequence[Comparison], alpha: float) -> Callable[[s
     return lambda a, b: frozenset((a, b)) in separated
 
 
-def marks(means: Mapping[str, float], higher_is_better: bool, differ: Callable[[str, str], bool] | None = None
-          ) -> dict[str, Mark]:
+def marks(
+    means: Mapping[str, float], higher_is_better: bool, differ: Callable[[str, str], bool] | None = None
+) -> dict[str, Mark]:
     """Best / second / tied marks of one column.
 
     The leading group is the row with the best mean plus every row it does not significantly
@@ -226,8 +241,10 @@ def marks(means: Mapping[str, float], higher_is_better: bool, differ: Callable[[
     if len(finite) < 2:
         return {}
     if differ is None:
+
         def differ(a, b):
             return finite[a] != finite[b]
+
     order = sorted(finite, key=lambda k: finite[k], reverse=higher_is_better)
 
     def lead(candidates: list[str]) -> list[str]:
