@@ -142,6 +142,30 @@ def test_unavailable_and_not_applicable_metrics_are_never_numbers(evaluated):
     assert "niqe" not in summary["subsets"]["text"]["bicubic"]
 
 
+def test_every_mean_has_a_bootstrap_interval_and_every_pair_a_paired_test(evaluated):
+    summary = evaluated["summary"]
+    statistics = summary["statistics"]
+    assert statistics["resamples"] >= 1000 and statistics["seed"] == 1 and statistics["confidence"] == 0.95
+    for subset, methods in summary["subsets"].items():
+        block = statistics["subsets"][subset]
+        assert block["items"] == methods["bicubic"]["n"]
+        for method, values in methods.items():
+            for key in ("psnr_y", "ssim_y"):
+                low, high = block["metrics"][key]["intervals"][method]
+                assert low <= values[key] <= high, (subset, method, key)
+        assert len(block["metrics"]["psnr_y"]["comparisons"]) == len(methods) * (len(methods) - 1) // 2
+    photo = statistics["subsets"]["photo"]["metrics"]
+    assert set(photo["niqe"]["intervals"]) == set(summary["methods"])  # NIQE: photos only, still every method
+    pairs = {frozenset((c["a"], c["b"])): c for c in statistics["subsets"]["all"]["metrics"]["psnr_y"]["comparisons"]}
+    same = pairs[frozenset(("bicubic", "bicubic_png"))]  # the same outputs, scored twice
+    assert same["diff"] == 0 and same["p"] == 1.0
+    oracle = pairs[frozenset(("bicubic", "oracle"))]  # HR ± 1 grey level beats bicubic on every image
+    assert (oracle["a"], oracle["b"]) == ("bicubic", "oracle")  # rows in method order: diff = bicubic − oracle
+    assert oracle["diff"] < 0 and oracle["ci"][1] < 0 and oracle["p"] < 0.05
+    md = (evaluated["tables"] / "table2_all.md").read_text()
+    assert "**" in md and " ± " in md and "percentile-bootstrap interval over images" in md
+
+
 @pytest.mark.skipif(ocr.unavailable_reason(["en"]) is not None, reason="tesseract-ocr is not installed")
 def test_ocr_rows_put_hr_first_and_split_by_text_size(evaluated):
     rows = evaluated["summary"]["ocr"]["rows"]
@@ -217,6 +241,10 @@ def test_stage_run_carries_every_number_and_the_artifacts(evaluated):
     run = client.get_run(evaluated["run_id"])
     assert run.data.metrics["all.bicubic.psnr_y"] == pytest.approx(summary["subsets"]["all"]["bicubic"]["psnr_y"])
     assert run.data.metrics["complexity.sharp.steps"] == 1
+    low, high = summary["statistics"]["subsets"]["all"]["metrics"]["psnr_y"]["intervals"]["sharp"]
+    assert run.data.metrics["all.sharp.psnr_y_ci_low"] == pytest.approx(low)
+    assert run.data.metrics["all.sharp.psnr_y_ci_high"] == pytest.approx(high)
+    assert 0 <= run.data.metrics["all.bicubic_vs_sharp.psnr_y_p"] <= 1
     if "ocr" in summary and summary["ocr"]["rows"]:
         assert run.data.metrics["ocr.HR.acc"] == 1.0 and "ocr.bicubic.acc_16px" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(evaluated["run_id"])}
@@ -236,6 +264,8 @@ def test_one_nested_run_per_method_and_subset(evaluated):
         assert child.data.tags["tvt.dataset"] == f"mini-test/{child.data.tags['tvt.subset']}"
     sharp_photo = next(r for r in children if r.data.tags["tvt.method"] == "sharp" and r.data.tags["tvt.subset"] == "photo")
     assert sharp_photo.data.metrics["psnr_y"] == pytest.approx(summary["subsets"]["photo"]["sharp"]["psnr_y"])
+    low, _ = summary["statistics"]["subsets"]["photo"]["metrics"]["psnr_y"]["intervals"]["sharp"]
+    assert sharp_photo.data.metrics["psnr_y_ci_low"] == pytest.approx(low)
 
 
 # --- methods -------------------------------------------------------------------------------------

@@ -22,8 +22,13 @@ Outputs: in ``tables_dir`` (the stage's ``results/tables``) the tables of
 :mod:`tvt.reports` as .md/.csv/.json, ``metrics.md`` (all of them), ``metrics_status.md``,
 ``per_image.csv`` and ``figures/*.png``; ``results/metrics.json`` (DVC metrics);
 ``results/plots/ocr_{acc,ned}_vs_text_px.csv`` (DVC plots). MLflow: every number on the
-stage run as ``<subset>.<method>.<metric>``, plus one nested run per (method, subset)
-tagged ``tvt.method`` / ``tvt.dataset`` for the UI's side-by-side comparison.
+stage run as ``<subset>.<method>.<metric>`` (with ``…_ci_low`` / ``…_ci_high``, and the paired
+tests' ``<subset>.<a>_vs_<b>.<metric>_p``), plus one nested run per (method, subset) tagged
+``tvt.method`` / ``tvt.dataset`` for the UI's side-by-side comparison.
+
+Statistics (:func:`table_statistics`, :mod:`tvt.stats`): per subset, a bootstrap over its images
+gives every mean an interval and every pair of methods a paired test; OCR the same over text
+lines. They are stored under ``statistics`` in ``metrics.json`` and drawn by the tables.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tvt import reports
+from tvt import reports, stats
 from tvt.data.manifest import read_manifest
 from tvt.data.paper import MANIFEST_FILE, REAL_PAIRS_FILE
 from tvt.metrics import ocr
@@ -323,6 +328,68 @@ def ocr_summary(records: list[dict], rows: list[str]) -> dict[str, dict]:
     return out
 
 
+def bootstrap_settings(cfg: Mapping) -> stats.Bootstrap:
+    """``evaluate.statistics`` (resamples, confidence) with the run's ``seed``: the same resamples every rerun."""
+    options = cfg["evaluate"].get("statistics") or {}
+    defaults = stats.Bootstrap()
+    return stats.Bootstrap(options.get("resamples", defaults.resamples), options.get("confidence", defaults.confidence),
+                           int(cfg.get("seed", defaults.seed)))
+
+
+def score_matrix(records: list[dict], rows: list[str], keys: list[str], item_of: Callable[[dict], object],
+                 value_of: Callable[[dict, str], float | None]) -> np.ndarray:
+    """(keys, rows, items) scores, NaN where a row has no score for an item; items in first-seen order.
+
+    ``item_of(record)``: the test item a record scores (None: not one of them), the same for every
+    row, which is what pairs the rows; ``value_of(record, key)``: its score, or None.
+    """
+    row_of = {name: i for i, name in enumerate(rows)}
+    items: dict[object, int] = {}
+    cells = []
+    for record in records:
+        if record["method"] in row_of and (item := item_of(record)) is not None:
+            cells.append((row_of[record["method"]], items.setdefault(item, len(items)), record))
+    values = np.full((len(keys), len(rows), len(items)), np.nan)
+    for row, item, record in cells:
+        for k, key in enumerate(keys):
+            if (value := value_of(record, key)) is not None:
+                values[k, row, item] = value
+    return values
+
+
+def _ocr_keys(records: list[dict]) -> dict[str, tuple[str, str | None]]:
+    """OCR column keys (``acc``, ``acc_16px``...) -> (metric, text size or None for all lines)."""
+    sizes = sorted({str(r["text_px"]) for r in records if "ocr_acc" in r}, key=int)
+    return {**{m: (m, None) for m in ocr.OCR_METRICS},
+            **{f"{m}_{px}px": (m, px) for px in sizes for m in ocr.OCR_METRICS}}
+
+
+def table_statistics(records: list[dict], names: list[str], subsets: dict[str, list[dict]], image_metrics: list[str],
+                     ocr_rows: list[str], bootstrap: stats.Bootstrap) -> dict:
+    """The ``statistics`` block of the summary: intervals and paired tests per subset over its images,
+    and for OCR over text lines (HR included: how far each method is from the upper bound)."""
+    out: dict = {**bootstrap.describe(), "subsets": {}}
+    for subset, rows in subsets.items():
+        ids = {r["pair_id"] for r in rows}
+        values = score_matrix(records, names, image_metrics,
+                              lambda r, ids=ids: r["pair_id"] if "line" not in r and r["pair_id"] in ids else None,
+                              lambda r, key: r.get(key))
+        out["subsets"][subset] = {"items": values.shape[-1], "metrics": {
+            key: series.to_json() for key, series in stats.analyse(values, names, image_metrics, bootstrap).items()}}
+    if ocr_rows:
+        keys = _ocr_keys(records)
+
+        def line_score(record: dict, key: str) -> float | None:
+            metric, px = keys[key]
+            return record[f"ocr_{metric}"] if px is None or str(record["text_px"]) == px else None
+
+        values = score_matrix(records, ocr_rows, list(keys),
+                              lambda r: (r["pair_id"], r.get("line")) if "ocr_acc" in r else None, line_score)
+        out["ocr"] = {"items": values.shape[-1], "metrics": {
+            key: series.to_json() for key, series in stats.analyse(values, ocr_rows, list(keys), bootstrap).items()}}
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------
@@ -421,6 +488,7 @@ def _summarise(cfg: Mapping, names: list[str], records: list[dict], subsets: dic
             summary["ocr"]["subsets"] = [s for s, rows in subsets.items() if any(r["kind"] == "text" for r in rows)]
             if any(r.get("lines") for rows in subsets.values() for r in rows):
                 summary["ocr"]["text_px_bins"] = list(TEXT_PX_BINS)
+    summary["statistics"] = table_statistics(records, names, subsets, image_metrics, list(ocr_rows), bootstrap_settings(cfg))
     summary["complexity"] = {}
     for name in names:
         latencies = [r["latency_ms"] for r in records if r["method"] == name and "latency_ms" in r]
@@ -438,9 +506,25 @@ def flat_metrics(summary: Mapping) -> dict[str, float]:
         flat.update({f"ocr.{row}.{m}": values[m] for m in ("n", *ocr.OCR_METRICS)})
         for px, by_size in values["by_size"].items():
             flat.update({f"ocr.{row}.{m}_{px}px": by_size[m] for m in ocr.OCR_METRICS})
+    statistics_ = summary.get("statistics") or {}
+    blocks = [(subset, doc["metrics"]) for subset, doc in statistics_.get("subsets", {}).items()]
+    if statistics_.get("ocr"):
+        blocks.append(("ocr", statistics_["ocr"]["metrics"]))
+    for prefix, metrics in blocks:
+        for key, series in metrics.items():
+            flat.update({f"{prefix}.{row}.{key}{suffix}": bound for row, suffix, bound in _bounds(series)})
+            flat.update({f"{prefix}.{c['a']}_vs_{c['b']}.{key}_p": c["p"] for c in series["comparisons"]})
     for method, values in summary["complexity"].items():
         flat.update({f"complexity.{method}.{key}": value for key, value in values.items()})
     return {k: float(v) for k, v in flat.items()}
+
+
+def _bounds(series: Mapping) -> Iterator[tuple[str, str, float]]:
+    """(row, ``_ci_low`` / ``_ci_high``, bound) for every interval of one column's statistics."""
+    for row, bounds in series["intervals"].items():
+        for suffix, bound in zip(("_ci_low", "_ci_high"), bounds, strict=True):
+            if bound is not None:
+                yield row, suffix, bound
 
 
 def comparison_runs(summary: Mapping) -> list[tuple[str, str, dict[str, float]]]:
@@ -450,14 +534,21 @@ def comparison_runs(summary: Mapping) -> list[tuple[str, str, dict[str, float]]]
     runs = []
     ocr_rows = (summary.get("ocr") or {}).get("rows", {})
     text_subsets = set((summary.get("ocr") or {}).get("subsets", ["text"]))
+    statistics_ = summary.get("statistics") or {}
+    ocr_series = (statistics_.get("ocr") or {}).get("metrics", {})
     for subset, methods in summary["subsets"].items():
         is_text = subset in text_subsets
+        series = statistics_.get("subsets", {}).get(subset, {}).get("metrics", {})
         for method in [*methods, *([reports.HR_ROW] if is_text and reports.HR_ROW in ocr_rows else [])]:
             metrics = dict(methods.get(method, {}))
+            for key, doc in series.items():
+                metrics.update({f"{key}{suffix}": bound for row, suffix, bound in _bounds(doc) if row == method})
             if is_text and method in ocr_rows:
                 row = ocr_rows[method]
                 metrics.update({f"ocr_{m}": row[m] for m in ocr.OCR_METRICS})
                 metrics.update({f"ocr_{m}_{px}px": s[m] for px, s in row["by_size"].items() for m in ocr.OCR_METRICS})
+                for key, doc in ocr_series.items():
+                    metrics.update({f"ocr_{key}{suffix}": bound for row, suffix, bound in _bounds(doc) if row == method})
             if subset == "all" or "all" not in summary["subsets"]:
                 metrics.update(summary["complexity"].get(method, {}))
             runs.append((method, subset, {k: float(v) for k, v in metrics.items()}))
@@ -557,10 +648,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         figures = {**comparison_figures(chosen, by_id, root, outputs, names, cfg["degrade"]["scale"]),
                    **method_figures}
 
-    tables = [*reports.image_quality_tables(summary), reports.text_table(summary),
-              reports.complexity_table(summary, _architecture_rows(names, complexity_file, cfg["degrade"]["scale"])),
-              *reports.ablation_tables(summary)]
-    tables = [t for t in tables if t is not None]
+    tables = reports.build_tables(summary, _architecture_rows(names, complexity_file, cfg["degrade"]["scale"]))
     for table in tables:
         table.write(tables_dir)
     status = _status_markdown(summary)

@@ -1,16 +1,23 @@
 """Paper-shaped tables and figures from an evaluation summary (the ``results/metrics.json`` dict).
 
-* Table 2 shape: methods × image-quality metrics, one table per test subset, best value
-  per column in **bold** and the second best underlined;
+* Table 2 shape: methods × image-quality metrics, one table per test subset;
 * Table 3 shape: text legibility (OCR ACC / NED / CharAcc, overall and per text height),
   with HR as the upper bound of the protocol (not ranked);
 * Table 4 shape: denoising steps, parameters, MACs of the paper-size architecture and the
   latency measured here;
 * ablation tables, when the methods include the paper's variants (``t1``, ``tvt_s4``...);
+* the published numbers (``tvt/data/paper_results.yaml``) beside ours, and a table that says
+  whether our method ranking per metric agrees with the published one;
 * figures: OCR accuracy against text height, and comparison grids
   LR | methods | HR with a zoom on the region where the methods disagree most.
 
-Every table is written as markdown, CSV and JSON; nothing here computes a metric.
+Statistics (see :mod:`tvt.stats`): a mean over test items is shown as ``mean ± half-width``
+of its bootstrap interval, and a cell is marked best (**bold**) or second (underlined) only
+when a paired test separates it from the rows below; otherwise the leaders are marked tied
+(*italic*). Quantities without sampling noise (steps, parameters, MACs) are ranked by value.
+
+Every table is written as markdown, CSV and JSON; nothing here computes a metric. New
+blocks plug into :func:`build_tables`.
 """
 
 from __future__ import annotations
@@ -19,16 +26,20 @@ import csv
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from tvt import stats
 from tvt.metrics.ocr import OCR_LABELS, OCR_METRICS
 from tvt.metrics.suite import METRICS
 
@@ -57,6 +68,9 @@ ARCHITECTURES = {
     "stablesr": "StableSR restorer (E8 + 200 steps + CFW-D8)",
 }
 
+MARK_FORMATS = {stats.Mark.BEST: "**{}**", stats.Mark.SECOND: "<u>{}</u>", stats.Mark.TIED: "*{}*"}
+PAPER_ROW = "↳ paper"
+
 
 # ------------------------------------------------------------------------------------------
 # Tables
@@ -68,6 +82,18 @@ class Column:
     key: str
     label: str
     higher_is_better: bool | None = None  # None: not ranked
+    #: "sampled": a mean over test items, ranked by the paired tests; "exact": no noise (steps, parameters,
+    #: MACs), ranked by value; "measured": one noisy measurement (latency), ranked by value but never
+    #: counted as evidence in the ordering check
+    noise: str = "sampled"
+
+    def __post_init__(self):
+        if self.noise not in ("sampled", "exact", "measured"):
+            raise ValueError(f"column {self.key!r}: noise {self.noise!r} is not sampled, exact or measured")
+
+    @property
+    def by_value(self) -> bool:
+        return self.noise != "sampled"
 
     @property
     def header(self) -> str:
@@ -75,9 +101,31 @@ class Column:
         return self.label + arrow
 
 
+@dataclass(frozen=True)
+class PaperValue:
+    """One published number, in our unit, and where it was read."""
+
+    table: str  # our table (its file stem)
+    method: str  # our row
+    key: str  # our column
+    value: float
+    source: str  # id in paper_results.yaml
+    citation: str
+    published_table: str
+    block: str  # the published row group (test set)
+    published_row: str
+    published_column: str
+    url: str
+
+
 @dataclass
 class Table:
-    """Rows of ``{"method": name, column key: value or None}``; reference rows are not ranked."""
+    """Rows of ``{"method": name, column key: value or None}``; reference rows are not ranked.
+
+    ``intervals`` and ``comparisons`` (per column key) come from the summary's statistics;
+    ``paper`` holds the published values shown under our rows, with Δ = ours − published when
+    ``paper_deltas`` (our rows are scored on the published test sets).
+    """
 
     name: str  # file stem
     title: str
@@ -85,53 +133,128 @@ class Table:
     rows: list[dict]
     reference_rows: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    intervals: dict[tuple[str, str], stats.Interval] = field(default_factory=dict)
+    comparisons: dict[str, list[stats.Comparison]] = field(default_factory=dict)
+    alpha: float = 0.05
+    paper: dict[tuple[str, str], PaperValue] = field(default_factory=dict)
+    paper_deltas: bool = False
+    row_header: str = "Method"
 
-    def ranks(self) -> dict[tuple[str, str], int]:
-        """{(method, key): 1 or 2} for the best and second-best distinct value per ranked column."""
-        ranks = {}
+    def marks(self) -> dict[tuple[str, str], stats.Mark]:
+        """{(method, key): mark} per ranked column: by the paired tests of ``comparisons``, by value
+        for ``by_value`` columns; a column of means without tests (FID) is not ranked."""
+        out = {}
         for col in self.columns:
-            if col.higher_is_better is None:
+            if col.higher_is_better is None or not (col.by_value or col.key in self.comparisons):
                 continue
-            scored = [(r["method"], r[col.key]) for r in self.rows
-                      if r["method"] not in self.reference_rows and _is_number(r.get(col.key))]
-            if len(scored) < 2:
-                continue
-            distinct = sorted({v for _, v in scored}, reverse=col.higher_is_better)
-            for method, value in scored:
-                if value == distinct[0]:
-                    ranks[(method, col.key)] = 1
-                elif len(distinct) > 1 and value == distinct[1]:
-                    ranks[(method, col.key)] = 2
-        return ranks
+            means = {r["method"]: r[col.key] for r in self.rows
+                     if r["method"] not in self.reference_rows and _is_number(r.get(col.key))}
+            differ = None if col.by_value else stats.significance(self.comparisons[col.key], self.alpha)
+            out.update({(method, col.key): mark
+                        for method, mark in stats.marks(means, col.higher_is_better, differ).items()})
+        return out
+
+    def half_width(self, method: str, key: str) -> float | None:
+        """Half the width of a cell's interval (None without one): the ``±`` of the tables."""
+        interval = self.intervals.get((method, key))
+        if interval is None or not all(map(_is_number, interval)):
+            return None
+        return (interval[1] - interval[0]) / 2
+
+    def cell(self, row: Mapping, col: Column) -> str:
+        """The value, with ``± half-width`` of its interval when there is one."""
+        value = row.get(col.key)
+        text = format_value(col.key, value)
+        if _is_number(value) and (half := self.half_width(row["method"], col.key)) is not None:
+            text += " ± " + format_value(col.key, half)
+        return text
+
+    def paper_cell(self, row: Mapping, col: Column) -> str:
+        published = self.paper.get((row["method"], col.key))
+        if published is None:
+            return ""
+        text = format_value(col.key, published.value)
+        if self.paper_deltas and _is_number(row.get(col.key)):
+            delta = row[col.key] - published.value
+            text += f" (Δ {'+' if delta >= 0 else '−'}{format_value(col.key, abs(delta))})"
+        return text
 
     def markdown(self) -> str:
-        ranks = self.ranks()
-        lines = [f"### {self.title}", "", "| Method | " + " | ".join(c.header for c in self.columns) + " |",
+        marks = self.marks()
+        lines = [f"### {self.title}", "", f"| {self.row_header} | " + " | ".join(c.header for c in self.columns) + " |",
                  "|---|" + "---:|" * len(self.columns)]
         for row in self.rows:
             cells = []
             for col in self.columns:
-                text = format_value(col.key, row.get(col.key))
-                rank = ranks.get((row["method"], col.key))
-                cells.append(f"**{text}**" if rank == 1 else f"<u>{text}</u>" if rank == 2 else text)
+                mark = marks.get((row["method"], col.key))
+                cells.append(MARK_FORMATS[mark].format(self.cell(row, col)) if mark else self.cell(row, col))
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-        if self.notes:
-            lines += [""] + [f"{note}  " for note in self.notes]  # two spaces: markdown line break
+            if any(method == row["method"] for method, _ in self.paper):
+                lines.append(f"| {PAPER_ROW} | " + " | ".join(self.paper_cell(row, c) for c in self.columns) + " |")
+        notes = [*self.notes, *self._paper_notes()]
+        if notes:
+            lines += [""] + [f"{note}  " for note in notes]  # two spaces: markdown line break
         return "\n".join(lines).rstrip() + "\n"
 
+    def _paper_notes(self) -> list[str]:
+        sources = {}
+        for v in self.paper.values():
+            sources.setdefault((v.citation, v.published_table, v.url), set()).add(v.block)
+        if not sources:
+            return []
+        how = ("Δ = ours − published" if self.paper_deltas else
+               "not on our test images, so compare orderings (paper_agreement), not values")
+        return [f"{PAPER_ROW}: published values; {how}."] + [
+            f"  {citation}, {table} ({', '.join(sorted(blocks))}): {url}"
+            for (citation, table, url), blocks in sources.items()]
+
+    def csv_rows(self) -> tuple[list[str], list[dict]]:
+        """Field names and rows: each value, then ``<key>_pm`` (interval half-width), ``<key>_paper``
+        and ``<key>_delta`` for the columns that have them."""
+        fields = ["method"]
+        for col in self.columns:
+            fields.append(col.key)
+            if any(k == col.key for _, k in self.intervals):
+                fields.append(f"{col.key}_pm")
+            if any(k == col.key for _, k in self.paper):
+                fields += [f"{col.key}_paper"] + ([f"{col.key}_delta"] if self.paper_deltas else [])
+        rows = []
+        for row in self.rows:
+            out = {"method": row["method"], **{c.key: row.get(c.key) for c in self.columns}}
+            for col in self.columns:
+                if (half := self.half_width(row["method"], col.key)) is not None:
+                    out[f"{col.key}_pm"] = half
+                if (published := self.paper.get((row["method"], col.key))) is not None:
+                    out[f"{col.key}_paper"] = published.value
+                    if self.paper_deltas and _is_number(row.get(col.key)):
+                        out[f"{col.key}_delta"] = row[col.key] - published.value
+            rows.append(out)
+        return fields, rows
+
     def to_json(self) -> dict:
+        by_row = {}
+        for (method, key), interval in self.intervals.items():
+            by_row.setdefault(method, {})[key] = list(interval)
+        paper = {}
+        for (method, key), v in self.paper.items():
+            paper.setdefault(method, {})[key] = {"value": v.value, "source": v.source, "block": v.block}
+        marks = {}
+        for (method, key), mark in self.marks().items():
+            marks.setdefault(method, {})[key] = mark.value
         return {"title": self.title,
                 "columns": [{"key": c.key, "label": c.label, "higher_is_better": c.higher_is_better}
                             for c in self.columns],
-                "rows": self.rows, "notes": self.notes}
+                "rows": self.rows, "intervals": by_row, "marks": marks, "paper": paper,
+                "paper_deltas": self.paper_deltas, "notes": self.notes}
 
     def write(self, directory: Path) -> None:
         """``<name>.md``, ``<name>.csv`` and ``<name>.json`` in ``directory``."""
         (directory / f"{self.name}.md").write_text(self.markdown())
+        fields, rows = self.csv_rows()
         with open(directory / f"{self.name}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["method", *(c.key for c in self.columns)], extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(rows)
         (directory / f"{self.name}.json").write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
@@ -140,10 +263,54 @@ def _is_number(value) -> bool:
 
 
 def format_value(key: str, value) -> str:
+    if isinstance(value, str):
+        return value
     if not _is_number(value):
         return "–"
     decimals = _DECIMALS.get(key, 4)
     return f"{value:.{decimals}f}" if decimals else f"{value:.0f}"
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics of the summary on the tables
+# ------------------------------------------------------------------------------------------
+
+
+def _apply_statistics(table: Table, summary: Mapping, series: Mapping[str, Mapping], items: str) -> Table:
+    """Intervals and paired tests of ``series`` ({column key: the summary's stats of that column})
+    on ``table``, with the note that says how they were made (``items``: what was resampled)."""
+    doc = summary.get("statistics")
+    if not doc:
+        table.notes.append("No per-item statistics in this summary: no intervals, means not ranked.")
+        return table
+    for key, found in series.items():
+        table.intervals.update({(method, key): tuple(bounds) for method, bounds in found["intervals"].items()})
+        table.comparisons[key] = [stats.Comparison.from_json(c) for c in found["comparisons"]]
+    table.alpha = 1.0 - doc["confidence"]
+    table.notes.append(
+        f"± half-width of the {doc['confidence']:.0%} percentile-bootstrap interval over {items} "
+        f"({doc['resamples']} resamples, seed {doc['seed']}; bounds in metrics.json). **Bold**: best, "
+        f"<u>underlined</u>: second — each significantly better than every row below it (paired bootstrap of "
+        f"the difference of means over the same {items}, two-sided p < {table.alpha:g}); *italic*: tied for "
+        f"best (no significant difference).")
+    untested = [c.label for c in table.columns
+                if c.higher_is_better is not None and not c.by_value and c.key not in table.comparisons]
+    if untested:
+        table.notes.append(f"Not ranked (no per-item scores to test, e.g. one value per set): {', '.join(untested)}.")
+    return table
+
+
+def _subset_series(summary: Mapping, subset: str) -> Mapping[str, Mapping]:
+    return ((summary.get("statistics") or {}).get("subsets", {}).get(subset) or {}).get("metrics", {})
+
+
+def _ocr_series(summary: Mapping) -> Mapping[str, Mapping]:
+    return ((summary.get("statistics") or {}).get("ocr") or {}).get("metrics", {})
+
+
+# ------------------------------------------------------------------------------------------
+# The paper-shaped tables
+# ------------------------------------------------------------------------------------------
 
 
 def image_quality_tables(summary: Mapping) -> list[Table]:
@@ -169,8 +336,10 @@ def image_quality_tables(summary: Mapping) -> list[Table]:
         if summary["unavailable"]:
             notes.append("Unavailable here (see metrics_status.md): "
                          + ", ".join(METRICS[m].label for m in summary["unavailable"]) + ".")
-        tables.append(Table(f"table2_{subset}", f"Image quality — {summary['test_set']} / {subset}",
-                            columns, rows, notes=notes))
+        table = Table(f"table2_{subset}", f"Image quality — {summary['test_set']} / {subset}", columns, rows,
+                      notes=notes)
+        series = _subset_series(summary, subset)
+        tables.append(_apply_statistics(table, summary, {k: series[k] for k in keys if k in series}, "images"))
     return tables
 
 
@@ -199,12 +368,14 @@ def text_table(summary: Mapping) -> Table | None:
                      "ACC@N px groups lines whose HR box short side is in [N, next edge) of "
                      f"{ocr['text_px_bins']}.")
     subset = "+".join(ocr.get("subsets", ["text"]))
-    return Table("table3_text", f"Text legibility — {summary['test_set']} / {subset}", columns, rows,
-                 reference_rows=(HR_ROW,), notes=notes)
+    table = Table("table3_text", f"Text legibility — {summary['test_set']} / {subset}", columns, rows,
+                  reference_rows=(HR_ROW,), notes=notes)
+    series = _ocr_series(summary)
+    return _apply_statistics(table, summary, {c.key: series[c.key] for c in columns if c.key in series}, "text lines")
 
 
 def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()) -> Table:
-    """Table 4 shape: steps, parameters, paper-size MACs, measured latency."""
+    """Table 4 shape: steps, parameters, paper-size MACs, measured latency (ranked by value)."""
     arch = {row["name"]: row for row in architecture_rows}
     rows = []
     for method, info in summary["complexity"].items():
@@ -212,22 +383,29 @@ def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()
         rows.append({"method": method, "steps": info.get("steps"), "params_M": info.get("params_M"),
                      "paper_params_M": paper.get("params_M"), "paper_gmacs": paper.get("gmacs"),
                      "latency_ms": info.get("latency_ms")})
-    columns = [Column("steps", "Steps", False), Column("params_M", "Params (M)", False),
-               Column("paper_params_M", "Paper-size params (M)"), Column("paper_gmacs", "Paper-size MACs (G)", False),
-               Column("latency_ms", "Latency (ms/img)", False)]
+    columns = [Column("steps", "Steps", False, "exact"), Column("params_M", "Params (M)", False, "exact"),
+               Column("paper_params_M", "Paper-size params (M)"),
+               Column("paper_gmacs", "Paper-size MACs (G)", False, "exact"),
+               Column("latency_ms", "Latency (ms/img)", False, "measured")]
     notes = [(f"Steps: denoising steps (bicubic 0; unknown for external results). Params: the evaluated model. "
               f"Paper-size: the method's SD 2.1-base-scale architecture at 512² output (tvt.complexity, counted on "
               f"the meta device; MACs of convolutions and linear layers). Latency: median per image over the "
               f"{summary['test_set']} test images on {summary.get('device', 'cpu')}; not measured for external "
-              f"results.")]
+              f"results. Ranked by value (latency: one run, not tested).")]
     return Table("table4_complexity", "Complexity", columns, rows, notes=notes)
+
+
+def ablation_subset(summary: Mapping) -> str:
+    """The image subset that ablations and mini-mode ordering checks read: photos if split out, else all."""
+    return next((s for s in ("photo", "all") if s in summary["subsets"]), next(iter(summary["subsets"])))
 
 
 def ablation_tables(summary: Mapping) -> list[Table]:
     """One table per ablation family present among the evaluated methods, TVT as the reference."""
-    subset = next((s for s in ("photo", "all") if s in summary["subsets"]), next(iter(summary["subsets"])))
+    subset = ablation_subset(summary)
     image = summary["subsets"][subset]
     ocr_rows = (summary.get("ocr") or {}).get("rows", {})
+    image_series, ocr_series = _subset_series(summary, subset), _ocr_series(summary)
     tables = []
     for family, (title, variants) in ABLATIONS.items():
         members = [m for m in summary["methods"] if (match := _ABLATION_NAME.match(m)) and match.group(1) in variants]
@@ -238,12 +416,175 @@ def ablation_tables(summary: Mapping) -> list[Table]:
                 and any(k in image.get(m, {}) for m in methods)]
         columns = [Column(k, METRICS[k].label, METRICS[k].higher_is_better) for k in keys]
         rows = [{"method": m, **{k: image.get(m, {}).get(k) for k in keys}} for m in methods]
+        series = {k: image_series[k] for k in keys if k in image_series}
         if ocr_rows:
             columns += [Column(f"ocr_{m}", f"Text {OCR_LABELS[m]}", True) for m in ("acc", "ned")]
             for row in rows:
                 row.update({f"ocr_{m}": ocr_rows.get(row["method"], {}).get(m) for m in ("acc", "ned")})
-        tables.append(Table(f"ablation_{family}", f"Ablation — {title} ({subset})", columns, rows))
+            series.update({f"ocr_{m}": ocr_series[m] for m in ("acc", "ned") if m in ocr_series})
+        table = Table(f"ablation_{family}", f"Ablation — {title} ({subset})", columns, rows)
+        tables.append(_apply_statistics(table, summary, series, "images (text columns: text lines)"))
     return tables
+
+
+# ------------------------------------------------------------------------------------------
+# Published values beside ours
+# ------------------------------------------------------------------------------------------
+
+PAPER_RESULTS = "paper_results.yaml"  # in the tvt.data package
+
+
+def load_paper_results(path: Path | None = None) -> list[PaperValue]:
+    """Every published value of ``path`` (default: the packaged ``tvt/data/paper_results.yaml``).
+
+    Each block maps our rows (``rows``: method → published row label) and columns (``columns``:
+    key → published column header) onto one published row group; ``scale`` converts a column
+    into our unit. A value whose row, column or source is not declared is an error, not skipped.
+    """
+    if path is None:
+        return list(_packaged_paper_results())
+    return _parse_paper_results(yaml.safe_load(Path(path).read_text()), str(path))
+
+
+@lru_cache(maxsize=1)
+def _packaged_paper_results() -> tuple[PaperValue, ...]:
+    resource = resources.files("tvt.data") / PAPER_RESULTS
+    return tuple(_parse_paper_results(yaml.safe_load(resource.read_text(encoding="utf-8")), str(resource)))
+
+
+def _parse_paper_results(doc: Mapping, where: str) -> list[PaperValue]:
+    sources = doc.get("sources") or {}
+    values: dict[tuple[str, str, str], PaperValue] = {}
+    for i, block in enumerate(doc.get("blocks") or []):
+        at = f"{where}: blocks[{i}] ({block.get('table')}, {block.get('block')})"
+        missing = [k for k in ("source", "block", "table", "rows", "columns", "values") if k not in block]
+        if missing:
+            raise ValueError(f"{at}: missing {', '.join(missing)}")
+        source = sources.get(block["source"])
+        if source is None:
+            raise ValueError(f"{at}: unknown source {block['source']!r} (sources: {', '.join(sources)})")
+        if not all(source.get(k) for k in ("citation", "table", "url")):
+            raise ValueError(f"{at}: source {block['source']!r} needs citation, table and url")
+        scale = block.get("scale") or {}
+        for method, cells in block["values"].items():
+            if method not in block["rows"]:
+                raise ValueError(f"{at}: row {method!r} has no published row label in `rows`")
+            for key, value in cells.items():
+                if key not in block["columns"]:
+                    raise ValueError(f"{at}: column {key!r} of row {method!r} has no published header in `columns`")
+                if not _is_number(value):
+                    raise ValueError(f"{at}: {method}.{key} = {value!r} is not a number")
+                cell = (block["table"], method, key)
+                if cell in values:
+                    raise ValueError(f"{at}: {'/'.join(cell)} is listed twice")
+                values[cell] = PaperValue(
+                    block["table"], method, key, float(value) * scale.get(key, 1), block["source"], source["citation"],
+                    source["table"], str(block["block"]), block["rows"][method], block["columns"][key], source["url"])
+    return list(values.values())
+
+
+def attach_paper(tables: Iterable[Table], values: Iterable[PaperValue], deltas: bool) -> None:
+    """Put each published value on the cell of ours it names (row and column present), with Δ when ``deltas``."""
+    by_table: dict[str, list[PaperValue]] = {}
+    for v in values:
+        by_table.setdefault(v.table, []).append(v)
+    for table in tables:
+        rows, keys = {r["method"] for r in table.rows}, {c.key for c in table.columns}
+        table.paper.update({(v.method, v.key): v for v in by_table.get(table.name, ())
+                            if v.method in rows and v.key in keys})
+        table.paper_deltas = deltas
+
+
+def _order(values: Mapping[str, float], higher_is_better: bool) -> list[str]:
+    return sorted(values, key=lambda m: values[m], reverse=higher_is_better)
+
+
+def paper_agreement_table(tables: Sequence[Table], values: Iterable[PaperValue], summary: Mapping) -> Table | None:
+    """Per published block and metric: the published order of the methods we also ran, ours, and
+    whether they agree — over every pair of methods, with ``(n.s.)`` when our difference for a
+    pair is not significant. Paper mode compares each test set with itself; mini mode compares
+    every published image-quality block with our :func:`ablation_subset` (other images: only
+    the ordering can agree)."""
+    ours = {t.name: t for t in tables}
+    fallback = None if summary.get("test_sets") else f"table2_{ablation_subset(summary)}"
+    blocks: dict[tuple[str, str, str], list[PaperValue]] = {}
+    for v in values:
+        blocks.setdefault((v.source, v.block, v.table), []).append(v)
+    rows = []
+    for (_, block, name), cells in blocks.items():
+        table = ours.get(name) or (ours.get(fallback) if fallback and name.startswith("table2_") else None)
+        if table is None:
+            continue
+        our_rows = {r["method"]: r for r in table.rows if r["method"] not in table.reference_rows}
+        for col in table.columns:
+            published = {v.method: v.value for v in cells if v.key == col.key and v.method in our_rows
+                         and _is_number(our_rows[v.method].get(col.key))}
+            if col.higher_is_better is None or len(published) < 2:
+                continue
+            mine = {m: our_rows[m][col.key] for m in published}
+            rows.append({"method": col.header, "published": _ordering(published, col, block),
+                         "ours": _ordering(mine, col, table.name),
+                         "ordering": _verdict(published, mine, _separation(table, col))})
+    if not rows:
+        return None
+    notes = [("A ≻ B: A is better than B in the metric's direction. Ordering over every pair of methods that both "
+              "the publication and we evaluated: agree / disagree, '(n.s.)' when our difference for a pair is not "
+              "significant (paired bootstrap, see the tables), '(untested)' for columns without per-item scores.")]
+    if fallback:
+        notes.append(f"Mini mode: our images are not the published test sets, so values differ by construction; "
+                     f"the published blocks are compared with {fallback}.")
+    return Table("paper_agreement", "Agreement with the published method ranking",
+                 [Column("published", "Published"), Column("ours", "Ours"), Column("ordering", "Ordering")],
+                 rows, notes=notes, row_header="Metric")
+
+
+def _ordering(values: Mapping[str, float], col: Column, where: str) -> str:
+    return f"{where}: " + " ≻ ".join(f"{m} {format_value(col.key, values[m])}"
+                                     for m in _order(values, col.higher_is_better))
+
+
+def _separation(table: Table, col: Column):
+    """How to tell whether two of our values differ: exactly, by the paired test, or not at all (None: untested)."""
+    if col.noise == "exact":
+        return lambda a, b: True
+    if col.noise == "measured":
+        return None
+    if col.key in table.comparisons:
+        return stats.significance(table.comparisons[col.key], table.alpha)
+    return None
+
+
+def _verdict(published: Mapping[str, float], mine: Mapping[str, float], differ) -> str:
+    """agree / disagree over every pair the publication orders, qualified by whether our pairs that decide
+    it are significant: all of them when agreeing, the discordant ones when disagreeing."""
+    methods = list(published)
+    pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:] if published[a] != published[b]]
+    discordant = [(a, b) for a, b in pairs if (published[a] > published[b]) != (mine[a] > mine[b])]
+    verdict = "disagree" if discordant else "agree"
+    if differ is None:
+        return verdict + " (untested)"
+    deciding = discordant or pairs
+    return verdict + ("" if all(mine[a] != mine[b] and differ(a, b) for a, b in deciding) else " (n.s.)")
+
+
+def build_tables(summary: Mapping, architecture_rows: Sequence[Mapping] = (),
+                 paper_values: Iterable[PaperValue] | None = None) -> list[Table]:
+    """Every table of an evaluation, in report order.
+
+    A new block (e.g. another complexity or a claims table) is one more builder here: a function
+    of the summary returning a :class:`Table` (or several, or None). Published values then land on
+    it by its ``name`` (``paper_results.yaml``'s ``table``), and its columns join the ordering check.
+    """
+    tables = [*image_quality_tables(summary), text_table(summary), complexity_table(summary, architecture_rows),
+              *ablation_tables(summary)]
+    tables = [t for t in tables if t is not None]
+    values = load_paper_results() if paper_values is None else list(paper_values)
+    attach_paper(tables, values, deltas=bool(summary.get("test_sets")))
+    if (agreement := paper_agreement_table(tables, values, summary)) is not None:
+        tables.append(agreement)
+    return tables
+
+
 
 
 def plot_series(summary: Mapping, metric: str) -> tuple[list[str], list[list]]:

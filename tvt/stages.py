@@ -211,8 +211,8 @@ def build_stages(cfg: Mapping) -> list[Stage]:
     stages.append(
         Stage("evaluate", "evaluate", "score every method on the test split; write tables and figures",
               deps=tuple(eval_deps),
-              code=code_files("tvt/evaluate.py", "tvt/reports.py", "tvt/metrics",
-                              *(["tvt/data/paper.py"] if real_pairs else [])),
+              code=code_files("tvt/evaluate.py", "tvt/reports.py", "tvt/stats.py", "tvt/data/paper_results.yaml",
+                              "tvt/metrics", *(["tvt/data/paper.py"] if real_pairs else [])),
               outs=(TABLES_DIR,), metrics=(METRICS_FILE,), plots=OCR_PLOTS,
               resources=Resources(cpus=2, mem_mb=8000, runtime=120, gpus=1 if gpu else 0)))
     return stages
