@@ -34,6 +34,7 @@ an error that names the module.
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 from collections.abc import Callable
@@ -108,15 +109,20 @@ def _resample(module: nn.Module, name: str) -> Op:
     """diffusers' stride-2 conv downsample (pad right/bottom by one) or nearest-×2 + conv upsample."""
     if isinstance(module, Downsample2D) and module.use_conv and module.norm is None:
         return Op("local", module, radius=2, scale=Fraction(1, 2), name=name)
-    if (isinstance(module, Upsample2D) and module.use_conv and module.interpolate
-            and not module.use_conv_transpose and module.norm is None):
+    if (
+        isinstance(module, Upsample2D)
+        and module.use_conv
+        and module.interpolate
+        and not module.use_conv_transpose
+        and module.norm is None
+    ):
         return Op("local", module, radius=1, scale=Fraction(2), name=name)
     raise ValueError(f"exact tiling: unsupported resampler {name} ({type(module).__name__})")
 
 
 def _mid_block(block: nn.Module, name: str) -> list[Op]:
     if not isinstance(block, UNetMidBlock2D):
-        raise ValueError(f"exact tiling: unsupported mid-block {name} ({type(block).__name__})")
+        raise TypeError(f"exact tiling: unsupported mid-block {name} ({type(block).__name__})")
     ops = _resnet(block.resnets[0], f"{name}.resnets.0")
     for i, (attention, resnet) in enumerate(zip(block.attentions, block.resnets[1:], strict=True)):
         if attention is not None:
@@ -129,7 +135,7 @@ def _mid_block(block: nn.Module, name: str) -> list[Op]:
 
 def _tail(net: nn.Module, name: str) -> list[Op]:
     if not isinstance(net.conv_norm_out, nn.GroupNorm):
-        raise ValueError(f"exact tiling: {name}.conv_norm_out is not a GroupNorm")
+        raise TypeError(f"exact tiling: {name}.conv_norm_out is not a GroupNorm")
     return [
         Op("norm", net.conv_norm_out, name=f"{name}.conv_norm_out"),
         Op("local", net.conv_act, name=f"{name}.conv_act"),
@@ -252,7 +258,7 @@ def _spans(length: int, core: int, align: int) -> list[tuple[int, int]]:
     """Cores along one side: near-equal, aligned, covering [0, length)."""
     count = max(1, math.ceil(length / core))
     bounds = sorted({round(i * length / count / align) * align for i in range(count)} | {length})
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 def run_tiled(
@@ -280,8 +286,14 @@ def run_tiled(
     windows = []  # (core rows, core cols, window rows, window cols) in input pixels
     for r0, r1 in _spans(height, tile, align):
         for c0, c1 in _spans(width, tile, align):
-            windows.append(((r0, r1), (c0, c1), (max(0, r0 - halo), min(height, r1 + halo)),
-                            (max(0, c0 - halo), min(width, c1 + halo))))
+            windows.append(
+                (
+                    (r0, r1),
+                    (c0, c1),
+                    (max(0, r0 - halo), min(height, r1 + halo)),
+                    (max(0, c0 - halo), min(width, c1 + halo)),
+                )
+            )
     segments = [i for i, op in enumerate(ops) if op.kind == "norm"] + [len(ops)]
 
     store = _TileStore(resident_bytes)
@@ -308,8 +320,11 @@ def run_tiled(
                 if stop == len(ops):
                     if out is None:
                         out = h.new_empty(*h.shape[:-2], int(height * scale), int(width * scale))
-                    out[..., int(core_r[0] * scale) : int(core_r[1] * scale),
-                        int(core_c[0] * scale) : int(core_c[1] * scale)] = core
+                    out[
+                        ...,
+                        int(core_r[0] * scale) : int(core_r[1] * scale),
+                        int(core_c[0] * scale) : int(core_c[1] * scale),
+                    ] = core
                     continue
                 part = _group_sums(core, ops[stop].fn.num_groups)
                 sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
