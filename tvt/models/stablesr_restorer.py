@@ -117,7 +117,7 @@ class StableSRRestorer(nn.Module):
         lr_up = self.upsample_lr(lr)
         image = pad_to_multiple(lr_up, self.pixel_multiple) * 2 - 1
         factor, scaling = self.vae_factor, self.vae.config.scaling_factor
-        dtype = self.unet.dtype
+        dtype = self.vae.dtype  # VAE and CFW; the denoiser casts its own inputs (sample_latents)
         if self.tile:
             mean = tiled_encode(self.vae, image.to(dtype), self.tile, self.tile_overlap)
         else:
