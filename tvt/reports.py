@@ -38,7 +38,8 @@ PAIRING_NOTES = {
     "synthetic": "LR synthesised from HR with the Real-ESRGAN second-order degradation (OSEDiff's parameters).",
 }
 _DECIMALS = {"psnr_y": 2, "fid": 2, "musiq": 2, "niqe": 3, "qalign": 3, "latency_ms": 1, "params_M": 2, "paper_params_M": 1,
-             "paper_gmacs": 1, "steps": 0, "n": 0}
+             "paper_gmacs": 1, "paper_attn_gmacs": 1, "paper_all_gmacs": 1, "sd_latency_s": 1,
+             "steps": 0, "n": 0}
 
 #: ablation family -> (title, variant names without the "tvt_" prefix), DESIGN.md §1.1–1.3
 ABLATIONS = {
@@ -142,7 +143,7 @@ def _is_number(value) -> bool:
 def format_value(key: str, value) -> str:
     if not _is_number(value):
         return "–"
-    decimals = _DECIMALS.get(key, 4)
+    decimals = _DECIMALS.get(key.split(":")[0], 4)  # "sd_latency_s:<device>": one column per device
     return f"{value:.{decimals}f}" if decimals else f"{value:.0f}"
 
 
@@ -204,23 +205,15 @@ def text_table(summary: Mapping) -> Table | None:
 
 
 def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()) -> Table:
-    """Table 4 shape: steps, parameters, paper-size MACs, measured latency."""
+    """Table 4 shape: steps, parameters, both MAC accountings, measured latencies (tvt.complexity.table4)."""
+    from tvt.complexity import table4  # heavy imports (diffusers), only when Table 4 is built
+
     arch = {row["name"]: row for row in architecture_rows}
-    rows = []
-    for method, info in summary["complexity"].items():
-        paper = arch.get(ARCHITECTURES.get(method, ""), {})
-        rows.append({"method": method, "steps": info.get("steps"), "params_M": info.get("params_M"),
-                     "paper_params_M": paper.get("params_M"), "paper_gmacs": paper.get("gmacs"),
-                     "latency_ms": info.get("latency_ms")})
-    columns = [Column("steps", "Steps", False), Column("params_M", "Params (M)", False),
-               Column("paper_params_M", "Paper-size params (M)"), Column("paper_gmacs", "Paper-size MACs (G)", False),
-               Column("latency_ms", "Latency (ms/img)", False)]
-    notes = [(f"Steps: denoising steps (bicubic 0; unknown for external results). Params: the evaluated model. "
-              f"Paper-size: the method's SD 2.1-base-scale architecture at 512² output (tvt.complexity, counted on "
-              f"the meta device; MACs of convolutions and linear layers). Latency: median per image over the "
-              f"{summary['test_set']} test images on {summary.get('device', 'cpu')}; not measured for external "
-              f"results.")]
-    return Table("table4_complexity", "Complexity", columns, rows, notes=notes)
+    paper_rows = {method: arch.get(ARCHITECTURES.get(method, "")) for method in summary["complexity"]}
+    columns, rows, notes = table4(summary["complexity"], paper_rows, test_set=summary["test_set"],
+                                  device=summary.get("device", "cpu"))
+    return Table("table4_complexity", "Complexity", [Column(key, label, False) for key, label in columns], rows,
+                 notes=notes)
 
 
 def ablation_tables(summary: Mapping) -> list[Table]:
