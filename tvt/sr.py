@@ -86,7 +86,7 @@ DEFAULT_MAX_INPUT_PIXELS = 2048 * 2048  # a 4x output of 67 MP: image buffers of
 DEFAULT_MAX_PIXELS_UNTILED = 1024 * 1024  # output pixels: 4x the 512² training crops
 DEFAULT_TILE = 512  # output pixels: the training crop, so every tile looks like training data
 DEFAULT_QUALITY = 95  # JPEG and WebP
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("fp32", "bf16", "fp16")  # of the denoiser; the VAE stays fp32 (tvt/inference.py)
 
 #: the layout :meth:`OneStepRestorer.save_pretrained_dir` writes (tests keep the two in step);
 #: the prompt embedding, when restorer.json names one, is checked too
@@ -359,7 +359,7 @@ def upscale(restorer: OneStepRestorer, picture: Picture, tile: int | None, overl
     parameter = next(restorer.parameters())
     restorer.tile = tile
     restorer.tile_overlap = overlap if overlap is not None else (tile or 0) // 4
-    lr = torch.from_numpy(picture.rgb).permute(2, 0, 1)[None].to(parameter.device, parameter.dtype)
+    lr = torch.from_numpy(picture.rgb).permute(2, 0, 1)[None].to(parameter.device, restorer.vae.dtype)
     try:
         with torch.inference_mode():
             sr = restorer(lr)[0].float().permute(1, 2, 0).cpu().numpy()
@@ -571,6 +571,7 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
     ``sampling`` (``steps``, ``w``, ``seed``; None keeps the stored value) overriding the stored ones."""
     import torch
 
+    from tvt.inference import InferenceOptions, prepare_for_inference
     from tvt.models.saved import load_restorer as load_saved
     from tvt.models.saved import restorer_class_name
 
@@ -592,7 +593,7 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
         raise
     except Exception as exc:  # damaged safetensors, unknown classes, configs of another version...
         raise UsageError(f"cannot load the restorer in {weights} ({_one_line(exc)})") from exc
-    return restorer.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval()
+    return prepare_for_inference(restorer.to(device), InferenceOptions(precision=dtype))  # fp32 VAE
 
 
 def _unit_interval(text: str) -> float:
@@ -640,8 +641,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=_int_between(1), help="upscaling factor (default: the restorer's own, 4)")
     parser.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="default: the restorer's own")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="network precision (default: %(default)s; fp16/bf16 halve GPU memory)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+                        help="denoiser precision; the VAE stays fp32 (default: %(default)s, the fastest exact "
+                             "option measured on CPU; see docs/inference.md)")
     parser.add_argument("--tile", type=_int_between(1), metavar="N",
                         help="tile every image larger than N x N output pixels (a multiple of the restorer's "
                              f"64-pixel alignment; default: {DEFAULT_TILE}, only above --max-pixels-untiled)")
