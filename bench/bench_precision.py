@@ -52,7 +52,6 @@ OPTIONS = [
     (", SDPA math", InferenceOptions(), SDPBackend.MATH),
     ("", InferenceOptions(threads=1), None),
     ("", InferenceOptions(precision="bf16"), None),
-    ("", InferenceOptions(precision="bf16", channels_last=True), None),
     ("", InferenceOptions(precision="bf16", vae_fp32=False), None),
     ("", InferenceOptions(precision="fp16"), None),
 ]
@@ -118,7 +117,7 @@ def bench(name: str, reference, lr, options, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256, help="output side, mini models")
-    parser.add_argument("--stablesr-steps", type=int, default=4, help="StableSR sampling steps (paper: 200)")
+    parser.add_argument("--stablesr-steps", type=int, default=2, help="StableSR sampling steps (paper: 200)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiles first: minutes)")
     parser.add_argument("--sd-scale", action="store_true", help="also SD-size TVT and OSEDiff (slow)")

@@ -56,7 +56,7 @@ def test_w_and_seed_change_the_output_and_the_seed_reproduces_it(stablesr_folder
         "w1-seed5": ("--w", 1, "--seed", 5),
         "w1-again": ("--w", 1),
     }.items():
-        code, outputs[name] = _run(stablesr_folder, name, "--steps", 1, *options)
+        code, outputs[name] = _run(stablesr_folder, name, "--steps", 2, *options)
         assert code == 0
     assert outputs["w0"].shape == (48, 64, 3)
     assert np.abs(outputs["w0"].astype(int) - outputs["w1"]).mean() > 0.5
@@ -73,3 +73,6 @@ def test_sampling_options_are_refused_for_one_step_restorers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(tmp_path, "out", "--w", 1.5)
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # sampling runs from t=999 to t=0: at least two steps
+        _run(tmp_path, "out", "--steps", 1)
+    assert "expected an integer from 2 to 1000, got '1'" in capsys.readouterr().err

@@ -657,7 +657,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", type=_int_between(1, 100), default=DEFAULT_QUALITY, metavar="Q",
                         help="JPEG/WebP quality 1-100 (default: %(default)s)")
     sampling = parser.add_argument_group("multi-step restorers (StableSR); defaults: the restorer's own")
-    sampling.add_argument("--steps", type=_int_between(1, 1000), metavar="N",
+    sampling.add_argument("--steps", type=_int_between(2, 1000), metavar="N",
                           help="respaced sampling steps (StableSR's paper: 200; fewer is faster, less detailed)")
     sampling.add_argument("--w", type=_unit_interval, metavar="W",
                           help="CFW weight: 0 = realism (SD's plain decoder), 1 = fidelity to the input")
