@@ -226,7 +226,6 @@ class _TileStore:
         self.resident: dict[int, list[torch.Tensor]] = {}
         self.used = 0
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self.spilled_bytes = 0
 
     def put(self, key: int, state: list[torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in state)
@@ -237,7 +236,6 @@ class _TileStore:
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tvt-tiles-")
         torch.save([t.clone(memory_format=torch.contiguous_format) for t in state], Path(self._tmp.name) / f"{key}.pt")
-        self.spilled_bytes += size
 
     def take(self, key: int) -> list[torch.Tensor]:
         if key in self.resident:
