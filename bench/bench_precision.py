@@ -97,8 +97,8 @@ def bench(name: str, reference, lr, options, repeats: int) -> None:
     base_seconds = base_out = None
     for suffix, option, kernel in options:
         restorer = prepare_for_inference(copy.deepcopy(reference), option)
-        try:
-            seconds, out = run(restorer, lr, repeats, kernel)
+        try:  # the input in the VAE's dtype, as tvt sr feeds it
+            seconds, out = run(restorer, lr.to(restorer.vae.dtype), repeats, kernel)
         except RuntimeError as exc:  # an op without a kernel for this dtype on this device
             print(f"{name:>9} | {option.label + suffix:<34} | failed: {str(exc).splitlines()[0][:60]}", flush=True)
             continue

@@ -70,11 +70,11 @@ def prepare_for_inference(restorer: nn.Module, options: InferenceOptions) -> nn.
     restorer.eval()
     if dtype != torch.float32:  # (a no-op .to() would still make diffusers warn about fp32 modules)
         restorer.to(dtype)
-        if options.vae_fp32:
-            restorer.vae.to(torch.float32)
+        if options.vae_fp32:  # .float(): diffusers' ModelMixin.to() would warn about fp32 modules
+            restorer.vae.float()
             cfw = getattr(restorer, "cfw", None)  # StableSR's CFW fuses encoder into decoder features
             if cfw is not None:
-                cfw.to(torch.float32)
+                cfw.float()
     if options.channels_last:
         restorer.to(memory_format=torch.channels_last)
     if options.compile:
