@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data
 from test_sr import save_tiny_restorer
@@ -39,6 +40,15 @@ def stablesr_folder(restorer, tmp_path):  # noqa: F811
     restorer.save_pretrained_dir(tmp_path / "weights")
     Image.fromarray(data.astronaut()[::32, ::32][:12, :16]).save(tmp_path / "a.png")
     return tmp_path
+
+
+def test_threads_option_sets_torch_threads(stablesr_folder):
+    before = torch.get_num_threads()
+    try:
+        sr.load_restorer(stablesr_folder / "weights", device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sampling_options_reach_the_restorer(stablesr_folder):

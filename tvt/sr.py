@@ -565,7 +565,8 @@ SAMPLING_OPTIONS = {"--steps": "steps", "--w": "w", "--seed": "seed"}
 
 
 def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp32", scale: int | None = None,
-                  color_fix: str | None = None, **sampling: object) -> OneStepRestorer:
+                  color_fix: str | None = None, threads: int | None = None,
+                  **sampling: object) -> OneStepRestorer:
     """The restorer in ``weights`` (see :func:`resolve_weights`), in eval mode on ``device``
     (default: CUDA when available), with ``scale``, ``color_fix`` and, for a StableSR restorer,
     ``sampling`` (``steps``, ``w``, ``seed``; None keeps the stored value) overriding the stored ones."""
@@ -593,7 +594,7 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
         raise
     except Exception as exc:  # damaged safetensors, unknown classes, configs of another version...
         raise UsageError(f"cannot load the restorer in {weights} ({_one_line(exc)})") from exc
-    return prepare_for_inference(restorer.to(device), InferenceOptions(precision=dtype))  # fp32 VAE
+    return prepare_for_inference(restorer.to(device), InferenceOptions(precision=dtype, threads=threads))
 
 
 def _unit_interval(text: str) -> float:
@@ -644,6 +645,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="denoiser precision; the VAE stays fp32 (default: %(default)s, the fastest exact "
                              "option measured on CPU; see docs/inference.md)")
+    parser.add_argument("--threads", type=_int_between(1), metavar="T",
+                        help="CPU threads (default: torch's, one per core; on a busy machine 1 can be "
+                             "much faster, see docs/inference.md)")
     parser.add_argument("--tile", type=_int_between(1), metavar="N",
                         help="tile every image larger than N x N output pixels (a multiple of the restorer's "
                              f"64-pixel alignment; default: {DEFAULT_TILE}, only above --max-pixels-untiled)")
@@ -684,7 +688,8 @@ def main(args: argparse.Namespace) -> int:
         restorer = options = None
         if args.overwrite or any(not item.output.exists() for item in items):
             restorer = load_restorer(weights, device=args.device, dtype=args.dtype, scale=args.scale,
-                                     color_fix=args.color_fix, steps=args.steps, w=args.w, seed=args.seed)
+                                     color_fix=args.color_fix, threads=args.threads, steps=args.steps, w=args.w,
+                                     seed=args.seed)
             options = BatchOptions(args.overwrite, args.min_side, args.max_input_pixels,
                                    _tiling_policy(args, restorer.pixel_multiple), args.quality)
     except UsageError as exc:
