@@ -21,7 +21,7 @@ LATENCY = {"CPU, 2 threads": {TVT: 29.0, OSEDIFF: 21.4}, "GPU": {TVT: 0.2}}
 def test_rows_carry_both_accountings_and_every_measured_device():
     columns, rows, notes = table4(MEASURED, PAPER, test_set="mini", device="cpu", sd_latency=LATENCY)
     by_method = {row["method"]: row for row in rows}
-    labels = dict(columns)
+    labels = {key: label for key, label, _ in columns}
     assert labels["paper_gmacs"] == "Paper-size conv+linear MACs (G)"
     assert labels["sd_latency_s:GPU"] == "Paper-size latency, GPU (s/img)"
     assert by_method["tvt"]["paper_all_gmacs"] == 2773.0 and by_method["osediff"]["paper_all_gmacs"] == 2217.0

@@ -190,7 +190,7 @@ def table4(
     test_set: str,
     device: str,
     sd_latency: Mapping[str, Mapping[str, float]] = SD_SIZE_LATENCY_S,
-) -> tuple[list[tuple[str, str]], list[dict], list[str]]:
+) -> tuple[list[tuple[str, str, bool | None]], list[dict], list[str]]:
     """Table 4 as users need it: both MAC accountings and both latencies, each labelled.
 
     Args:
@@ -199,18 +199,18 @@ def table4(
         test_set, device: where ``latency_ms`` was measured.
         sd_latency: measured paper-size latency per device (:data:`SD_SIZE_LATENCY_S`).
 
-    Returns (columns as (key, label), rows, notes).
+    Returns (columns as (key, label, higher_is_better), rows, notes).
     """
     devices = list(sd_latency)
-    columns = [
-        ("steps", "Steps"),
-        ("params_M", "Params (M)"),
-        ("paper_params_M", "Paper-size params (M)"),
-        ("paper_gmacs", "Paper-size conv+linear MACs (G)"),
-        ("paper_attn_gmacs", "Paper-size attention MACs (G)"),
-        ("paper_all_gmacs", "Paper-size all MACs (G)"),
-        ("latency_ms", f"Latency, evaluated model, {device} (ms/img)"),
-        *((f"sd_latency_s:{name}", f"Paper-size latency, {name} (s/img)") for name in devices),
+    columns = [  # (key, label, higher_is_better: None = not ranked); lower is better for costs
+        ("steps", "Steps", False),
+        ("params_M", "Params (M)", False),
+        ("paper_params_M", "Paper-size params (M)", None),
+        ("paper_gmacs", "Paper-size conv+linear MACs (G)", False),
+        ("paper_attn_gmacs", "Paper-size attention MACs (G)", False),
+        ("paper_all_gmacs", "Paper-size all MACs (G)", False),
+        ("latency_ms", f"Latency, evaluated model, {device} (ms/img)", False),
+        *((f"sd_latency_s:{name}", f"Paper-size latency, {name} (s/img)", False) for name in devices),
     ]
     rows = []
     for method, info in complexity.items():

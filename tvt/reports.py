@@ -212,7 +212,7 @@ def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()
     paper_rows = {method: arch.get(ARCHITECTURES.get(method, "")) for method in summary["complexity"]}
     columns, rows, notes = table4(summary["complexity"], paper_rows, test_set=summary["test_set"],
                                   device=summary.get("device", "cpu"))
-    return Table("table4_complexity", "Complexity", [Column(key, label, False) for key, label in columns], rows,
+    return Table("table4_complexity", "Complexity", [Column(*column) for column in columns], rows,
                  notes=notes)
 
 
