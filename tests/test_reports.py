@@ -156,10 +156,11 @@ def test_ablation_tables_group_the_paper_variants_with_tvt():
 
 
 def test_complexity_table_reads_paper_size_architecture_rows():
-    rows = [{"name": "TVT restorer (E4 + CE-UNet + D4)", "params_M": 950.0, "gmacs": 1200.0}]
+    rows = [{"name": "TVT restorer (E4 + CE-UNet + D4)", "params_M": 950.0, "gmacs": 1200.0, "attn_gmacs": 900.0}]
     table = reports.complexity_table(_summary(), rows)
     assert _row(table, "tvt") == {"method": "tvt", "steps": 1, "params_M": 12.5, "paper_params_M": 950.0,
-                                  "paper_gmacs": 1200.0, "latency_ms": 40.0}
+                                  "paper_gmacs": 1200.0, "paper_attn_gmacs": 900.0, "paper_all_gmacs": 2100.0,
+                                  "latency_ms": 40.0, "sd_latency_s:CPU, 2 threads": 29.0}
     assert _row(table, "bicubic")["paper_gmacs"] is None
     assert table.marks()[("bicubic", "latency_ms")] is Mark.BEST  # by value: no sampling noise to test
 

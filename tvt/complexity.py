@@ -13,7 +13,7 @@ attention appears as ``bmm`` ops whatever the hardware; FLOPs are halved into MA
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from tvt import compat
 
@@ -163,6 +163,84 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
         "input_shape": lr,
     })
     return table
+
+
+#: Measured latency (s per 512² output) of the paper-size restorers, by architecture row and
+#: device: ``bench/bench_latency.py --sd-scale --sd-size 512`` (random weights: latency does not
+#: depend on them), median of interleaved runs. Add a device when it is measured.
+SD_SIZE_LATENCY_S: dict[str, dict[str, float]] = {
+    "CPU, 2 threads": {  # issue 16's measurement, torch 2.x on this project's 2-core CI machine
+        "TVT restorer (E4 + CE-UNet + D4)": 29.0,
+        "OSEDiff restorer (E8 + UNet + D8)": 21.4,
+    },
+}
+
+#: why conv+linear MACs and latency rank TVT and OSEDiff differently (Table 4's note)
+RANKING_NOTE = (
+    "Rankings differ because conv + linear MACs leave attention out: TVT's CE-UNet replicates the UNet's "
+    "first and last blocks at 2× latent resolution, where self-attention runs over 4× more tokens, so TVT "
+    "needs fewer conv MACs than OSEDiff but far more attention MACs — and time."
+)
+
+
+def table4(
+    complexity: Mapping[str, Mapping],
+    paper_rows: Mapping[str, Mapping],
+    *,
+    test_set: str,
+    device: str,
+    sd_latency: Mapping[str, Mapping[str, float]] = SD_SIZE_LATENCY_S,
+) -> tuple[list[tuple[str, str, bool | None]], list[dict], list[str]]:
+    """Table 4 as users need it: both MAC accountings and both latencies, each labelled.
+
+    Args:
+        complexity: per method, what evaluation measured (``steps``, ``params_M``, ``latency_ms``).
+        paper_rows: per method, its paper-size row of :func:`compute_complexity` (absent: unknown).
+        test_set, device: where ``latency_ms`` was measured.
+        sd_latency: measured paper-size latency per device (:data:`SD_SIZE_LATENCY_S`).
+
+    Returns (columns as (key, label, higher_is_better), rows, notes).
+    """
+    devices = list(sd_latency)
+    columns = [  # (key, label, higher_is_better: None = not ranked); lower is better for costs
+        ("steps", "Steps", False),
+        ("params_M", "Params (M)", False),
+        ("paper_params_M", "Paper-size params (M)", None),
+        ("paper_gmacs", "Paper-size conv+linear MACs (G)", False),
+        ("paper_attn_gmacs", "Paper-size attention MACs (G)", False),
+        ("paper_all_gmacs", "Paper-size all MACs (G)", False),
+        ("latency_ms", f"Latency, evaluated model, {device} (ms/img)", False),
+        *((f"sd_latency_s:{name}", f"Paper-size latency, {name} (s/img)", False) for name in devices),
+    ]
+    rows = []
+    for method, info in complexity.items():
+        paper = paper_rows.get(method) or {}
+        macs, attention = paper.get("gmacs"), paper.get("attn_gmacs")
+        row = {
+            "method": method,
+            "steps": info.get("steps"),
+            "params_M": info.get("params_M"),
+            "paper_params_M": paper.get("params_M"),
+            "paper_gmacs": macs,
+            "paper_attn_gmacs": attention,
+            "paper_all_gmacs": None if macs is None or attention is None else round(macs + attention, 2),
+            "latency_ms": info.get("latency_ms"),
+        }
+        for name in devices:
+            row[f"sd_latency_s:{name}"] = sd_latency[name].get(paper.get("name", ""))
+        rows.append(row)
+    notes = [
+        (
+            "Steps: denoising steps (bicubic 0; unknown for external results). Params: the evaluated model. "
+        "Paper-size: the method's SD 2.1-base-scale architecture at 512² output (tvt.complexity, counted on the "
+        "meta device): conv+linear MACs (what SR papers call FLOPs), attention MACs (QKᵀ and softmax·V) and "
+        f"their sum. Latency, evaluated model: median per image over the {test_set} test images on {device}; "
+        "not measured for external results. Paper-size latency: bench/bench_latency.py --sd-scale --sd-size 512 "
+            "(random weights), per device measured."
+        ),
+        RANKING_NOTE,
+    ]
+    return columns, rows, notes
 
 
 def to_markdown(rows: list[dict]) -> str:

@@ -49,7 +49,8 @@ PAIRING_NOTES = {
     "synthetic": "LR synthesised from HR with the Real-ESRGAN second-order degradation (OSEDiff's parameters).",
 }
 _DECIMALS = {"psnr_y": 2, "fid": 2, "musiq": 2, "niqe": 3, "qalign": 3, "latency_ms": 1, "params_M": 2, "paper_params_M": 1,
-             "paper_gmacs": 1, "steps": 0, "n": 0}
+             "paper_gmacs": 1, "paper_attn_gmacs": 1, "paper_all_gmacs": 1, "sd_latency_s": 1,
+             "steps": 0, "n": 0}
 
 #: ablation family -> (title, variant names without the "tvt_" prefix), DESIGN.md §1.1–1.3
 ABLATIONS = {
@@ -267,7 +268,7 @@ def format_value(key: str, value) -> str:
         return value
     if not _is_number(value):
         return "–"
-    decimals = _DECIMALS.get(key, 4)
+    decimals = _DECIMALS.get(key.split(":")[0], 4)  # "sd_latency_s:<device>": one column per device
     return f"{value:.{decimals}f}" if decimals else f"{value:.0f}"
 
 
@@ -375,23 +376,18 @@ def text_table(summary: Mapping) -> Table | None:
 
 
 def complexity_table(summary: Mapping, architecture_rows: Sequence[Mapping] = ()) -> Table:
-    """Table 4 shape: steps, parameters, paper-size MACs, measured latency (ranked by value)."""
+    """Table 4 shape: steps, parameters, both MAC accountings, measured latencies (tvt.complexity.table4).
+
+    Costs are ranked by value: counts (steps, parameters, MACs) are exact; latencies are one noisy
+    measurement each and never count as evidence in the ordering check."""
+    from tvt.complexity import table4  # heavy imports (diffusers), only when Table 4 is built
+
     arch = {row["name"]: row for row in architecture_rows}
-    rows = []
-    for method, info in summary["complexity"].items():
-        paper = arch.get(ARCHITECTURES.get(method, ""), {})
-        rows.append({"method": method, "steps": info.get("steps"), "params_M": info.get("params_M"),
-                     "paper_params_M": paper.get("params_M"), "paper_gmacs": paper.get("gmacs"),
-                     "latency_ms": info.get("latency_ms")})
-    columns = [Column("steps", "Steps", False, "exact"), Column("params_M", "Params (M)", False, "exact"),
-               Column("paper_params_M", "Paper-size params (M)"),
-               Column("paper_gmacs", "Paper-size MACs (G)", False, "exact"),
-               Column("latency_ms", "Latency (ms/img)", False, "measured")]
-    notes = [(f"Steps: denoising steps (bicubic 0; unknown for external results). Params: the evaluated model. "
-              f"Paper-size: the method's SD 2.1-base-scale architecture at 512² output (tvt.complexity, counted on "
-              f"the meta device; MACs of convolutions and linear layers). Latency: median per image over the "
-              f"{summary['test_set']} test images on {summary.get('device', 'cpu')}; not measured for external "
-              f"results. Ranked by value (latency: one run, not tested).")]
+    paper_rows = {method: arch.get(ARCHITECTURES.get(method, "")) for method in summary["complexity"]}
+    columns, rows, notes = table4(summary["complexity"], paper_rows, test_set=summary["test_set"],
+                                  device=summary.get("device", "cpu"))
+    columns = [Column(key, label, better, "measured" if "latency" in key else "exact")
+               for key, label, better in columns]
     return Table("table4_complexity", "Complexity", columns, rows, notes=notes)
 
 

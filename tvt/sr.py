@@ -86,7 +86,7 @@ DEFAULT_MAX_INPUT_PIXELS = 2048 * 2048  # a 4x output of 67 MP: image buffers of
 DEFAULT_MAX_PIXELS_UNTILED = 1024 * 1024  # output pixels: 4x the 512² training crops
 DEFAULT_TILE = 512  # output pixels: the training crop, so every tile looks like training data
 DEFAULT_QUALITY = 95  # JPEG and WebP
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("fp32", "bf16", "fp16")  # of the denoiser; the VAE stays fp32 (tvt/inference.py)
 
 #: the layout :meth:`OneStepRestorer.save_pretrained_dir` writes (tests keep the two in step);
 #: the prompt embedding, when restorer.json names one, is checked too
@@ -359,7 +359,7 @@ def upscale(restorer: OneStepRestorer, picture: Picture, tile: int | None, overl
     parameter = next(restorer.parameters())
     restorer.tile = tile
     restorer.tile_overlap = overlap if overlap is not None else (tile or 0) // 4
-    lr = torch.from_numpy(picture.rgb).permute(2, 0, 1)[None].to(parameter.device, parameter.dtype)
+    lr = torch.from_numpy(picture.rgb).permute(2, 0, 1)[None].to(parameter.device, restorer.vae.dtype)
     try:
         with torch.inference_mode():
             sr = restorer(lr)[0].float().permute(1, 2, 0).cpu().numpy()
@@ -560,13 +560,21 @@ def resolve_weights(weights: Path | None, method: str | None = None) -> Path:
     return weights
 
 
+#: ``tvt sr`` options that only a multi-step (StableSR) restorer has: flag -> constructor argument
+SAMPLING_OPTIONS = {"--steps": "steps", "--w": "w", "--seed": "seed"}
+
+
 def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp32", scale: int | None = None,
-                  color_fix: str | None = None) -> OneStepRestorer:
+                  color_fix: str | None = None, threads: int | None = None,
+                  **sampling: object) -> OneStepRestorer:
     """The restorer in ``weights`` (see :func:`resolve_weights`), in eval mode on ``device``
-    (default: CUDA when available), with ``scale`` and ``color_fix`` overriding the stored ones."""
+    (default: CUDA when available), with ``scale``, ``color_fix`` and, for a StableSR restorer,
+    ``sampling`` (``steps``, ``w``, ``seed``; None keeps the stored value) overriding the stored ones."""
     import torch
 
+    from tvt.inference import InferenceOptions, prepare_for_inference
     from tvt.models.saved import load_restorer as load_saved
+    from tvt.models.saved import restorer_class_name
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -574,12 +582,30 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
         raise UsageError("--device cuda: no CUDA device is available")
     torch.backends.cudnn.benchmark = False  # autotuned kernels may differ between runs: same input, same bytes
     torch.backends.cudnn.deterministic = True
-    overrides = {key: value for key, value in (("scale", scale), ("color_fix", color_fix)) if value is not None}
+    overrides = {key: value for key, value in (("scale", scale), ("color_fix", color_fix), *sampling.items())
+                 if value is not None}
+    given = [flag for flag, key in SAMPLING_OPTIONS.items() if key in overrides]
     try:
+        if given and restorer_class_name(weights) != "StableSRRestorer":
+            raise UsageError(f"{', '.join(given)}: only multi-step (StableSR) restorers sample; "
+                             f"{weights} holds a one-step restorer")
         restorer = load_saved(weights, **overrides)  # one-step (TVT, OSEDiff…) or StableSR
+    except UsageError:
+        raise
     except Exception as exc:  # damaged safetensors, unknown classes, configs of another version...
         raise UsageError(f"cannot load the restorer in {weights} ({_one_line(exc)})") from exc
-    return restorer.to(device=device, dtype=getattr(torch, DTYPES[dtype])).eval()
+    return prepare_for_inference(restorer.to(device), InferenceOptions(precision=dtype, threads=threads))
+
+
+def _unit_interval(text: str) -> float:
+    """An argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
 
 
 # ---- command line ----
@@ -616,8 +642,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=_int_between(1), help="upscaling factor (default: the restorer's own, 4)")
     parser.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="default: the restorer's own")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="network precision (default: %(default)s; fp16/bf16 halve GPU memory)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+                        help="denoiser precision; the VAE stays fp32 (default: %(default)s, the fastest exact "
+                             "option measured on CPU; see docs/inference.md)")
+    parser.add_argument("--threads", type=_int_between(1), metavar="T",
+                        help="CPU threads (default: torch's, one per core; on a busy machine 1 can be "
+                             "much faster, see docs/inference.md)")
     parser.add_argument("--tile", type=_int_between(1), metavar="N",
                         help="tile every image larger than N x N output pixels (a multiple of the restorer's "
                              f"64-pixel alignment; default: {DEFAULT_TILE}, only above --max-pixels-untiled)")
@@ -630,6 +660,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reject inputs whose shorter side is smaller (default: %(default)s)")
     parser.add_argument("--quality", type=_int_between(1, 100), default=DEFAULT_QUALITY, metavar="Q",
                         help="JPEG/WebP quality 1-100 (default: %(default)s)")
+    sampling = parser.add_argument_group("multi-step restorers (StableSR); defaults: the restorer's own")
+    sampling.add_argument("--steps", type=_int_between(2, 1000), metavar="N",
+                          help="respaced sampling steps (StableSR's paper: 200; fewer is faster, less detailed)")
+    sampling.add_argument("--w", type=_unit_interval, metavar="W",
+                          help="CFW weight: 0 = realism (SD's plain decoder), 1 = fidelity to the input")
+    sampling.add_argument("--seed", type=_int_between(0), metavar="S", help="seed of the sampling noise")
 
 
 def _tiling_policy(args: argparse.Namespace, pixel_multiple: int) -> TilingPolicy:
@@ -652,7 +688,8 @@ def main(args: argparse.Namespace) -> int:
         restorer = options = None
         if args.overwrite or any(not item.output.exists() for item in items):
             restorer = load_restorer(weights, device=args.device, dtype=args.dtype, scale=args.scale,
-                                     color_fix=args.color_fix)
+                                     color_fix=args.color_fix, threads=args.threads, steps=args.steps, w=args.w,
+                                     seed=args.seed)
             options = BatchOptions(args.overwrite, args.min_side, args.max_input_pixels,
                                    _tiling_policy(args, restorer.pixel_multiple), args.quality)
     except UsageError as exc:

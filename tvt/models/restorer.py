@@ -46,6 +46,8 @@ from tvt.models.tiling import (
     crop_to,
     pad_to_multiple,
     tiled_apply,
+    tiled_decode,
+    tiled_encode,
     vae_downsample_factor,
 )
 from tvt.models.vae_d4 import VAED4
@@ -103,7 +105,7 @@ class OneStepRestorer(nn.Module):
         scheduler: DDPMScheduler | None = None,
         tile: int | None = None,
         tile_overlap: int | None = None,
-        tile_norm_stats: str = "tile",
+        tile_norm_stats: str = "exact",
     ):
         """
         Args:
@@ -118,7 +120,9 @@ class OneStepRestorer(nn.Module):
             tile, tile_overlap: tile side (a multiple of :attr:`pixel_multiple`) and overlap in
                 *output* pixels (None: untiled; overlap defaults to a quarter tile). Latent
                 tiles are these over the VAE factor.
-            tile_norm_stats: GroupNorm statistics when tiled, "tile" or "image" (tiling.py).
+            tile_norm_stats: GroupNorm statistics when tiled (tiling.py): "exact" (default) pools
+                the VAE's over all tiles (tiled_vae.py; the UNet, whose attention is global at
+                every level, keeps per-tile statistics); "tile" or "image" apply to both.
         """
         super().__init__()
         if color_fix not in COLOR_FIX_MODES:
@@ -177,8 +181,11 @@ class OneStepRestorer(nn.Module):
 
     def encode_lr(self, lr_up: torch.Tensor) -> torch.Tensor:
         """z_L: scaled posterior mean of the upsampled LR ([0, 1], sides multiples of :attr:`pixel_multiple`)."""
-        encode = lambda x: self.vae.encode(x).latent_dist.mode()
-        mean = self._tiled(encode, lr_up * 2 - 1, self.tile, 1 / self.vae_factor, self.vae)
+        if self.tile and self.tile_norm_stats == "exact":
+            mean = tiled_encode(self.vae, lr_up * 2 - 1, self.tile, 0, norm_stats="exact")
+        else:
+            encode = lambda x: self.vae.encode(x).latent_dist.mode()
+            mean = self._tiled(encode, lr_up * 2 - 1, self.tile, 1 / self.vae_factor, self.vae)
         return mean * self.vae.config.scaling_factor
 
     def denoise(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -192,9 +199,13 @@ class OneStepRestorer(nn.Module):
 
     def decode(self, z_h: torch.Tensor) -> torch.Tensor:
         """Image in [0, 1] (not clamped, so losses see the raw output) from a scaled latent."""
-        decode = lambda z: self.vae.decode(z).sample
         tile = self.tile and self.tile // self.vae_factor
-        image = self._tiled(decode, z_h / self.vae.config.scaling_factor, tile, self.vae_factor, self.vae)
+        z = z_h / self.vae.config.scaling_factor
+        if tile and self.tile_norm_stats == "exact":
+            image = tiled_decode(self.vae, z, tile, 0, norm_stats="exact")
+        else:
+            decode = lambda z: self.vae.decode(z).sample
+            image = self._tiled(decode, z, tile, self.vae_factor, self.vae)
         return (image + 1) / 2
 
     def _tiled(self, fn, x, tile, scale_out, norm_module, multiple=1):
@@ -209,7 +220,7 @@ class OneStepRestorer(nn.Module):
             scale_out,
             multiple=multiple,
             norm_module=norm_module,
-            norm_stats=self.tile_norm_stats,
+            norm_stats="tile" if self.tile_norm_stats == "exact" else self.tile_norm_stats,
         )
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:

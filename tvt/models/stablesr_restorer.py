@@ -77,7 +77,8 @@ class StableSRRestorer(nn.Module):
             seed: seed of the sampling noise, drawn anew for every call.
             tile, tile_overlap: output pixels (a multiple of :attr:`pixel_multiple`) of the
                 pixel tiles of encoder/decoder; latent tiles for the sampling are these over 8
-                (None: untiled; overlap defaults to a quarter tile).
+                (None: untiled; overlap defaults to a quarter tile). The encoder tiles exactly
+                (GroupNorm statistics pooled over tiles: tiled_vae.py); the CFW decoder blends.
         """
         super().__init__()
         if color_fix not in COLOR_FIX_MODES:
@@ -117,9 +118,9 @@ class StableSRRestorer(nn.Module):
         lr_up = self.upsample_lr(lr)
         image = pad_to_multiple(lr_up, self.pixel_multiple) * 2 - 1
         factor, scaling = self.vae_factor, self.vae.config.scaling_factor
-        dtype = self.unet.dtype
+        dtype = self.vae.dtype  # VAE and CFW; the denoiser casts its own inputs (sample_latents)
         if self.tile:
-            mean = tiled_encode(self.vae, image.to(dtype), self.tile, self.tile_overlap)
+            mean = tiled_encode(self.vae, image.to(dtype), self.tile, self.tile_overlap, norm_stats="exact")
         else:
             mean = self.vae.encode(image.to(dtype)).latent_dist.mode()
         latent_tile = self.tile and self.tile // factor

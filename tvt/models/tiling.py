@@ -13,7 +13,9 @@ so on a tile every tile gets its own brightness and contrast. ``norm_stats`` cho
 * ``"image"`` — every tile uses the statistics of one untiled calibration pass over the
   whole input (:func:`frozen_group_norm_stats`): tiled equals untiled up to receptive-field
   truncation at tile borders, but that pass costs as much memory as untiled inference
-  (worth it where a later, tiled stage — e.g. a UNet's attention — is the memory bound).
+  (worth it where a later, tiled stage — e.g. a UNet's attention — is the memory bound);
+* ``"exact"`` — VAEs only (:func:`tiled_encode`, :func:`tiled_decode`): statistics pooled over
+  all tiles before any tile goes on (tiled_vae.py) — untiled output at tiled memory.
 
 Estimating the statistics on a downscaled input (Tiled-VAE's "fast" mode) keeps memory
 bounded, but in our measurements it drifted further from the untiled output than per-tile
@@ -36,7 +38,7 @@ from torch import nn
 # no weight, so with an overlap of at least twice the receptive radius tiled == untiled
 # (measured on the mini VAE-D4: 0.3 % max error; 0.15 gives 1.5 %, from the border leak).
 DEFAULT_SIGMA_RATIO = 0.1
-NORM_STATS_MODES = ("tile", "image")
+NORM_STATS_MODES = ("tile", "image", "exact")
 
 
 def gaussian_weight(
@@ -170,6 +172,8 @@ def tiled_apply(
         )
     if norm_stats not in NORM_STATS_MODES:
         raise ValueError(f"unknown norm_stats {norm_stats!r}; expected one of {NORM_STATS_MODES}")
+    if norm_stats == "exact":
+        raise ValueError("norm_stats='exact' needs the VAE's structure: use tiled_encode/tiled_decode")
     if norm_stats != "tile" and norm_module is None:
         raise ValueError(f"norm_stats={norm_stats!r} needs the norm_module whose GroupNorms to share")
     tile = max(align, tile // align * align)
@@ -216,8 +220,14 @@ def vae_downsample_factor(vae: nn.Module) -> int:
 def tiled_encode(vae: nn.Module, image: torch.Tensor, tile: int, overlap: int, **tiling: object) -> torch.Tensor:
     """Latent mean (the posterior's mode, unscaled) of ``image`` in [-1, 1], by pixel tiles.
 
-    ``tile`` and ``overlap`` are in pixels; ``tiling`` goes to :func:`tiled_apply`.
+    ``tile`` and ``overlap`` are in pixels; ``tiling`` goes to :func:`tiled_apply`, except with
+    ``norm_stats="exact"`` (:func:`~tvt.models.tiled_vae.exact_tiled_encode`; ``overlap`` unused:
+    the halo follows from the network).
     """
+    if tiling.get("norm_stats") == "exact":
+        from tvt.models.tiled_vae import exact_tiled_encode  # tiled_vae builds on this module
+
+        return exact_tiled_encode(vae, image, tile)
     factor = vae_downsample_factor(vae)
     encode = lambda x: vae.encode(x).latent_dist.mode()
     return tiled_apply(encode, image, tile, overlap, 1 / factor, norm_module=vae, **tiling)
@@ -226,8 +236,13 @@ def tiled_encode(vae: nn.Module, image: torch.Tensor, tile: int, overlap: int, *
 def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile: int, overlap: int, **tiling: object) -> torch.Tensor:
     """Image in [-1, 1] decoded from unscaled ``latents`` by latent tiles.
 
-    ``tile`` and ``overlap`` are in latent pixels; ``tiling`` goes to :func:`tiled_apply`.
+    ``tile`` and ``overlap`` are in latent pixels; ``tiling`` goes to :func:`tiled_apply`, except
+    with ``norm_stats="exact"`` (:func:`~tvt.models.tiled_vae.exact_tiled_decode`).
     """
+    if tiling.get("norm_stats") == "exact":
+        from tvt.models.tiled_vae import exact_tiled_decode  # tiled_vae builds on this module
+
+        return exact_tiled_decode(vae, latents, tile)
     factor = vae_downsample_factor(vae)
     decode = lambda z: vae.decode(z).sample
     return tiled_apply(decode, latents, tile, overlap, factor, norm_module=vae, **tiling)
