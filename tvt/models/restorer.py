@@ -175,9 +175,10 @@ class OneStepRestorer(nn.Module):
         """Bicubic ×scale, clamped back to [0, 1] (bicubic overshoots at edges)."""
         return F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
 
-    def encode_lr(self, lr_up: torch.Tensor) -> torch.Tensor:
-        """z_L: scaled posterior mean of the upsampled LR ([0, 1], sides multiples of :attr:`pixel_multiple`)."""
-        encode = lambda x: self.vae.encode(x).latent_dist.mode()
+    def encode_lr(self, lr_up: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+        """z_L: scaled posterior mean of the upsampled LR ([0, 1], sides multiples of :attr:`pixel_multiple`);
+        a posterior sample with ``sample=True`` (what the official training forward feeds the UNet)."""
+        encode = lambda x: self.vae.encode(x).latent_dist.sample() if sample else self.vae.encode(x).latent_dist.mode()
         mean = self._tiled(encode, lr_up * 2 - 1, self.tile, 1 / self.vae_factor, self.vae)
         return mean * self.vae.config.scaling_factor
 

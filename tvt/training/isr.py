@@ -34,6 +34,7 @@ from tvt import compat
 
 compat.apply()  # diffusers imports peft -> transformers -> torchvision
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,7 +49,8 @@ from tvt.models.ce_unet import CEUNet
 from tvt.models.lora import (
     LORA_PATTERN,
     OSEDIFF_UNET_TRAINABLE,
-    add_unet_lora,
+    TVT_UNET_TRAINABLE,
+    add_official_unet_lora,
     add_vae_encoder_lora,
     set_trainable,
 )
@@ -100,20 +102,29 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
         set_trainable(add_vae_encoder_lora(vae, rank=rank), [LORA_PATTERN])
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
-        add_unet_lora(unet.unet, rank=rank)
-        set_trainable(unet, CEUNet.TRAINABLE_PATTERNS)
+        trainable = TVT_UNET_TRAINABLE
     else:
-        unet = add_unet_lora(unet_sharing_weights(teacher, own=("conv_in.",)), rank=rank)
-        set_trainable(unet, OSEDIFF_UNET_TRAINABLE)
+        unet = unet_sharing_weights(teacher, own=("conv_in.",))
+        trainable = OSEDIFF_UNET_TRAINABLE
+    add_official_unet_lora(unet, rank=rank)  # all three adapters active (TVT train.py: set_adapter)
+    set_trainable(unet, trainable)
     return OneStepRestorer(vae, unet, method=variant, timestep=section["timestep"], scale=scale,
                            color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
 
 
-def generate(restorer: OneStepRestorer, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training forward: LR in [-1, 1] → (SR in [-1, 1], not clamped, no colour fix; ẑ_H)."""
+def generate(restorer: OneStepRestorer, lr: torch.Tensor, *, sample_posterior: bool = True,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training forward: LR in [-1, 1] → (SR clamped to [-1, 1], no colour fix; ẑ_H).
+
+    As the official training forwards (TVT ``TVTModel.py`` ``TVT.forward``, OSEDiff
+    ``osediff.py`` ``OSEDiff_gen.forward``): the UNet sees a *sample* of the encoder's posterior
+    (``sample_posterior``; the restorer's inference uses its mean) and the losses see the decoded
+    image clamped to [-1, 1], so pixels already beyond the range get no gradient.
+    """
     lr = (lr + 1) / 2
-    z_h = restorer.denoise(restorer.encode_lr(restorer.upsample_lr(lr)), restorer.prompt(lr))
-    return restorer.decode(z_h) * 2 - 1, z_h
+    z_l = restorer.encode_lr(restorer.upsample_lr(lr), sample=sample_posterior)
+    z_h = restorer.denoise(z_l, restorer.prompt(lr))
+    return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
 
 
 @torch.no_grad()
@@ -160,13 +171,17 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     if first["hr"].shape[-1] % restorer.pixel_multiple or first["hr"].shape[-2] % restorer.pixel_multiple:
         raise ValueError(f"isr.{variant}: training crops of {tuple(first['hr'].shape[-2:])} are not multiples of "
                          f"{restorer.pixel_multiple}, the side this restorer takes without padding")
-    fake = fake_score_unet(teacher, rank=section["fake_lora_rank"]).train()
+    fake = fake_score_unet(teacher, rank=section["fake_lora_rank"],
+                           scope=section.get("fake_lora_scope", "official")).train()
+
+    posterior = section.get("encoder_posterior", "sample")
 
     def trainable(module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
 
     models = trainer.register(
-        {"generator": Call(restorer, generate), "fake_score": fake},
+        {"generator": Call(restorer, functools.partial(generate, sample_posterior=posterior == "sample")),
+         "fake_score": fake},
         {"generator": torch.optim.AdamW(trainable(restorer), lr=section["lr"], weight_decay=section["weight_decay"]),
          "fake_score": torch.optim.AdamW(trainable(fake), lr=section["fake_lr"],
                                          weight_decay=section["weight_decay"])},
