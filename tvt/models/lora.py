@@ -28,6 +28,7 @@ not silently freeze a module).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 from tvt import compat
@@ -153,7 +154,9 @@ def add_official_unet_lora(
             # exact names (a full match): peft's list matching would also accept suffixes
             targets = "^(" + "|".join(re.escape(module) for module in groups[group]) + ")$"
             # peft directly: CE-UNet is no diffusers PeftAdapterMixin, and the same call serves both
-            inject_adapter_in_model(_lora_config(rank, alpha, init, targets), unet, adapter_name=adapter_name(group))
+            with warnings.catch_warnings():  # "multiple adapters in the model": three are what we want
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(_lora_config(rank, alpha, init, targets), unet, adapter_name=adapter_name(group))
     present = [group for group in active if groups[group]]
     if not present:
         raise ValueError(f"no layer of {type(unet).__name__} belongs to the LoRA groups {active}")
