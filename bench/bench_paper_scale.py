@@ -91,10 +91,10 @@ def lora_counts() -> list[tuple[str, int, int, str]]:
         tvt = CEUNet(unet_config=SD21_BASE_UNET)
         osediff = UNet2DConditionModel(**SD21_BASE_UNET)
         teacher = UNet2DConditionModel(**SD21_BASE_UNET)
-    add_official_unet_lora(tvt)
+    add_official_unet_lora(tvt, codebase="tvt")
     set_trainable(tvt, TVT_UNET_TRAINABLE)
     rows.append(("TVT generator (CE-UNet)", ours(tvt), official(tvt, "tvt"), "TVT train.py layers_to_opt"))
-    add_official_unet_lora(osediff)
+    add_official_unet_lora(osediff, codebase="osediff")
     set_trainable(osediff, OSEDIFF_UNET_TRAINABLE)
     rows.append(
         (
@@ -104,24 +104,14 @@ def lora_counts() -> list[tuple[str, int, int, str]]:
             "OSEDiff LoRA + conv_in (its VAE-encoder LoRA not counted)",
         )
     )
-    for scope in ("official", "full"):
+    for codebase, scope in (("tvt", "official"), ("osediff", "official"), ("tvt", "full")):
         with torch.device("meta"):
-            fake = fake_score_unet(teacher, scope=scope)
-        note = (
-            "optimiser holds all three adapters; only default_others is active"
-            if scope == "official"
-            else "all three adapters active (no official counterpart)"
-        )
-        rows.append(
-            (
-                f"VSD fake score, scope {scope}",
-                ours(fake),
-                official(fake, "fake_score", only_adapter="default_others")
-                if scope == "official"
-                else official(fake, "fake_score"),
-                note,
-            )
-        )
+            fake = fake_score_unet(teacher, scope=scope, codebase=codebase)
+        if scope == "official":  # the official optimiser holds all three adapters; default_others alone acts
+            theirs, note = official(fake, "fake_score", only_adapter="default_others"), "only default_others acts"
+        else:
+            theirs, note = official(fake, "fake_score"), "all three adapters act (no official counterpart)"
+        rows.append((f"VSD fake score, {codebase} grouping, {scope}", ours(fake), theirs, note))
     return rows
 
 
@@ -280,9 +270,9 @@ def main() -> None:
         return
 
     print("Trainable parameters on SD 2.1-base's UNet (meta device): ours vs the official grouping")
-    print(f"{'network':34s} {'ours':>12s} {'official':>12s}  note")
+    print(f"{'network':42s} {'ours':>12s} {'official':>12s}  note")
     for network, mine, theirs, note in lora_counts():
-        print(f"{network:34s} {mine:12,d} {theirs:12,d}  {note}")
+        print(f"{network:42s} {mine:12,d} {theirs:12,d}  {note}")
     if args.counts_only:
         return
 

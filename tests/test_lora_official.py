@@ -53,6 +53,18 @@ def test_groups_follow_the_official_rule_on_sd_unet():
     assert "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj" in groups["others"]
 
 
+def test_osediff_groups_conv_out_with_the_decoder():
+    """The one difference between the two official code bases (osediff.py initialize_unet)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**MINI_UNET)
+    tvt, osediff = official_lora_groups(unet, "tvt"), official_lora_groups(unet, "osediff")
+    assert "conv_out" in tvt["others"] and "conv_out" in osediff["decoder"]
+    assert osediff["others"] == [n for n in tvt["others"] if n != "conv_out"]
+    assert osediff["encoder"] == tvt["encoder"]
+    with pytest.raises(ValueError, match="unknown LoRA grouping"):
+        official_lora_groups(unet, "stablesr")
+
+
 def test_ce_unet_names_map_to_the_official_five_level_unet():
     with torch.device("meta"):
         ce = CEUNet(unet_config=MINI_UNET)

@@ -186,6 +186,19 @@ def test_fake_score_scope_decides_which_adapters_learn(scope, adapters):
     assert changed == adapters
 
 
+def test_official_fake_score_of_osediff_leaves_conv_out_alone():
+    """OSEDiff groups conv_out with the decoder adapter, so its official fake score adapts the mid-block only."""
+    tvt = fake_score_unet(mini_unet(), rank=2, codebase="tvt")
+    osediff = fake_score_unet(mini_unet(), rank=2, codebase="osediff")
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert any(n.startswith("conv_out.") for n in trainable(tvt))
+    assert trainable(osediff) == {n for n in trainable(tvt) if not n.startswith("conv_out.")}
+    assert all(n.startswith("mid_block.") for n in trainable(osediff))
+
+
 def test_unknown_fake_score_scope_is_named():
     with pytest.raises(ValueError, match="fake_lora_scope.*'full', 'official'"):
         fake_score_unet(mini_unet(), scope="mid")

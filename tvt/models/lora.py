@@ -8,13 +8,16 @@
   (:data:`OSEDIFF_UNET_TRAINABLE`), and LoRA on the VAE-D8 encoder only.
 
 **The official grouping** (Joyies/TVT ``TVT/modelfile/TVTModel.py``: ``initialize_unet`` and
-``initialize_unet_TVT``; cswry/OSEDiff ``osediff.py`` / ``train_osediff.py``: ``initialize_unet``):
-every *weight* (names with ``bias`` or ``norm`` skipped) whose name contains one of
+``initialize_unet_TVT``; cswry/OSEDiff ``osediff.py``: ``initialize_unet``): every *weight*
+(names with ``bias`` or ``norm`` skipped) whose name contains one of
 :data:`OFFICIAL_LORA_SUBSTRINGS` gets LoRA, in adapter ``default_encoder`` when the name
 contains ``down_blocks`` or ``conv_in``, ``default_decoder`` when it contains ``up_blocks``, and
-``default_others`` otherwise (mid-block and ``conv_out``). Because the match is by substring,
-``"conv"`` alone selects every convolution, ``conv_in`` and ``conv_out`` included, while
-``conv_norm_out`` (a GroupNorm) is skipped. :func:`official_lora_groups` reproduces this rule on
+``default_others`` otherwise (the mid-block). The two code bases differ in one place:
+``conv_out`` is in ``default_others`` in TVT's and in ``default_decoder`` in OSEDiff's
+(:data:`CONV_OUT_GROUP`) — which matters for the VSD fake score, where only
+``default_others`` is active. Because the match is by substring, ``"conv"`` alone selects
+every convolution, ``conv_in`` and ``conv_out`` included, while ``conv_norm_out`` (a GroupNorm)
+is skipped. :func:`official_lora_groups` reproduces this rule on
 the official module names (:func:`official_unet_name` maps CE-UNet's names to the 5-level
 TVT UNet's), so an official ``state_dict_unet`` maps 1:1 onto ours.
 
@@ -74,6 +77,8 @@ TVT_UNET_TRAINABLE = (LORA_PATTERN, r"^(conv_in|down_block|upsample|up_block|con
 #: The official adapters in the order the official code adds them; the last one added is the
 #: only one diffusers' ``add_adapter`` leaves active.
 LORA_GROUPS = ("encoder", "decoder", "others")
+#: The adapter that holds ``conv_out``'s LoRA in each official code base (``initialize_unet``).
+CONV_OUT_GROUP = {"tvt": "others", "osediff": "decoder"}
 #: Substrings that select a weight for LoRA in the official grouping (its ``l_grep``; ``conv``
 #: already covers conv1, conv2, conv_in, conv_out and conv_shortcut, which it lists too).
 OFFICIAL_LORA_SUBSTRINGS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "proj_out", "proj_in", "ff.net.2",
@@ -109,11 +114,14 @@ def official_unet_name(model: torch.nn.Module, name: str) -> str:
     return name
 
 
-def official_lora_groups(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Module names (ours) that receive LoRA, per official group (module docstring's rule).
+def official_lora_groups(model: torch.nn.Module, codebase: str = "tvt") -> dict[str, list[str]]:
+    """Module names (ours) that receive LoRA, per official group, as ``codebase`` (tvt | osediff)
+    groups them (module docstring's rule).
 
     ``model`` must be free of adapters: a peft-wrapped model has other parameter names.
     """
+    if codebase not in CONV_OUT_GROUP:
+        raise ValueError(f"unknown LoRA grouping {codebase!r}; expected one of {sorted(CONV_OUT_GROUP)}")
     groups: dict[str, list[str]] = {group: [] for group in LORA_GROUPS}
     for name, _ in model.named_parameters():
         if re.search(LORA_PATTERN, name) or ".base_layer." in name:
@@ -125,6 +133,8 @@ def official_lora_groups(model: torch.nn.Module) -> dict[str, list[str]]:
             group = "encoder"
         elif "up_blocks" in official:
             group = "decoder"
+        elif "conv_out" in official:
+            group = CONV_OUT_GROUP[codebase]
         else:
             group = "others"
         groups[group].append(name.removesuffix(".weight"))
@@ -137,8 +147,10 @@ def add_official_unet_lora(
     alpha: float | None = None,
     init: str | bool = "gaussian",
     active: Iterable[str] = LORA_GROUPS,
+    codebase: str = "tvt",
 ) -> dict[str, list[str]]:
-    """Add the official three LoRA adapters (:func:`official_lora_groups`) to a UNet or CE-UNet, in place.
+    """Add the official three LoRA adapters (:func:`official_lora_groups` of ``codebase``) to a
+    UNet or CE-UNet, in place.
 
     ``active``: the groups whose adapters take part in the forward pass (and so train); the
     official generators activate all three (``set_adapter`` in TVT's ``train.py``), the
@@ -148,7 +160,7 @@ def add_official_unet_lora(
     active = list(active)
     if not active or any(group not in LORA_GROUPS for group in active):
         raise ValueError(f"active LoRA groups must be a non-empty subset of {LORA_GROUPS}, got {active}")
-    groups = official_lora_groups(unet)
+    groups = official_lora_groups(unet, codebase)
     for group in LORA_GROUPS:
         if groups[group]:
             # exact names (a full match): peft's list matching would also accept suffixes

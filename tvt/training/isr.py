@@ -99,14 +99,16 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     rank = section["lora_rank"]
     vae.requires_grad_(False)
     if section["vae_encoder"] == "lora":
-        set_trainable(add_vae_encoder_lora(vae, rank=rank), [LORA_PATTERN])
+        # OSEDiff's name for its VAE adapter (osediff.py initialize_vae), so its state maps 1:1
+        set_trainable(add_vae_encoder_lora(vae, rank=rank, adapter_name="default_encoder"), [LORA_PATTERN])
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
         trainable = TVT_UNET_TRAINABLE
     else:
         unet = unet_sharing_weights(teacher, own=("conv_in.",))
         trainable = OSEDIFF_UNET_TRAINABLE
-    add_official_unet_lora(unet, rank=rank)  # all three adapters active (TVT train.py: set_adapter)
+    # all three adapters active (TVT train.py / OSEDiff osediff.py OSEDiff_test.load_ckpt: set_adapter)
+    add_official_unet_lora(unet, rank=rank, codebase=section["method"])
     set_trainable(unet, trainable)
     return OneStepRestorer(vae, unet, method=variant, timestep=section["timestep"], scale=scale,
                            color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
@@ -171,8 +173,8 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     if first["hr"].shape[-1] % restorer.pixel_multiple or first["hr"].shape[-2] % restorer.pixel_multiple:
         raise ValueError(f"isr.{variant}: training crops of {tuple(first['hr'].shape[-2:])} are not multiples of "
                          f"{restorer.pixel_multiple}, the side this restorer takes without padding")
-    fake = fake_score_unet(teacher, rank=section["fake_lora_rank"],
-                           scope=section.get("fake_lora_scope", "official")).train()
+    fake = fake_score_unet(teacher, rank=section["fake_lora_rank"], scope=section.get("fake_lora_scope", "official"),
+                           codebase=section["method"]).train()
 
     posterior = section.get("encoder_posterior", "sample")
 

@@ -6,7 +6,7 @@ prior. Two score networks judge it after noising it to a random t_vsd:
 * the **real** score: the frozen SD UNet (the *teacher*), with classifier-free guidance
   ε = ε(∅⁻) + s·(ε(c) − ε(∅⁻)) between the prompt c and the negative prompt ∅⁻;
 * the **fake** score: the teacher's weights plus LoRA (by default, as in the official code,
-  only its mid-block/``conv_out`` adapter is active: :func:`fake_score_unet`), trained alongside the
+  only its mid-block adapter is active: :func:`fake_score_unet`), trained alongside the
   generator with the ordinary ε-MSE on the generator's *detached* latents, so it tracks
   the distribution the generator currently produces.
 
@@ -63,21 +63,23 @@ def unet_sharing_weights(unet: UNet2DConditionModel, *, own: tuple[str, ...] = (
 FAKE_LORA_SCOPES = {"official": ("others",), "full": LORA_GROUPS}
 
 
-def fake_score_unet(teacher: UNet2DConditionModel, *, rank: int = 4, scope: str = "official") -> UNet2DConditionModel:
+def fake_score_unet(teacher: UNet2DConditionModel, *, rank: int = 4, scope: str = "official",
+                    codebase: str = "tvt") -> UNet2DConditionModel:
     """VSD's fake score network: the teacher's (shared) weights plus the official three LoRA
     adapters, of which those of ``scope`` are active and trainable. Starts equal to the
     teacher (LoRA-B is zero).
 
     ``scope="official"`` reproduces the official code: TVT's and OSEDiff's ``VSD`` build the
     fake score with ``initialize_unet`` (three ``add_adapter`` calls; diffusers activates only
-    the last one added) and never call ``set_adapter`` on it, so only ``default_others`` — the
-    mid-block and ``conv_out`` — takes part in the forward pass and learns. ``"full"`` activates
-    all three adapters, LoRA on every layer, as the VSD/DMD papers describe the fake score.
+    the last one added) and never call ``set_adapter`` on it, so only ``default_others`` takes
+    part in the forward pass and learns: the mid-block, plus ``conv_out`` in TVT's grouping
+    (``codebase``: :data:`~tvt.models.lora.CONV_OUT_GROUP`). ``"full"`` activates all three
+    adapters, LoRA on every layer, as the VSD/DMD papers describe the fake score.
     """
     if scope not in FAKE_LORA_SCOPES:
         raise ValueError(f"fake_lora_scope must be one of {sorted(FAKE_LORA_SCOPES)}, got {scope!r}")
     fake = unet_sharing_weights(teacher)
-    add_official_unet_lora(fake, rank=rank, active=FAKE_LORA_SCOPES[scope])
+    add_official_unet_lora(fake, rank=rank, active=FAKE_LORA_SCOPES[scope], codebase=codebase)
     set_trainable(fake, [active_lora_pattern(fake)])
     return fake
 
