@@ -5,10 +5,14 @@ One stage, one code path; a variant is a config section ``isr.<variant>``:
 =============  =======  ====  ============  =========================================
 variant        method   unet  vae_encoder   what trains
 =============  =======  ====  ============  =========================================
-TVT            tvt      ce    frozen        CE-UNet's 2x ends in full + inner UNet LoRA
+TVT            tvt      ce    frozen        LoRA + CE-UNet's 2x ends, conv_in, conv_out
 S4 (ablation)  tvt      full  frozen        UNet LoRA + conv_in, the UNet at 2x latents
 OSEDiff (=S1)  osediff  full  lora          UNet LoRA + conv_in, VAE-D8 encoder LoRA
 =============  =======  ====  ============  =========================================
+
+LoRA is the official three adapters (encoder / decoder / others) on every targeted layer,
+replicas included, all active (:func:`tvt.models.lora.add_official_unet_lora`); TVT keeps
+``conv_norm_out`` frozen. docs/training-recipe.md gives the official reference of each choice.
 
 ``method`` picks the VAE: ``tvt`` the transferred VAE-D4 (encoder-transfer output), frozen as
 in the official TVT code, which trains no VAE weight (``vae_encoder: lora`` would add an
@@ -16,10 +20,12 @@ encoder adapter); ``osediff`` SD's own VAE-D8, whose encoder OSEDiff fine-tunes 
 while the decoder stays frozen.
 
 Generator: LR → bicubic ×scale → E → z_L → one UNet step at ``timestep`` → ẑ_H → D → SR
-(:class:`~tvt.models.restorer.OneStepRestorer`'s pieces; no colour fix while training, as in
-the official code). Its loss is λ_l2·MSE + λ_lpips·LPIPS on SR vs HR (images in [-1, 1]) +
+(:class:`~tvt.models.restorer.OneStepRestorer`'s pieces; as in the official code: no colour fix
+while training, a posterior *sample* of E, SR clamped to [-1, 1]: :func:`generate`). Its loss is
+λ_l2·MSE + λ_lpips·LPIPS on SR vs HR (images in [-1, 1]) +
 λ_vsd·VSD on ẑ_H (:mod:`tvt.training.vsd`). In the same step the VSD fake score takes one
-update of its own optimiser on the detached ẑ_H.
+update of its own optimiser on the detached ẑ_H; which of its adapters learn is
+``fake_lora_scope`` (:func:`tvt.training.vsd.fake_score_unet`).
 
 All SD-sized UNets here share one set of frozen weights: the teacher, the fake score's base
 and the generator's (CE-UNet's inner UNet; OSEDiff's UNet apart from its trainable conv_in).
