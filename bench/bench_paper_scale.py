@@ -10,7 +10,8 @@ publishes the stage's output — so shapes, LoRA, VSD patching, lean checkpoints
 are all exercised at full size. Per stage the table gives the seconds of each step (the
 engine's own ``samples_per_s`` of that step) and each process's peak RSS.
 
-Before the stages it prints the trainable-parameter counts of the ISR networks next to the
+Each stage reads its upstream stage's output when that has run, else a random paper-size
+VAE-D4, so the stages run in any order (most informative first). Before the stages it prints the trainable-parameter counts of the ISR networks next to the
 counts the official grouping gives on the same (meta-device) UNet (:func:`lora_counts`).
 
 Overrides of paper.yaml, all for CPU time only (none changes a network or a loss): batch 1,
@@ -40,7 +41,9 @@ from tvt import compat
 compat.apply()
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("decoder_transfer", "encoder_transfer", "isr_tvt", "isr_osediff", "stablesr_sft", "stablesr_cfw")
+# Most informative first (VSD at 128² latents, SD-size LoRA); each stage reads a finished
+# upstream output when there is one, else the random paper-size VAE-D4 of prepare().
+STAGES = ("isr_tvt", "isr_osediff", "stablesr_sft", "stablesr_cfw", "decoder_transfer", "encoder_transfer")
 HR = 512  # the paper's crop
 SCALE = 4
 
@@ -132,6 +135,12 @@ def prepare(workdir: Path) -> None:
     from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE
     from tvt.training.prior import PROMPT_EMBEDS_FILE
 
+    from tvt.models.sd_configs import VAE_D4_PAPER
+    from tvt.models.vae_d4 import VAED4
+
+    if not (workdir / "d4").is_dir():
+        torch.manual_seed(0)
+        VAED4(**VAE_D4_PAPER).save_pretrained(workdir / "d4")
     sd = workdir / "sd"
     if not (sd / "unet").is_dir():
         torch.manual_seed(0)
@@ -225,6 +234,10 @@ def run_stage(stage: str, workdir: Path, steps: int) -> dict:
     pairs, sd, out, ckpt = workdir / "pairs", workdir / "sd", workdir / "out", workdir / "ckpt" / stage
     run = _Run()
     started = time.perf_counter()
+
+    def upstream(stage: str) -> Path:
+        return out / stage if (out / stage).is_dir() else workdir / "d4"
+
     if stage == "decoder_transfer":
         from tvt.training.vae_transfer import run_decoder_transfer
 
@@ -232,11 +245,11 @@ def run_stage(stage: str, workdir: Path, steps: int) -> dict:
     elif stage == "encoder_transfer":
         from tvt.training.vae_transfer import run_encoder_transfer
 
-        run_encoder_transfer(cfg, pairs, out / "decoder_transfer", out / stage, ckpt, run)
+        run_encoder_transfer(cfg, pairs, upstream("decoder_transfer"), out / stage, ckpt, run)
     elif stage.startswith("isr_"):
         from tvt.training.isr import run_isr
 
-        run_isr(cfg, stage.removeprefix("isr_"), pairs, sd, out / "encoder_transfer", out / stage, ckpt, run)
+        run_isr(cfg, stage.removeprefix("isr_"), pairs, sd, upstream("encoder_transfer"), out / stage, ckpt, run)
     elif stage == "stablesr_sft":
         from tvt.training.stablesr_sft import run_stablesr_sft
 
