@@ -132,11 +132,9 @@ def prepare(workdir: Path) -> None:
     from skimage import data as photos
 
     from tvt.models.restorer import sd_noise_scheduler
-    from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE
-    from tvt.training.prior import PROMPT_EMBEDS_FILE
-
-    from tvt.models.sd_configs import VAE_D4_PAPER
+    from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE, VAE_D4_PAPER
     from tvt.models.vae_d4 import VAED4
+    from tvt.training.prior import PROMPT_EMBEDS_FILE
 
     if not (workdir / "d4").is_dir():
         torch.manual_seed(0)
