@@ -7,11 +7,12 @@ variant twice from the same seed, once per scope, on a finished mini pipeline's 
 prints the two side by side: validation PSNR/LPIPS of the saved restorer, the training losses,
 the fake score's ε-MSE and the wall time.
 
-Inputs: the outputs of the mini stages ``degrade``, ``prior`` and ``encoder_transfer``
-(``resources/pairs``, ``resources/models/sd-base``, ``resources/models/vae-d4``), e.g.
+Inputs: the outputs of the mini stages ``degrade`` and ``prior`` (``resources/pairs``,
+``resources/models/sd-base``), and for TVT variants also ``encoder_transfer``
+(``resources/models/vae-d4``), e.g.
 
-    for s in data degrade prior decoder_transfer encoder_transfer; do python -m tvt stage $s; done
-    PYTHONPATH=. python bench/bench_fake_lora_scope.py --variant tvt
+    for s in data degrade prior; do python -m tvt stage $s; done
+    PYTHONPATH=. python bench/bench_fake_lora_scope.py --variant osediff
 """
 
 from __future__ import annotations
