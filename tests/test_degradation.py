@@ -24,6 +24,7 @@ from tvt.degradation import (
     image_seed,
     sample_params,
     synthesize_pairs,
+    usm_sharpen,
     validate_config,
 )
 
@@ -185,6 +186,58 @@ def test_bad_hr_is_rejected(cfg):
         degrade(textured(66, 64), cfg, 0)
     with pytest.raises(ValueError, match="uint8 RGB"):
         degrade(textured().astype(np.float32), cfg, 0)
+
+
+# --------------------------------------------------- StableSR options: no-degradation, USM ---
+
+
+def test_no_degradation_draw_is_a_plain_bicubic_downscale(cfg):
+    hr = textured(64, 64)
+    lr, params = degrade(hr, {**cfg, "no_degradation_prob": 1.0}, seed=3)
+    assert params == {"scale": 4, "none": True}
+    expected = F.interpolate(torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255, size=(16, 16),
+                             mode="bicubic", antialias=True)
+    expected = (expected.clamp(0, 1) * 255).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    assert np.array_equal(lr, expected)
+    assert np.array_equal(apply_params(hr, json.loads(json.dumps(params)), 3), lr)  # the recipe replays
+
+
+def test_no_degradation_share_and_untouched_recipes(cfg):
+    """About p of the pairs skip the degradation; the others keep exactly the recipe they had without the option."""
+    seeds = range(400)
+    skipped = [s for s in seeds if sample_params({**cfg, "no_degradation_prob": 0.05}, s).get("none")]
+    assert 8 <= len(skipped) <= 35  # Binomial(400, 0.05): mean 20, sd 4.4
+    kept = [s for s in seeds[:40] if s not in skipped]
+    assert all(sample_params({**cfg, "no_degradation_prob": 0.05}, s) == sample_params(cfg, s) for s in kept)
+
+
+def test_usm_sharpens_as_basicsr(cfg):
+    hr = textured(64, 64)
+    sharp = usm_sharpen(hr)
+    assert sharp.dtype == np.uint8 and sharp.shape == hr.shape
+    assert laplacian_variance(sharp) > 1.2 * laplacian_variance(hr)
+    flat = np.full((32, 32, 3), 128, np.uint8)
+    assert np.array_equal(usm_sharpen(flat), flat)  # nothing to sharpen
+
+
+@pytest.mark.parametrize("edit,key", [({"no_degradation_prob": 1.5}, "no_degradation_prob"),
+                                      ({"usm_gt": "yes"}, "usm_gt")])
+def test_bad_stablesr_options_name_the_key(cfg, edit, key):
+    with pytest.raises(ValueError, match=f"degrade.{key}"):
+        validate_config({**cfg, **edit})
+
+
+def test_usm_gt_pairs_keep_the_sharpened_crop_as_hr(cfg, serial_run, tmp_path):
+    _, plain_csv = serial_run
+    pairs_csv = synthesize_pairs(write_manifest(tmp_path, [0, 1, 2]), tmp_path / "out", {**cfg, "usm_gt": True},
+                                 seed=1234, workers=1)
+    with pairs_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        plain = np.asarray(Image.open(plain_csv.parent / row["hr_path"]))
+        sharp = np.asarray(Image.open(pairs_csv.parent / row["hr_path"]))
+        assert np.array_equal(sharp, usm_sharpen(plain))
+        assert json.loads(row["params"])["usm_gt"] is True
 
 
 # ------------------------------------------------------------------- synthesize_pairs ---

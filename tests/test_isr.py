@@ -18,8 +18,8 @@ from training_support import RecordingRun, make_pairs_dir, one_thread, random_tr
 
 from tvt.metrics import perceptual
 from tvt.models.ce_unet import CEUNet
-from tvt.models.restorer import OneStepRestorer
-from tvt.models.sd_configs import MINI_VAE_D4
+from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
+from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D4
 from tvt.models.vae_d4 import VAED4
 from tvt.training import isr
 from tvt.training.data import PairDataset
@@ -164,3 +164,21 @@ def test_invalid_combinations_name_the_problem(workdir):
         isr.run_isr(isr_cfg("tvt"), "tvt", workdir / "pairs", workdir / "sd", None, workdir / "x", workdir / "y", None)
     with pytest.raises(ValueError, match="unet 'ce' .* only VAE-D4 latents"):
         train(workdir, "osediff", "bad", unet="ce")
+
+
+def test_training_forward_samples_the_posterior_and_clamps_the_output():
+    """As the official training forwards: a posterior sample enters the UNet, the losses see SR in [-1, 1]."""
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg("tvt")["isr"]["tvt"], "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    restorer = isr.build_generator("tvt", section, VAED4(**MINI_VAE_D4), teacher, sd_noise_scheduler(), prompt, 4)
+    lr = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        restorer.vae.decoder.conv_out.bias.fill_(3.0)  # push the raw output beyond [-1, 1]
+        sampled = [isr.generate(restorer, lr, sample_posterior=True) for _ in range(2)]
+        means = [isr.generate(restorer, lr, sample_posterior=False) for _ in range(2)]
+    assert not torch.equal(sampled[0][1], sampled[1][1])  # a fresh posterior draw each call
+    assert torch.equal(means[0][1], means[1][1])
+    for sr, _ in sampled + means:
+        assert sr.min() >= -1 and sr.max() == 1  # clamped, and the clamp was needed

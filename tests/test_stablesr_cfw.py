@@ -116,3 +116,12 @@ def test_resume_matches_uninterrupted(workdir):
     full = load_file(workdir / "full" / "diffusion_pytorch_model.safetensors")
     resumed = load_file(workdir / "part" / "diffusion_pytorch_model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_fixed_gan_weight_is_disc_weight(workdir):
+    """StableSR's effective recipe: λ = disc_weight (0.025) at every adversarial step."""
+    run = RecordingRun()
+    cfg = stage_cfg(steps=4, disc_start=2, lpips_weight=0.0, log_every=1, disc_weight=0.025, gan_weight="fixed")
+    run_stage(workdir, cfg, "fixed", run)
+    assert run.series("stablesr_cfw/gan_weight") == pytest.approx([0.025, 0.025], abs=0, rel=1e-7)
+    assert len(run.series("stablesr_cfw/gan")) == 2  # steps 3 and 4

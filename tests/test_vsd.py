@@ -167,6 +167,43 @@ def test_fake_score_shares_the_teachers_weights_and_trains_only_its_lora():
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
 
+@pytest.mark.parametrize("scope,adapters", [("official", {"default_others"}),
+                                              ("full", {"default_encoder", "default_decoder", "default_others"})])
+def test_fake_score_scope_decides_which_adapters_learn(scope, adapters):
+    """Official: only the mid-block/conv_out adapter learns (the official fake score's active one)."""
+    teacher = mini_unet()
+    fake = fake_score_unet(teacher, rank=2, scope=scope).train()
+    trainable = [name for name, p in fake.named_parameters() if p.requires_grad]
+    assert {name.split(".")[-2] for name in trainable} == adapters
+    held = {name.split(".")[-2] for name in fake.state_dict() if ".lora_" in name}
+    assert held == {"default_encoder", "default_decoder", "default_others"}  # all three exist, as officially
+    optimizer = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=1e-2)
+    start = {k: v.clone() for k, v in fake.state_dict().items()}
+    VSDLoss(teacher, fake, SCHEDULER).fake_score_loss(torch.randn(2, 4, 8, 8),
+                                                       torch.randn(2, 77, MINI_UNET["cross_attention_dim"])).backward()
+    optimizer.step()
+    changed = {k.split(".")[-2] for k, v in fake.state_dict().items() if not torch.equal(v, start[k])}
+    assert changed == adapters
+
+
+def test_official_fake_score_of_osediff_leaves_conv_out_alone():
+    """OSEDiff groups conv_out with the decoder adapter, so its official fake score adapts the mid-block only."""
+    tvt = fake_score_unet(mini_unet(), rank=2, codebase="tvt")
+    osediff = fake_score_unet(mini_unet(), rank=2, codebase="osediff")
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert any(n.startswith("conv_out.") for n in trainable(tvt))
+    assert trainable(osediff) == {n for n in trainable(tvt) if not n.startswith("conv_out.")}
+    assert all(n.startswith("mid_block.") for n in trainable(osediff))
+
+
+def test_unknown_fake_score_scope_is_named():
+    with pytest.raises(ValueError, match="fake_lora_scope.*'full', 'official'"):
+        fake_score_unet(mini_unet(), scope="mid")
+
+
 def test_unet_sharing_weights_copies_only_what_it_owns():
     unet = mini_unet()
     twin = unet_sharing_weights(unet, own=("conv_in.",))

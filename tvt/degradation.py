@@ -7,6 +7,15 @@ noise, ``filter2D``, ``DiffJPEG``) rather than its ``random_*`` wrappers: those 
 hidden global RNGs and do not return what they drew, whereas a reproduction must record
 every parameter of every pair.
 
+Two options serve StableSR's recipe (its ``basicsr/data/realesrgan_dataset.py`` with the
+``degradation`` block of ``configs/stableSRNew/v2-finetune_text_T_512.yaml``, applied in
+``ldm/models/diffusion/ddpm.py`` ``LatentDiffusionSRTextWT.get_input``): ``usm_gt`` sharpens
+the HR crop with basicsr's ``USMSharp`` before it is degraded *and* keeps the sharpened crop as
+the ground truth (:func:`usm_sharpen`), and ``no_degradation_prob`` replaces the degradation of
+that share of pairs by a plain bicubic ÷scale (StableSR feeds the ground truth itself as the
+upsampled LR there; a stored LR at 1/scale cannot, so this is the nearest offline equivalent).
+Both are off unless configured, so existing pair sets are unchanged.
+
 Determinism is the design constraint. A pair's randomness depends only on
 ``(seed, image id, crop index)`` through :func:`image_seed` (a SHA-256 hash, unlike ``hash()``
 stable across processes): all parameters are drawn from a NumPy generator seeded with it, the
@@ -53,7 +62,7 @@ from basicsr.data.degradations import (
     circular_lowpass_kernel,
 )
 from basicsr.utils.diffjpeg import DiffJPEG
-from basicsr.utils.img_process_util import filter2D
+from basicsr.utils.img_process_util import USMSharp, filter2D
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 INTERPOLATIONS = ("area", "bilinear", "bicubic")
@@ -158,6 +167,9 @@ def validate_config(cfg: Mapping) -> None:
     _check_stage(_get(cfg, "first", "first"), "first")
     _check_stage(_get(cfg, "second", "second"), "second")
     _check_probability(_get(cfg, "final_sinc_prob", "final_sinc_prob"), "final_sinc_prob")
+    _check_probability(cfg.get("no_degradation_prob", 0.0), "no_degradation_prob")
+    if not isinstance(cfg.get("usm_gt", False), bool):
+        _fail("usm_gt", "expected true or false", cfg["usm_gt"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,8 +253,12 @@ def sample_params(cfg: Mapping, seed: int) -> dict:
     the first and second stages of every pair unchanged.
     """
     validate_config(cfg)
-    first_rng, second_rng, final_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
+    # SeedSequence children depend on their index only: a fourth stream leaves the others as they were
+    first_rng, second_rng, final_rng, skip_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(4))
+    skip = cfg.get("no_degradation_prob", 0.0)
+    if skip > 0 and skip_rng.random() < skip:
+        return {"scale": cfg["scale"], "none": True}
     first, second = cfg["first"], cfg["second"]
     return {
         "scale": cfg["scale"],
@@ -326,11 +342,30 @@ def _check_hr(hr: np.ndarray, scale: int) -> None:
         raise ValueError(f"hr: height and width must be multiples of scale={scale}, got {hr.shape[:2]}")
 
 
+@lru_cache(maxsize=1)
+def _usm() -> USMSharp:
+    return USMSharp()  # basicsr's defaults, as StableSR and Real-ESRGAN: radius 50, weight 0.5, threshold 10
+
+
+def usm_sharpen(hr: np.ndarray) -> np.ndarray:
+    """Unsharp-masked uint8 RGB image (basicsr ``USMSharp``): StableSR's ``use_usm`` ground truth."""
+    _check_hr(hr, 1)
+    with _single_thread(), torch.inference_mode():
+        x = torch.tensor(hr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+        sharp = _usm()(x).clamp(0, 1)
+    return (sharp * 255.0).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
+
+
 def apply_params(hr: np.ndarray, params: Mapping, seed: int) -> np.ndarray:
     """Degrade ``hr`` with a recipe from :func:`sample_params`; ``seed`` drives the pixel noise."""
     scale = params["scale"]
     _check_hr(hr, scale)
     lr_h, lr_w = hr.shape[0] // scale, hr.shape[1] // scale
+    if params.get("none"):  # the no-degradation draw: bicubic ÷scale only
+        with _single_thread(), torch.inference_mode():
+            x = torch.tensor(hr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+            x = F.interpolate(x, size=(lr_h, lr_w), mode="bicubic", antialias=True)
+            return (x.clamp(0, 1) * 255.0).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
     first, second, final = params["first"], params["second"], params["final"]
 
     def resize_sinc(x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +399,8 @@ def degrade(hr: np.ndarray, cfg: Mapping, seed: int) -> tuple[np.ndarray, dict]:
     """Real-ESRGAN second-order degradation of one uint8 RGB image.
 
     Returns the uint8 LR image (H/scale x W/scale x 3) and the JSON-serialisable recipe;
-    ``apply_params(hr, recipe, seed)`` reproduces the LR exactly.
+    ``apply_params(hr, recipe, seed)`` reproduces the LR exactly. With ``usm_gt`` the caller
+    passes the sharpened HR (:func:`usm_sharpen`), which is also its ground truth.
     """
     params = sample_params(cfg, seed)
     return apply_params(hr, params, seed), params
@@ -461,7 +497,12 @@ def _synthesize_source(job: _SourceJob) -> list[dict]:
     for k, x, y, hr in _crops(job):
         pair_id = f"{row['id']}_{k}"
         seed = image_seed(job.seed, f"{row['id']}/crop{k}/degradation")
+        usm = job.cfg.get("usm_gt", False)
+        if usm:  # StableSR: the sharpened crop is degraded and is the ground truth
+            hr = usm_sharpen(hr)
         lr, params = degrade(hr, job.cfg, seed)
+        if usm:  # recorded only when on, so the pairs.csv of existing configurations stays byte-identical
+            params["usm_gt"] = True
         hr_path = Path(row["split"], "hr", f"{pair_id}.png")
         lr_path = Path(row["split"], "lr", f"{pair_id}.png")
         pairs.append({

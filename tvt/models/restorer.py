@@ -179,12 +179,13 @@ class OneStepRestorer(nn.Module):
         """Bicubic ×scale, clamped back to [0, 1] (bicubic overshoots at edges)."""
         return F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
 
-    def encode_lr(self, lr_up: torch.Tensor) -> torch.Tensor:
-        """z_L: scaled posterior mean of the upsampled LR ([0, 1], sides multiples of :attr:`pixel_multiple`)."""
-        if self.tile and self.tile_norm_stats == "exact":
+    def encode_lr(self, lr_up: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+        """z_L: scaled posterior mean of the upsampled LR ([0, 1], sides multiples of :attr:`pixel_multiple`);
+        a posterior sample with ``sample=True`` (what the official training forward feeds the UNet)."""
+        if self.tile and self.tile_norm_stats == "exact" and not sample:
             mean = tiled_encode(self.vae, lr_up * 2 - 1, self.tile, 0, norm_stats="exact")
         else:
-            encode = lambda x: self.vae.encode(x).latent_dist.mode()
+            encode = lambda x: self.vae.encode(x).latent_dist.sample() if sample else self.vae.encode(x).latent_dist.mode()
             mean = self._tiled(encode, lr_up * 2 - 1, self.tile, 1 / self.vae_factor, self.vae)
         return mean * self.vae.config.scaling_factor
 

@@ -5,10 +5,14 @@ One stage, one code path; a variant is a config section ``isr.<variant>``:
 =============  =======  ====  ============  =========================================
 variant        method   unet  vae_encoder   what trains
 =============  =======  ====  ============  =========================================
-TVT            tvt      ce    frozen        CE-UNet's 2x ends in full + inner UNet LoRA
+TVT            tvt      ce    frozen        LoRA + CE-UNet's 2x ends, conv_in, conv_out
 S4 (ablation)  tvt      full  frozen        UNet LoRA + conv_in, the UNet at 2x latents
 OSEDiff (=S1)  osediff  full  lora          UNet LoRA + conv_in, VAE-D8 encoder LoRA
 =============  =======  ====  ============  =========================================
+
+LoRA is the official three adapters (encoder / decoder / others) on every targeted layer,
+replicas included, all active (:func:`tvt.models.lora.add_official_unet_lora`); TVT keeps
+``conv_norm_out`` frozen. docs/training-recipe.md gives the official reference of each choice.
 
 ``method`` picks the VAE: ``tvt`` the transferred VAE-D4 (encoder-transfer output), frozen as
 in the official TVT code, which trains no VAE weight (``vae_encoder: lora`` would add an
@@ -16,10 +20,12 @@ encoder adapter); ``osediff`` SD's own VAE-D8, whose encoder OSEDiff fine-tunes 
 while the decoder stays frozen.
 
 Generator: LR → bicubic ×scale → E → z_L → one UNet step at ``timestep`` → ẑ_H → D → SR
-(:class:`~tvt.models.restorer.OneStepRestorer`'s pieces; no colour fix while training, as in
-the official code). Its loss is λ_l2·MSE + λ_lpips·LPIPS on SR vs HR (images in [-1, 1]) +
+(:class:`~tvt.models.restorer.OneStepRestorer`'s pieces; as in the official code: no colour fix
+while training, a posterior *sample* of E, SR clamped to [-1, 1]: :func:`generate`). Its loss is
+λ_l2·MSE + λ_lpips·LPIPS on SR vs HR (images in [-1, 1]) +
 λ_vsd·VSD on ẑ_H (:mod:`tvt.training.vsd`). In the same step the VSD fake score takes one
-update of its own optimiser on the detached ẑ_H.
+update of its own optimiser on the detached ẑ_H; which of its adapters learn is
+``fake_lora_scope`` (:func:`tvt.training.vsd.fake_score_unet`).
 
 All SD-sized UNets here share one set of frozen weights: the teacher, the fake score's base
 and the generator's (CE-UNet's inner UNet; OSEDiff's UNet apart from its trainable conv_in).
@@ -34,6 +40,7 @@ from tvt import compat
 
 compat.apply()  # diffusers imports peft -> transformers -> torchvision
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,7 +55,8 @@ from tvt.models.ce_unet import CEUNet
 from tvt.models.lora import (
     LORA_PATTERN,
     OSEDIFF_UNET_TRAINABLE,
-    add_unet_lora,
+    TVT_UNET_TRAINABLE,
+    add_official_unet_lora,
     add_vae_encoder_lora,
     set_trainable,
 )
@@ -97,23 +105,34 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     rank = section["lora_rank"]
     vae.requires_grad_(False)
     if section["vae_encoder"] == "lora":
-        set_trainable(add_vae_encoder_lora(vae, rank=rank), [LORA_PATTERN])
+        # OSEDiff's name for its VAE adapter (osediff.py initialize_vae), so its state maps 1:1
+        set_trainable(add_vae_encoder_lora(vae, rank=rank, adapter_name="default_encoder"), [LORA_PATTERN])
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
-        add_unet_lora(unet.unet, rank=rank)
-        set_trainable(unet, CEUNet.TRAINABLE_PATTERNS)
+        trainable = TVT_UNET_TRAINABLE
     else:
-        unet = add_unet_lora(unet_sharing_weights(teacher, own=("conv_in.",)), rank=rank)
-        set_trainable(unet, OSEDIFF_UNET_TRAINABLE)
+        unet = unet_sharing_weights(teacher, own=("conv_in.",))
+        trainable = OSEDIFF_UNET_TRAINABLE
+    # all three adapters active (TVT train.py / OSEDiff osediff.py OSEDiff_test.load_ckpt: set_adapter)
+    add_official_unet_lora(unet, rank=rank, codebase=section["method"])
+    set_trainable(unet, trainable)
     return OneStepRestorer(vae, unet, method=variant, timestep=section["timestep"], scale=scale,
                            color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
 
 
-def generate(restorer: OneStepRestorer, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training forward: LR in [-1, 1] → (SR in [-1, 1], not clamped, no colour fix; ẑ_H)."""
+def generate(restorer: OneStepRestorer, lr: torch.Tensor, *, sample_posterior: bool = True,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training forward: LR in [-1, 1] → (SR clamped to [-1, 1], no colour fix; ẑ_H).
+
+    As the official training forwards (TVT ``TVTModel.py`` ``TVT.forward``, OSEDiff
+    ``osediff.py`` ``OSEDiff_gen.forward``): the UNet sees a *sample* of the encoder's posterior
+    (``sample_posterior``; the restorer's inference uses its mean) and the losses see the decoded
+    image clamped to [-1, 1], so pixels already beyond the range get no gradient.
+    """
     lr = (lr + 1) / 2
-    z_h = restorer.denoise(restorer.encode_lr(restorer.upsample_lr(lr)), restorer.prompt(lr))
-    return restorer.decode(z_h) * 2 - 1, z_h
+    z_l = restorer.encode_lr(restorer.upsample_lr(lr), sample=sample_posterior)
+    z_h = restorer.denoise(z_l, restorer.prompt(lr))
+    return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
 
 
 @torch.no_grad()
@@ -160,13 +179,17 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     if first["hr"].shape[-1] % restorer.pixel_multiple or first["hr"].shape[-2] % restorer.pixel_multiple:
         raise ValueError(f"isr.{variant}: training crops of {tuple(first['hr'].shape[-2:])} are not multiples of "
                          f"{restorer.pixel_multiple}, the side this restorer takes without padding")
-    fake = fake_score_unet(teacher, rank=section["fake_lora_rank"]).train()
+    fake = fake_score_unet(teacher, rank=section["fake_lora_rank"], scope=section.get("fake_lora_scope", "official"),
+                           codebase=section["method"]).train()
+
+    posterior = section.get("encoder_posterior", "sample")
 
     def trainable(module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
 
     models = trainer.register(
-        {"generator": Call(restorer, generate), "fake_score": fake},
+        {"generator": Call(restorer, functools.partial(generate, sample_posterior=posterior == "sample")),
+         "fake_score": fake},
         {"generator": torch.optim.AdamW(trainable(restorer), lr=section["lr"], weight_decay=section["weight_decay"]),
          "fake_score": torch.optim.AdamW(trainable(fake), lr=section["fake_lr"],
                                          weight_decay=section["weight_decay"])},

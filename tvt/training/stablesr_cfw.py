@@ -5,9 +5,10 @@ Stage A's diffusion model, sampled with w = 0 on every training LR image, gives 
 
     LR → bicubic to the HR size → frozen E8 → F_e;   z / scaling_factor → frozen D8 with CFW at w = 1 → x̂,
 
-and x̂ is trained towards HR with L1 + LPIPS + λ·hinge-GAN against a PatchGAN, λ LDM's
-adaptive weight, switched on after ``disc_start`` updates (the decoder-transfer losses of
-:mod:`tvt.training.losses`).
+and x̂ is trained towards HR with L1 + LPIPS + λ·hinge-GAN against a PatchGAN, switched on
+after ``disc_start`` updates (the decoder-transfer losses of :mod:`tvt.training.losses`), both
+networks with Adam (0.5, 0.9) as LDM's autoencoder (``ldm/models/autoencoder.py``
+``configure_optimizers``).
 
 **What trains: the CFW module only** — StableSR's released configuration
 (``AutoencoderKLResi(freeze_dec=True)``: only ``fusion_layer*`` and the discriminator get
@@ -15,11 +16,15 @@ gradients). It is also what makes w a dial: with SD's decoder untouched, w = 0 *
 generative decoder the diffusion prior was trained with, and only the fused residual moves
 the output towards the LR image.
 
-**Adaptive weight at the CFW's last layer.** LDM computes λ = ‖∇L_rec‖ / ‖∇L_GAN‖ at the
-decoder's ``conv_out``. StableSR passes that layer too, but it is frozen there, so the
-gradient fails and its loss silently falls back to the constant ``disc_weight`` (0.025).
-We keep LDM's rule on a layer that trains: the final conv of the fusion block at the finest
-fused resolution (:attr:`CFWModule.last_layer`), the trainable weight nearest the image.
+**The GAN weight λ** (``gan_weight``). LDM computes λ = ‖∇L_rec‖ / ‖∇L_GAN‖ at the decoder's
+``conv_out`` (``LPIPSWithDiscriminator.calculate_adaptive_weight``). StableSR passes that layer
+too, but it is frozen there, so ``torch.autograd.grad`` raises and StableSR's
+``except RuntimeError`` branch (``ldm/modules/losses/contperceptual.py``,
+``LPIPSWithDiscriminator.forward``) uses ``disc_weight`` itself: λ is the constant 0.025 of
+``configs/autoencoder/autoencoder_kl_64x64x4_resi.yaml``. ``gan_weight: fixed`` trains that way (the paper
+configuration); ``gan_weight: adaptive`` keeps LDM's rule on a layer that does train — the
+final conv of the fusion block at the finest fused resolution (:attr:`CFWModule.last_layer`),
+the trainable weight nearest the image — times ``disc_weight``.
 """
 
 from __future__ import annotations
@@ -115,7 +120,8 @@ def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Pat
 
     ``cfg["stablesr"]["cfw"]`` holds the engine's keys (:class:`TrainConfig`) and ``lr``,
     ``pixel_loss``, ``lpips_weight``, ``lpips_net``, ``disc_start``, ``disc_weight``,
-    ``disc_channels``, ``disc_layers``; optionally ``num_rrdb_blocks`` / ``growth_channels``.
+    ``disc_channels``, ``disc_layers``; optionally ``num_rrdb_blocks`` / ``growth_channels`` and
+    ``gan_weight`` (``adaptive``, the default, or ``fixed``: module docstring).
     Returns validation PSNRs of w = 0 (the plain decoder), w = 1 and bicubic upsampling.
     """
     section = cfg["stablesr"]["cfw"]
@@ -140,6 +146,7 @@ def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Pat
     last_layer = trainer.unwrap("cfw").model.last_layer
     reconstruction = configured_reconstruction_loss(section, device)
     scaling = vae.config.scaling_factor
+    adaptive_weight = section.get("gan_weight", "adaptive") == "adaptive"
 
     def step(batch):
         x = batch["hr"]
@@ -152,7 +159,8 @@ def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Pat
         if adversarial:
             with frozen(disc):
                 terms["gan"] = generator_adversarial_loss(disc(x_hat))
-            terms["gan_weight"] = adaptive_gan_weight(terms["rec"], terms["gan"], last_layer, section["disc_weight"])
+            terms["gan_weight"] = (adaptive_gan_weight(terms["rec"], terms["gan"], last_layer, section["disc_weight"])
+                                   if adaptive_weight else torch.tensor(float(section["disc_weight"]), device=device))
             loss = loss + terms["gan_weight"] * terms["gan"]
         trainer.optimise("cfw", loss)
         if adversarial:  # one forward for real and fake: DDP allows one per backward

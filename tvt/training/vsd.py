@@ -5,7 +5,8 @@ prior. Two score networks judge it after noising it to a random t_vsd:
 
 * the **real** score: the frozen SD UNet (the *teacher*), with classifier-free guidance
   ε = ε(∅⁻) + s·(ε(c) − ε(∅⁻)) between the prompt c and the negative prompt ∅⁻;
-* the **fake** score: the teacher's weights plus a LoRA adapter, trained alongside the
+* the **fake** score: the teacher's weights plus LoRA (by default, as in the official code,
+  only its mid-block adapter is active: :func:`fake_score_unet`), trained alongside the
   generator with the ordinary ε-MSE on the generator's *detached* latents, so it tracks
   the distribution the generator currently produces.
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from tvt.models.lora import add_unet_lora
+from tvt.models.lora import LORA_GROUPS, active_lora_pattern, add_official_unet_lora, set_trainable
 
 
 def unet_sharing_weights(unet: UNet2DConditionModel, *, own: tuple[str, ...] = ()) -> UNet2DConditionModel:
@@ -58,10 +59,29 @@ def unet_sharing_weights(unet: UNet2DConditionModel, *, own: tuple[str, ...] = (
     return twin.train(unet.training)
 
 
-def fake_score_unet(teacher: UNet2DConditionModel, *, rank: int = 4) -> UNet2DConditionModel:
-    """VSD's fake score network: the teacher's (shared) weights plus a fresh LoRA adapter,
-    the only trainable parameters. Starts equal to the teacher (LoRA-B is zero)."""
-    return add_unet_lora(unet_sharing_weights(teacher), rank=rank)
+#: ``fake_lora_scope``: which of the official three LoRA adapters the fake score trains
+FAKE_LORA_SCOPES = {"official": ("others",), "full": LORA_GROUPS}
+
+
+def fake_score_unet(teacher: UNet2DConditionModel, *, rank: int = 4, scope: str = "official",
+                    codebase: str = "tvt") -> UNet2DConditionModel:
+    """VSD's fake score network: the teacher's (shared) weights plus the official three LoRA
+    adapters, of which those of ``scope`` are active and trainable. Starts equal to the
+    teacher (LoRA-B is zero).
+
+    ``scope="official"`` reproduces the official code: TVT's and OSEDiff's ``VSD`` build the
+    fake score with ``initialize_unet`` (three ``add_adapter`` calls; diffusers activates only
+    the last one added) and never call ``set_adapter`` on it, so only ``default_others`` takes
+    part in the forward pass and learns: the mid-block, plus ``conv_out`` in TVT's grouping
+    (``codebase``: :data:`~tvt.models.lora.CONV_OUT_GROUP`). ``"full"`` activates all three
+    adapters, LoRA on every layer, as the VSD/DMD papers describe the fake score.
+    """
+    if scope not in FAKE_LORA_SCOPES:
+        raise ValueError(f"fake_lora_scope must be one of {sorted(FAKE_LORA_SCOPES)}, got {scope!r}")
+    fake = unet_sharing_weights(teacher)
+    add_official_unet_lora(fake, rank=rank, active=FAKE_LORA_SCOPES[scope], codebase=codebase)
+    set_trainable(fake, [active_lora_pattern(fake)])
+    return fake
 
 
 def split_into_patches(latents: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
