@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,20 @@ def test_text_ned_separates_a_readable_from_an_erased_line():
     assert claims.text_ned(None, lines, torch.device("cpu"))[28] > 0.9  # HR
     assert claims.text_ned(bicubic, lines, torch.device("cpu"))[28] > 0.5
     assert claims.text_ned(erase, lines, torch.device("cpu"))[28] < 0.2
+
+
+@pytest.mark.parametrize("section", [("prior", "vae"), ("decoder_transfer",), ("encoder_transfer",), ("isr", "tvt")])
+def test_crop_size_goes_through_the_schema(section):
+    import copy
+
+    from tvt import config
+
+    cfg = copy.deepcopy(config.load(config.REPO_ROOT / "config" / "config.yaml"))
+    target = cfg
+    for key in section:
+        target = target[key]
+    target["crop_size"] = 4
+    with pytest.raises(config.ConfigError, match=re.escape(f"{'.'.join(section)}.crop_size: 4 must be >= 8")):
+        config.validate(cfg, "cfg.yaml")
+    target["crop_size"] = 64
+    config.validate(cfg, "cfg.yaml")

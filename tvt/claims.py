@@ -334,13 +334,15 @@ def measure_claims(
     suite = MetricSuite(["psnr_y", "ssim_y", "lpips"], cfg["evaluate"]["crop_border"], device)
     test_pairs = _test_pairs(root / PAIRS_DIR)
     heldout_pairs = _degraded_pairs(heldout, cfg["degrade"], cfg["seed"]) if heldout else []
-    if read_text := ocr.unavailable_reason(["en"]) is None:
+    no_ocr = ocr.unavailable_reason(["en"])
+    read_text = no_ocr is None
+    if read_text:
         for prefix, lines in text_sets.items():
-            for px, value in text_ned(None, lines, device).items():
-                claims[f"text_ned_{prefix}hr_{px}px"] = value
-        claims["text_ned_hr"] = _mean_over_sizes({k: v for k, v in _per_px(claims, "text_ned_hr_").items()})
+            per_px = text_ned(None, lines, device)
+            claims.update({f"text_ned_{prefix}hr_{px}px": value for px, value in per_px.items()})
+            claims[f"text_ned_{prefix}hr"] = _mean_over_sizes(per_px)
     else:
-        log.warning("claims: no OCR (%s); text NED not measured", ocr.unavailable_reason(["en"]))
+        log.warning("claims: no OCR (%s); text NED not measured", no_ocr)
     for name, restore in _restorers(cfg, device).items():
         key = "t1" if name in T1_NAMES else name
         for prefix, pairs in (("", test_pairs), ("heldout_", heldout_pairs)):
