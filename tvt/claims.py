@@ -142,9 +142,9 @@ def windows(image: np.ndarray, size: int, count: int) -> list[np.ndarray]:
     cells = [(r, c) for r in range(rows) for c in range(cols)]
     if not cells:
         return []
-    picks = [cells[round(i * (len(cells) - 1) / max(count - 1, 1))] for i in range(min(count, len(cells)))]
+    n = min(count, len(cells))
     out = []
-    for r, c in dict.fromkeys(picks):
+    for r, c in (cells[round(i * (len(cells) - 1) / max(n - 1, 1))] for i in range(n)):
         y = r * size + (height - rows * size) // 2
         x = c * size + (width - cols * size) // 2
         out.append(image[y : y + size, x : x + size])
