@@ -4,6 +4,12 @@ Layout: ``<pairs_dir>/pairs.csv`` (columns include ``pair_id, split, kind, hr_pa
 lr_path``, paths relative to ``pairs_dir``) and the PNGs it names. Items are deterministic
 (no random augmentation inside the dataset): with the engine's (seed, epoch)-keyed order,
 this is what makes a resumed run bit-identical to an uninterrupted one.
+
+Augmentation happens on the batch instead, inside a stage's step function
+(:func:`random_crop_flip`): it draws from torch's global RNG, whose state every engine
+checkpoint stores, so a resumed run still draws the same crops. A fresh crop and flip per
+sample and step turns a few dozen fixed crops into an effectively unlimited stream of
+patches — what the tiny autoencoders of mini mode need to learn more than their training set.
 """
 
 from __future__ import annotations
@@ -58,3 +64,36 @@ class PairDataset(Dataset):
         if self.with_lr:
             item["lr"] = load_image(self.root / row["lr_path"])
         return item
+
+
+def random_crop_flip(*images: torch.Tensor, size: int | None, flip: bool = True) -> tuple[torch.Tensor, ...]:
+    """A random ``size``² window (at the first batch's resolution) and a random horizontal flip,
+    drawn per sample and applied alike to every aligned batch given (HR, and LR at 1/scale).
+
+    ``size=None`` keeps the whole image (only the flip). Windows of a lower-resolution batch
+    start at the same scene point: HR offsets are drawn on the grid of the scale factor.
+    """
+    first = images[0]
+    height, width = first.shape[-2:]
+    size = size or min(height, width)
+    if size > min(height, width):
+        raise ValueError(f"crop_size {size} exceeds the training images ({height}x{width})")
+    scales = []
+    for image in images:
+        factor = height // image.shape[-2]
+        if factor * image.shape[-2] != height or factor * image.shape[-1] != width or size % factor:
+            raise ValueError(f"random_crop_flip: {tuple(image.shape[-2:])} is not {height}x{width} / an integer "
+                             f"factor dividing crop size {size}")
+        scales.append(factor)
+    step = max(scales)
+    n = len(first)
+    ys = torch.randint(0, (height - size) // step + 1, (n,)).tolist()
+    xs = torch.randint(0, (width - size) // step + 1, (n,)).tolist()
+    flips = (torch.rand(n) < 0.5).tolist() if flip else [False] * n
+    out = []
+    for image, factor in zip(images, scales):
+        side = size // factor
+        crops = [image[i, :, y * step // factor:y * step // factor + side, x * step // factor:x * step // factor + side]
+                 for i, (y, x) in enumerate(zip(ys, xs))]
+        out.append(torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)]))
+    return tuple(out)

@@ -63,7 +63,7 @@ from tvt.models.lora import (
 from tvt.models.prompts import NullPrompt
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.vae_d4 import VAED4
-from tvt.training.data import PAIRS_FILE, PairDataset
+from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, psnr
 from tvt.training.losses import ReconstructionLoss
 from tvt.training.prior import PROMPT_EMBEDS_FILE
@@ -176,8 +176,9 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vae = VAED4.from_pretrained(vae_source) if section["method"] == "tvt" else AutoencoderKL.from_pretrained(vae_source)
     restorer = build_generator(variant, section, vae.to(device), teacher, scheduler, prompt, scale)
-    if first["hr"].shape[-1] % restorer.pixel_multiple or first["hr"].shape[-2] % restorer.pixel_multiple:
-        raise ValueError(f"isr.{variant}: training crops of {tuple(first['hr'].shape[-2:])} are not multiples of "
+    crop = (section["crop_size"],) * 2 if section.get("crop_size") else tuple(first["hr"].shape[-2:])
+    if crop[0] % restorer.pixel_multiple or crop[1] % restorer.pixel_multiple:
+        raise ValueError(f"isr.{variant}: training crops of {crop} are not multiples of "
                          f"{restorer.pixel_multiple}, the side this restorer takes without padding")
     fake = fake_score_unet(teacher, rank=section["fake_lora_rank"], scope=section.get("fake_lora_scope", "official"),
                            codebase=section["method"]).train()
@@ -205,11 +206,12 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     lambda_vsd = section["lambda_vsd"]
 
     def step(batch):
-        sr, z_h = models["generator"](batch["lr"])
-        lr = (batch["lr"] + 1) / 2  # the generator's prompt, for the scores too
+        hr, lr = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size"))
+        sr, z_h = models["generator"](lr)
+        lr = (lr + 1) / 2  # the generator's prompt, for the scores too
         prompt_embeds, negative_embeds = restorer.prompt(lr), negative_prompt(lr)
         with trainer.accelerator.autocast():
-            terms = reconstruction(sr, batch["hr"])
+            terms = reconstruction(sr, hr)
             del terms["rec"]  # the stage weighs l2 and lpips itself
             loss = section["lambda_l2"] * terms["l2"] + lpips_weight * terms.get("lpips", 0.0)
             if lambda_vsd > 0:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
-from tvt.training.data import PAIRS_FILE, PairDataset
+from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, mean_psnr
 from tvt.training.losses import configured_reconstruction_loss, kl_loss
 
@@ -108,7 +108,7 @@ def _train_vae(section: dict, seed: int, train: Dataset, val: Dataset, ckpt_dir:
     reconstruction = configured_reconstruction_loss(vae_cfg, trainer.device, pixel="l1")  # LDM's L1
 
     def step(batch):
-        x = batch["hr"]
+        (x,) = random_crop_flip(batch["hr"], size=vae_cfg.get("crop_size"))
         x_hat, posterior = models["vae"](x)
         terms = reconstruction(x_hat, x)
         terms["kl"] = kl_loss(posterior, x)
@@ -142,8 +142,9 @@ def _train_unet(section: dict, seed: int, vae: AutoencoderKL, train: Dataset, va
     scale = vae.config.scaling_factor
 
     def step(batch):
+        (x,) = random_crop_flip(batch["hr"], size=unet_cfg.get("crop_size"))
         with torch.no_grad():
-            latents = vae.encode(batch["hr"]).latent_dist.sample() * scale
+            latents = vae.encode(x).latent_dist.sample() * scale
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=device)
         pred = models["unet"](scheduler.add_noise(latents, noise, timesteps), timesteps,

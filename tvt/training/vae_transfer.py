@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL
 
 from tvt.models.sd_configs import MINI_VAE_D4, VAE_D4_PAPER, VAE_D4_V1, VAE_D4_V2
 from tvt.models.vae_d4 import VAED4
-from tvt.training.data import PAIRS_FILE, PairDataset
+from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
 from tvt.training.losses import (
     PatchDiscriminator,
@@ -103,7 +103,7 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
     reconstruction = configured_reconstruction_loss(section, device)
 
     def step(batch):
-        x = batch["hr"]
+        (x,) = random_crop_flip(batch["hr"], size=section.get("crop_size"))
         if transfer:
             with torch.no_grad():
                 latents = transfer_latents(e8, x).sample()
@@ -175,7 +175,7 @@ def run_encoder_transfer(cfg: dict, pairs_dir: Path, decoder_dir: Path, out_dir:
     reconstruction = configured_reconstruction_loss(section, device)
 
     def step(batch):
-        x = batch["hr"]
+        (x,) = random_crop_flip(batch["hr"], size=section.get("crop_size"))
         terms = reconstruction(models["vae"](x, sample_posterior=True).sample, x)
         trainer.optimise("vae", terms["rec"])
         return {**terms, "loss": terms["rec"]}
