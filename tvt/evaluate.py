@@ -654,7 +654,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
     status = _status_markdown(summary)
     (tables_dir / "metrics_status.md").write_text(status)
     report = "\n".join(t.markdown() for t in tables) + "\n" + status
-    if ev.get("claims") and cfg["mode"] == "mini":  # the paper's effects in miniature (issue 12)
+    if ev.get("claims") and cfg["mode"] == "mini":  # the paper's effects in miniature
         from tvt import claims
 
         report += "\n" + claims.evaluation_block(cfg, results_dir, tables_dir, device)
