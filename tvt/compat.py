@@ -1,6 +1,6 @@
 """Compatibility shims for the CPU-only machines this project is tested on.
 
-Two library problems (DESIGN.md §2), isolated here so nothing else needs to know:
+Two library problems (docs/method.md §2), isolated here so nothing else needs to know:
 
 1. torchvision 0.28 ships only CUDA builds. On a CPU torch its C++ extension cannot
    load, and ``torchvision._meta_registrations`` then fails at import because it

@@ -1,4 +1,4 @@
-"""Which weights train: peft LoRA adapters and exact trainable-parameter selection (DESIGN.md §1.3, §1.5).
+"""Which weights train: peft LoRA adapters and exact trainable-parameter selection (docs/method.md §1.3, §1.5).
 
 * TVT: LoRA (rank 4, Gaussian init, PEFT's default alpha 8) on the SD UNet that CE-UNet
   wraps; CE-UNet's 2x-resolution ends train in full (``CEUNet.TRAINABLE_PATTERNS``).
