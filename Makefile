@@ -7,19 +7,21 @@ VENV   ?= .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 CORES  ?= 2
 export PATH := $(BIN):$(PATH)
-export TVT_WEIGHTS_DIR ?= $(CURDIR)/.tvt-cache/weights
 
-.PHONY: demo test setup venv system-deps weights clean-results mlflow-ui
+.PHONY: demo test test-fast setup venv system-deps weights clean-results mlflow-ui
 
 demo: setup
 	snakemake --cores $(CORES) all
-	@echo; cat results/tables/metrics.md; echo
+	@echo; cat results/latest/tables/metrics.md; echo
 	@tvt runs
 	@echo "Browse the runs: make mlflow-ui   (http://127.0.0.1:5000)"
 
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup  # without the end-to-end pipeline, SLURM and multi-process training runs
+	@$(BIN)/python -m pytest -q -m "not slow"
 
 setup: venv system-deps weights
 
@@ -35,11 +37,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt build-constraints.txt
 system-deps:
 	@bash scripts/system-deps.sh
 
-weights: venv
+weights: venv  # into .tvt-cache/weights, where the stages look without any variable
 	@tvt weights fetch
 
 clean-results:
-	rm -rf results resources logs .snakemake
+	rm -rf results resources logs .snakemake dvc.yaml dvc.lock
 
 mlflow-ui: venv
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///results/mlflow.db --workers 1
