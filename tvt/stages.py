@@ -429,12 +429,14 @@ def dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> dict:
         if deps:
             entry["deps"] = list(deps)
         entry["params"] = [{config_path: keys}]
+        # persist: DVC must never delete a keyed folder before running its stage (a finished key
+        # is "up to date" at once; an unfinished one has nothing to delete)
         if st.outs:
-            entry["outs"] = list(st.out_paths)
+            entry["outs"] = [{o: {"persist": True}} for o in st.out_paths]
         if st.metrics:
-            entry["metrics"] = [{m: {"cache": False}} for m in st.metric_paths]
+            entry["metrics"] = [{m: {"cache": False, "persist": True}} for m in st.metric_paths]
         if st.plots:
-            entry["plots"] = [{p: {"cache": False}} for p in st.plot_paths]
+            entry["plots"] = [{p: {"cache": False, "persist": True}} for p in st.plot_paths]
         out["stages"][st.name] = entry
     # how `dvc plots show` draws the OCR curves: one line per method, HR as the upper bound
     columns = ["HR", *cfg["evaluate"]["methods"], *cfg["evaluate"].get("external", {})]
