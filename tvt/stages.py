@@ -449,5 +449,5 @@ def render_dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> st
     import yaml
 
     header = (f"# GENERATED from tvt/stages.py for {config_path} by `tvt workflow dvc --config {config_path}`.\n"
-              "# Not committed: output folders are keyed by parameters and code (README, "Running").\n")
+              "# Not committed: output folders are keyed by parameters and code (README, section Running).\n")
     return header + yaml.safe_dump(dvc_yaml(cfg, config_path), sort_keys=False, width=100)
