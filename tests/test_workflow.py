@@ -194,10 +194,17 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
     b_text = a_text.replace("crop_border: 4", "crop_border: 2")
     cfg_file.write_text(b_text)
     assert _job_stats(_run([*SNAKEMAKE, "-n", "all"], project).stdout) == {"evaluate"}
-    # ... finding 3: a B invocation that fails at once destroys nothing of A
-    broken = _run([*SNAKEMAKE, "--cores", "2", "all"], project, ok=False, MLFLOW_TRACKING_URI="file:/proc/no-such")
-    assert broken.returncode != 0
+    # finding 3: an invocation of another config that fails at once destroys nothing. Here a
+    # retrained TVT (`--config`) whose training stage cannot start: Snakemake used to delete the
+    # finished model before running its job
+    cfg_file.write_text(a_text)
+    broken = _run([*SNAKEMAKE, "--cores", "2", "all", "--config", "isr.tvt.lr=1e-4"], project, ok=False,
+                  TVT_NUM_PROCESSES="not-a-number")
+    assert broken.returncode != 0 and "TVT_NUM_PROCESSES='not-a-number'" in broken.stdout + broken.stderr
     assert _tree_state(project) == finished
+    dry = _run([*SNAKEMAKE, "-n", "all"], project)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    cfg_file.write_text(b_text)
     # ... B for real, through DVC this time: only evaluate runs, into its own folder
     repro = _run([*TVT, "pipeline", "--engine", "dvc"], project).stdout
     assert "Running stage 'evaluate'" in repro and "Running stage 'degrade'" not in repro
