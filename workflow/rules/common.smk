@@ -17,9 +17,18 @@ try:
     CFG = tvt_config.load_with_overrides(CONFIG_PATH, dict(workflow.config_settings.config))
 except tvt_config.ConfigError as exc:
     sys.exit(f"config error: {exc}")
-TVT_CONFIG = tvt_config.snapshot(CFG, "resources/configs")
+# For the rules' shell, as environment variables: the same command text for every config (a
+# config edit never fires Snakemake's code or params trigger; the key carries what changed).
+#: the config snapshot every stage reads
+os.environ["TVT_CONFIG_SNAPSHOT"] = tvt_config.snapshot(CFG, "resources/configs")
 #: the interpreter that runs Snakemake runs the stages: the project's, activated or not
-TVT_PYTHON = sys.executable
+os.environ["TVT_PYTHON"] = sys.executable
+
+
+envvars:
+    "TVT_PYTHON",
+    "TVT_CONFIG_SNAPSHOT",
+
 
 STAGES = {st.name: st for st in tvt_stages.build_stages(CFG)}
 
@@ -36,15 +45,13 @@ onstart:
 
 
 onsuccess:
-    tvt_stages.update_current_links(CFG)
-    if os.environ.get("TVT_PIPELINE_RUN_ID"):
-        from tvt import tracking
+    from tvt import tracking
 
-        tracking.end_pipeline_run(CFG, os.environ["TVT_PIPELINE_RUN_ID"], ok=True)
+    tvt_stages.update_current_links(CFG)
+    tracking.end_current_pipeline_run(CFG, ok=True)
 
 
 onerror:
-    if os.environ.get("TVT_PIPELINE_RUN_ID"):
-        from tvt import tracking
+    from tvt import tracking
 
-        tracking.end_pipeline_run(CFG, os.environ["TVT_PIPELINE_RUN_ID"], ok=False)
+    tracking.end_current_pipeline_run(CFG, ok=False)

@@ -13,6 +13,7 @@ for _stage in STAGES.values():
         output:
             [directory(o) for o in _stage.out_paths] + list(_stage.metric_paths) + list(_stage.plot_paths),
         params:
+            stage=_stage.name,
             key=_stage.key,
         log:
             f"logs/{_stage.name}.log",
@@ -24,4 +25,5 @@ for _stage in STAGES.values():
             f"{_stage.name}: {_stage.description}; resources: "
             + ", ".join(f"{k}={{resources.{k}}}" for k in _stage.resources.snakemake())
         shell:
-            "exec {TVT_PYTHON} -m tvt stage {rule} --config {TVT_CONFIG} --key {params.key} > >(tee {log}) 2>&1"
+            'exec "$TVT_PYTHON" -m tvt stage {params.stage} --config "$TVT_CONFIG_SNAPSHOT" --key {params.key} '
+            "> >(tee {log}) 2>&1"
