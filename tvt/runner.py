@@ -1,9 +1,11 @@
 """Stage execution: what ``tvt stage NAME`` does, for Snakemake and DVC alike.
 
-Each stage reads its own config section, opens its MLflow run (nested under the
-pipeline run when there is one) and writes its outputs atomically: into ``<out>.tmp``
-first, renamed into place only when the stage succeeded, so a killed or failed stage
-never leaves a half-written output that a later run could mistake for a finished one.
+Each stage reads its own config section, opens its MLflow run (nested under the pipeline run
+when there is one) and writes its content-addressed folder (:mod:`tvt.stages`) atomically: into
+``<folder>.tmp`` first, renamed into place only when the stage succeeded, so a killed or failed
+stage never leaves a half-written output that a later run could mistake for a finished one, and
+a finished folder is never rebuilt. The handlers below are the registry's: ``Stage.handler``
+names one, and the modules it imports are the stage's code dependencies.
 """
 
 from __future__ import annotations
