@@ -2,7 +2,7 @@
 # registry in tvt/stages.py (the same one that generates dvc.yaml); the rules below only
 # turn it into Snakemake rules. Locally: `snakemake --cores 2 all`;
 # SLURM: `snakemake --profile profiles/slurm all`; paper mode: add `--configfile config/paper.yaml`;
-# one value changed: `--config isr.tvt.lr=1e-4`.
+# one value changed: `--config 'isr={tvt: {lr: 1e-4}}'` (merged into the section, validated).
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -112,6 +112,12 @@ def test_declared_code_covers_every_module_the_stage_really_imports(name):
 def test_overrides_reach_into_sections_and_are_validated():
     cfg = config.load_with_overrides(ROOT / "config" / "ci.yaml", {"isr.tvt.lr": 1e-4, "seed": 7})
     assert cfg["isr"]["tvt"]["lr"] == 1e-4 and cfg["seed"] == 7
+    # Snakemake's nested form, its leaves as text: merged into the section and typed
+    nested = config.load_with_overrides(ROOT / "config" / "ci.yaml",
+                                        {"isr": {"tvt": {"lr": "1e-4"}}, "decoder_transfer": {"transfer": "false"}})
+    assert nested["isr"]["tvt"]["lr"] == 1e-4 and nested["decoder_transfer"]["transfer"] is False
+    assert {k: v for k, v in nested["isr"]["tvt"].items() if k != "lr"} == \
+        {k: v for k, v in CI["isr"]["tvt"].items() if k != "lr"} and nested["isr"]["osediff"] == CI["isr"]["osediff"]
     assert CI["isr"]["tvt"]["lr"] != 1e-4  # the loaded config is not touched
     with pytest.raises(ConfigError, match=r"isr\.tvt\.lrr: unknown key"):
         config.load_with_overrides(ROOT / "config" / "ci.yaml", {"isr.tvt.lrr": 1e-4})

@@ -103,13 +103,15 @@ def test_snakemake_and_dvc_build_the_same_dag(tmp_path, cfg_name):
 
 
 def test_config_overrides_are_snakemakes_own_idiom(tmp_path):
-    """`--config key=value` enters the keys (finding 5: it used to be silently ignored)."""
+    """`--config` enters the keys (finding 5: it used to be silently ignored), merged into its section."""
     project = _project_copy(tmp_path)
-    dry = _run([*SNAKEMAKE, "-n", "-p", "all", "--config", "isr.tvt.lr=1e-4"], project).stdout
+    dry = _run([*SNAKEMAKE, "-n", "-p", "all", "--config", "isr={tvt: {lr: 1e-4}}"], project).stdout
+    base = config.load(project / "config" / "config.yaml")
     edited = config.load_with_overrides(project / "config" / "config.yaml", {"isr.tvt.lr": 1e-4})
     assert stages.stage_by_name(edited, "isr_tvt").folder in dry
-    assert stages.stage_by_name(config.load(project / "config" / "config.yaml"), "isr_tvt").folder not in dry
-    bad = _run([*SNAKEMAKE, "-n", "all", "--config", "isr.tvt.lrr=1e-4"], project, ok=False)
+    assert stages.stage_by_name(base, "isr_tvt").folder not in dry
+    assert stages.stage_by_name(base, "isr_osediff").folder in dry  # the rest of the section is kept
+    bad = _run([*SNAKEMAKE, "-n", "all", "--config", "isr={tvt: {lrr: 1e-4}}"], project, ok=False)
     assert bad.returncode != 0 and "config error:" in bad.stderr and "isr.tvt.lrr: unknown key" in bad.stderr
 
 
@@ -198,7 +200,7 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
     # retrained TVT (`--config`) whose training stage cannot start: Snakemake used to delete the
     # finished model before running its job
     cfg_file.write_text(a_text)
-    broken = _run([*SNAKEMAKE, "--cores", "2", "all", "--config", "isr.tvt.lr=1e-4"], project, ok=False,
+    broken = _run([*SNAKEMAKE, "--cores", "2", "all", "--config", "isr={tvt: {lr: 1e-4}}"], project, ok=False,
                   TVT_NUM_PROCESSES="not-a-number")
     assert broken.returncode != 0 and "TVT_NUM_PROCESSES='not-a-number'" in broken.stdout + broken.stderr
     assert _tree_state(project) == finished

@@ -228,22 +228,48 @@ def params_hash(params: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def apply_overrides(cfg: dict, overrides: Mapping[str, Any], source: str = "--config") -> dict:
-    """``cfg`` with ``overrides`` applied: ``{'isr.tvt.lr': 1e-4}`` sets ``cfg['isr']['tvt']['lr']``.
+def _typed(value: Any) -> Any:
+    """A value Snakemake left as text (the leaves of ``--config 'isr={tvt: {lr: 1e-4}}'`` come as
+    strings) typed the way Snakemake types a top-level one: int, float, else YAML (booleans, null,
+    lists), else the text itself."""
+    if not isinstance(value, str):
+        return value
+    for parse in (int, float):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
-    Only existing sections are reached into (a typo in a section name is an error, not a new
-    section); a misspelt leaf key is caught by :func:`validate`, which names it.
+
+def apply_overrides(cfg: dict, overrides: Mapping[str, Any], source: str = "--config") -> dict:
+    """``cfg`` with ``overrides`` merged in, leaving everything else of a section as it is.
+
+    Two spellings of one change: nested, Snakemake's own (``{'isr': {'tvt': {'lr': '1e-4'}}}`` from
+    ``--config 'isr={tvt: {lr: 1e-4}}'``), and dotted (``{'isr.tvt.lr': 1e-4}``). Only existing
+    sections are reached into (a typo in a section name is an error, not a new section); a
+    misspelt leaf key is caught by :func:`validate`, which names it.
     """
     out = copy.deepcopy(cfg)
-    for dotted, value in overrides.items():
-        parts = str(dotted).split(".")
-        node = out
-        for depth, part in enumerate(parts[:-1]):
+
+    def merge(node: dict, path: list[str], value: Any, nested: bool) -> None:
+        for depth, part in enumerate(path[:-1]):
             if not isinstance(node.get(part), dict):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"{source} {dotted}={value!r}: {where} is not a section of the config")
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"{source} {'.'.join(path)}: {where} is not a section of the config")
             node = node[part]
-        node[parts[-1]] = value
+        leaf = path[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            for key, sub in value.items():
+                merge(node, [leaf, str(key)], sub, True)
+        else:
+            node[leaf] = _typed(value) if nested else value
+
+    for dotted, value in overrides.items():
+        merge(out, str(dotted).split("."), value, False)
     return out
 
 

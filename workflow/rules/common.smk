@@ -1,7 +1,8 @@
 # The config and the stage registry, for every rule (tvt/stages.py is the single source).
 #
 # The config is `--configfile FILE` (default config/config.yaml) with `--config key=value`
-# overrides applied on top; dotted keys reach into sections (`--config isr.tvt.lr=1e-4`).
+# overrides merged in; nested values reach into sections (`--config 'isr={tvt: {lr: 1e-4}}'`
+# changes one value; Snakemake itself refuses dotted keys such as `isr.tvt.lr=...`).
 # It is validated with tvt's own schema checks (one readable line on error) and frozen into a
 # content-addressed snapshot, resources/configs/<hash>.yaml, which every stage reads. Nothing
 # of the path the user typed reaches a rule: `config/ci.yaml`, its absolute path and
