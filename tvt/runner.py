@@ -173,6 +173,7 @@ def _stage_evaluate(ctx: StageContext) -> None:
 
     models = {m: ctx.input(s) for m in ctx.cfg["evaluate"]["methods"] if (s := stages_mod.method_stage(m))}
     with atomic_dir(ctx.folder) as out:
+        (out / stages_mod.TABLES).mkdir()
         evaluate(ctx.cfg, ctx.input("degrade") / "pairs.csv", out / stages_mod.TABLES, out / stages_mod.METRICS_FILE,
                  ctx.run, plots_dir=out / "plots", complexity_file=ctx.input("complexity") / stages_mod.COMPLEXITY_FILE,
                  data_dir=ctx.inputs.get("data"), model_dirs=models)
