@@ -201,7 +201,7 @@ def test_sd21_unet_lora_has_4_05_million_parameters_on_meta():
         unet = UNet2DConditionModel(**SD21_BASE_UNET)
     add_unet_lora(unet)  # rank 4
     count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    assert count == 4_042_752  # DESIGN.md §2: "4.05 M"
+    assert count == 4_042_752  # docs/method.md §2: "4.05 M"
     assert abs(count / 1e6 - 4.05) < 0.01
 
 

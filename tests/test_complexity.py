@@ -45,7 +45,7 @@ def test_count_macs_separates_conv_linear_from_attention_scores():
 
 
 def test_sd_reference_numbers_of_design_md(rows):
-    """DESIGN.md §2 (2-FLOP MACs): VAE enc+dec 3.631 TFLOP; UNet@64² 0.804 TFLOP, 0.678 without attention."""
+    """docs/method.md §2 (2-FLOP MACs): VAE enc+dec 3.631 TFLOP; UNet@64² 0.804 TFLOP, 0.678 without attention."""
     assert _total_tflops(rows["VAE-D8 encoder + decoder"]) == pytest.approx(3.631, rel=0.01)
     unet = rows["SD UNet @ 64²"]
     assert _total_tflops(unet) == pytest.approx(0.804, rel=0.01)

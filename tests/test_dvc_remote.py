@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,9 +49,12 @@ def test_push_delete_pull_restores_identical_outputs(tmp_path):
     remote = tmp_path / "remote"
     _run([DVC, "remote", "modify", "--local", "storage", "url", str(remote)], project)
 
-    _run([DVC, "repro", TARGET], project)
+    # `dvc repro` runs `python -m tvt`: the environment's python, as after `source .venv/bin/activate`
+    activated = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    _run([sys.executable, "-m", "tvt", "workflow", "dvc"], project)
+    _run([DVC, "repro", TARGET], project, **activated)
     cfg = config.load(project / "config" / "config.yaml")
-    outs = list(stages.stage_by_name(cfg, TARGET).outs)
+    outs = list(stages.stage_by_name(cfg, TARGET).out_paths)
     before = _checksums(project, outs)
     assert len(before) > 10, f"too few outputs to be a meaningful check: {sorted(before)}"
 
@@ -66,4 +70,4 @@ def test_push_delete_pull_restores_identical_outputs(tmp_path):
     _run([DVC, "pull", TARGET, "--with-deps"], project)
 
     assert _checksums(project, outs) == before
-    assert json.loads(_run([DVC, "status", "--json", TARGET, "--with-deps"], project).stdout) == {}
+    assert json.loads(_run([DVC, "status", "--json", TARGET, "--with-deps"], project, **activated).stdout) == {}

@@ -111,16 +111,17 @@ def test_a_pkl_with_an_unlisted_or_foreign_layout_is_refused_by_name(release, tm
         import_osediff(tmp_path / "foreign.pkl", root / "sd", tmp_path / "out")
 
 
-def test_the_pipeline_stage_refuses_an_unpinned_file_then_pins_and_imports_it(release, tmp_path, monkeypatch):
+def test_the_pipeline_stage_refuses_an_unpinned_file_then_pins_and_imports_it(release, tmp_path):
     import shutil
 
     from tvt.data.download import DownloadError, sha256_of
-    from tvt.official import stage_handler
-    from tvt.stages import SD_DIR, method_model_dir
+    from tvt.official import run_official_stage
 
     root, _, _ = release
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(root / "sd", SD_DIR)
+    out, downloads = tmp_path / "official_osediff", tmp_path / "downloads"
+
+    def stage(run, opts):
+        run_official_stage("osediff", cfg, run, opts, root / "sd", out, downloads)
     spec = {"url": (root / "osediff.pkl").as_uri(), "sha256": None}
     cfg = {"official": {"osediff": {"files": {"pkl": spec}}}}
 
@@ -134,12 +135,13 @@ def test_the_pipeline_stage_refuses_an_unpinned_file_then_pins_and_imports_it(re
             self.artifacts.append(path)
 
     with pytest.raises(DownloadError, match="sha256"):
-        stage_handler("osediff")(cfg, Run(), {})
+        stage(Run(), {})
     run = Run()
-    stage_handler("osediff")(cfg, run, {"trust_new_hashes": True})
+    stage(run, {"trust_new_hashes": True})
     assert run.metrics["keys"] == run.metrics["keys_consumed"] > 0
-    assert load_restorer(method_model_dir("osediff_official")).method == "osediff_official"
+    assert load_restorer(out).method == "osediff_official"
     spec["sha256"] = "0" * 64  # a pinned hash that the file does not have
-    shutil.rmtree(tmp_path / "resources" / "official")
+    shutil.rmtree(downloads)
+    shutil.rmtree(out)
     with pytest.raises(DownloadError, match=sha256_of(root / "osediff.pkl")[:12]):
-        stage_handler("osediff")(cfg, Run(), {})
+        stage(Run(), {})

@@ -14,14 +14,35 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def test_environment_yml_lists_the_same_dependencies_as_pyproject():
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(r) for r in project["dependencies"]} | {_name(r) for r in project["optional-dependencies"]["dev"]}
+def test_environment_yml_installs_the_project_under_the_tested_pins():
+    """conda-forge only (the pytorch/nvidia channels are dead); pip installs the package with its dev
+    extra under constraints.txt, so the cluster gets the versions the tests run with."""
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
-    conda = {_name(d).replace("pytorch", "torch") for d in env["dependencies"] if isinstance(d, str)}
-    pip = {_name(d) for d in next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))}
-    missing = wanted - conda - pip
-    assert not missing, f"environment.yml lacks {sorted(missing)}"
+    assert env["channels"] == ["conda-forge"]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "--constraint constraints.txt" in pip and "--editable .[dev]" in pip
+
+
+def _lock() -> dict[str, tuple[str, str]]:
+    entries = {}
+    for line in (REPO_ROOT / "constraints.lock.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            found = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+) --hash=sha256:([0-9a-f]{64})", line)
+            assert found, f"constraints.lock.txt: not `name==version --hash=sha256:...`: {line!r}"
+            entries[_name(found.group(1))] = (found.group(2), found.group(3))
+    return entries
+
+
+def test_the_lock_covers_every_dependency_with_the_constrained_versions():
+    lock = _lock()
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    assert not wanted - set(lock), f"constraints.lock.txt lacks {sorted(wanted - set(lock))}"
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert lock[_name(name)][0].split("+")[0] == version, f"{name}: lock {lock[_name(name)][0]} != {version}"
+    assert lock["torch"][0] == "2.13.0+cpu"  # the local CPU wheel, by its own hash
 
 
 def test_constraints_pin_the_local_cpu_torch_everywhere():
@@ -39,4 +60,5 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
     makefile = (REPO_ROOT / "Makefile").read_text()
     assert "rc -eq 5" in makefile  # pytest's "no tests collected" must fail CI
-    assert "-c constraints.txt" in makefile and "--build-constraint build-constraints.txt" in makefile
+    assert "--require-hashes" in makefile and "-r constraints.lock.txt" in makefile  # the lock, nothing resolved
+    assert "--build-constraint build-constraints.txt" in makefile

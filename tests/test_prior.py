@@ -48,7 +48,7 @@ def test_sd_noise_schedule():
     assert scheduler.betas[0].item() == pytest.approx(0.00085)
     assert scheduler.betas[-1].item() == pytest.approx(0.012)
     assert len(scheduler.betas) == 1000
-    assert scheduler.alphas_cumprod[1].item() == pytest.approx(0.998296, abs=1e-6)  # TVT's t = 1 (DESIGN §1.4)
+    assert scheduler.alphas_cumprod[1].item() == pytest.approx(0.998296, abs=1e-6)  # TVT's t = 1 (docs/method.md §1.4)
 
 
 def test_scaling_factor_rule():

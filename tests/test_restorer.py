@@ -50,7 +50,7 @@ def test_factories_assemble_the_papers_configurations(restorers):
     assert (tvt.method, tvt.timestep, tvt.vae_factor) == ("tvt", 1, 4)
     assert (osediff.method, osediff.timestep, osediff.vae_factor) == ("osediff", 999, 8)
     assert tvt.pixel_multiple == osediff.pixel_multiple == 64
-    assert tvt.alpha_bar == pytest.approx(0.998296, abs=1e-6)  # DESIGN.md §1.4
+    assert tvt.alpha_bar == pytest.approx(0.998296, abs=1e-6)  # docs/method.md §1.4
     assert osediff.alpha_bar == pytest.approx(0.0046, abs=1e-4)
 
 

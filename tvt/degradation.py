@@ -2,7 +2,7 @@
 
 The degradation is Real-ESRGAN's (Wang et al., 2021) as configured by OSEDiff: blur, resize,
 noise and JPEG applied twice, then [resize to H/scale + sinc filter] and JPEG in random order
-(DESIGN.md §1.4). It is built from basicsr's *parameterised* building blocks (kernel builders,
+(docs/method.md §1.4). It is built from basicsr's *parameterised* building blocks (kernel builders,
 noise, ``filter2D``, ``DiffJPEG``) rather than its ``random_*`` wrappers: those draw from
 hidden global RNGs and do not return what they drew, whereas a reproduction must record
 every parameter of every pair.

@@ -53,7 +53,7 @@ from tvt.data.paper import MANIFEST_FILE, REAL_PAIRS_FILE
 from tvt.metrics import ocr
 from tvt.metrics.fidelity import quantise
 from tvt.metrics.suite import METRICS, MetricSuite, availability
-from tvt.stages import DATA_DIR, method_model_dir
+from tvt.stages import method_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,15 @@ def external_method(name: str, folder: Path) -> Method:
     return Method(name, restore, steps=None, timed=False)
 
 
-def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu") -> Method:
-    """The method called ``name`` in ``cfg['evaluate']``: bicubic, an external folder or a trained model."""
+def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu", model_dir: Path | None = None) -> Method:
+    """The method called ``name`` in ``cfg['evaluate']``: bicubic, an external folder or a trained model
+    (from ``model_dir``, default: the newest pipeline run's ``resources/models/<name>``)."""
     external = cfg["evaluate"].get("external") or {}
     if name == "bicubic":
         return bicubic_method(cfg["degrade"]["scale"])
     if name in external:
         return external_method(name, Path(external[name]))
-    model_dir = Path(method_model_dir(name))
+    model_dir = Path(model_dir if model_dir is not None else method_model_dir(name))
     if not model_dir.is_dir():
         raise FileNotFoundError(f"method {name!r}: no trained model at {model_dir} (train it first, "
                                 f"or list its outputs under evaluate.external)")
@@ -258,7 +259,10 @@ def load_test_pairs(cfg: Mapping, pairs_csv: Path, data_dir: Path | None = None)
     test_sets = cfg["evaluate"].get("test_sets")
     if not test_sets:
         return rows
-    data_dir = Path(data_dir if data_dir is not None else DATA_DIR)
+    if data_dir is None:
+        raise ValueError("evaluate.test_sets: the real test pairs are read from the data stage's folder; "
+                         "pass data_dir")
+    data_dir = Path(data_dir)
     for table in (MANIFEST_FILE, REAL_PAIRS_FILE):
         if not (data_dir / table).is_file():
             raise FileNotFoundError(f"{data_dir / table} is missing: run the 'data' stage (paper mode scores "
@@ -592,13 +596,14 @@ def _write_per_image(records: list[dict], path: Path) -> None:
 
 def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path, run,
              plots_dir: Path | None = None, complexity_file: Path | None = None,
-             data_dir: Path | None = None) -> dict:
+             data_dir: Path | None = None, model_dirs: Mapping[str, Path] | None = None) -> dict:
     """Score every method of ``cfg['evaluate']`` on the test pairs (:func:`load_test_pairs`); see the module doc.
 
     ``plots_dir`` defaults to ``<metrics_file dir>/plots``; ``complexity_file`` (paper-size
     complexity rows of tvt.complexity) to ``<metrics_file dir>/complexity.json``; ``data_dir``
-    (paper mode: the data stage's output with ``manifest.csv`` and ``real_pairs.csv``) to
-    ``resources/data``.
+    (paper mode: the data stage's output with ``manifest.csv`` and ``real_pairs.csv``) is
+    required with ``evaluate.test_sets``; ``model_dirs`` (method -> trained restorer, the pipeline's own) to
+    :func:`build_method`'s default.
     """
     ev = cfg["evaluate"]
     results_dir = Path(metrics_file).parent
@@ -623,7 +628,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         costs: dict[str, dict] = {}
         method_figures: dict[str, object] = {}
         for name in names:
-            method = build_method(name, cfg, device)
+            method = build_method(name, cfg, device, (model_dirs or {}).get(name))
             records += score_method(method, pairs, root, suite, outputs, read_text, device)
             costs[name] = {"steps": method.steps, "params_M": method.params_M}
             if (figure := cfw_weight_figure(method, pairs, root, device)) is not None:

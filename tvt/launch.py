@@ -10,20 +10,35 @@ The relaunched processes see the launcher's rank variables and train; the parent
 waits, forwards termination signals (SLURM preemption, ``scancel``) and returns their exit
 status. It opens no MLflow run: rank 0 of the launched processes does
 (:func:`tvt.tracking.stage_run`).
+
+Two guarantees for every stage process: it dies with its parent (:func:`die_with_parent`: a
+killed Snakemake or job shell leaves no orphan trainer behind), and one stage instance runs at
+a time (:func:`exclusive`: a second one refuses to start, naming the first).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 #: overrides the number of processes (e.g. 2 CPU processes in tests, or fewer GPUs than granted)
 NUM_PROCESSES_ENV = "TVT_NUM_PROCESSES"
-#: a stage trains with the Trainer (and can run data-parallel) iff the registry lists this file in its code
+#: the Trainer's source: a stage declared `trains` has it among its (import-graph) code files
 ENGINE_SOURCE = "tvt/training/engine.py"
 #: set in every process a launcher starts: torchrun (and so multi-process ``accelerate launch``),
 #: MPI, and ``ACCELERATE_DYNAMO_MODE`` for a single-process ``accelerate launch``. Not every
@@ -33,6 +48,13 @@ LAUNCHER_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD
                 "ACCELERATE_DYNAMO_MODE")
 #: what the parent passes on to the launcher, which passes it on to every rank
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+log = logging.getLogger(__name__)
+#: prctl(2) option: the signal this process gets when its parent dies (Linux)
+PR_SET_PDEATHSIG = 1
+#: how often the fallback watcher checks whether the parent is still there
+PARENT_POLL_S = 1.0
 
 
 class LaunchError(RuntimeError):
@@ -45,7 +67,7 @@ class LaunchError(RuntimeError):
 
 def uses_trainer(stage) -> bool:
     """Whether a registry :class:`~tvt.stages.Stage` trains with the Trainer (and can use several GPUs)."""
-    return ENGINE_SOURCE in stage.code
+    return stage.trains
 
 
 def inside_distributed_launch(env: Mapping[str, str]) -> bool:
@@ -99,6 +121,79 @@ def launch_environment(env: Mapping[str, str], *, use_cpu: bool) -> dict[str, st
     return {**env, **({"ACCELERATE_USE_CPU": "true"} if use_cpu else {})}
 
 
+class StageBusyError(RuntimeError):
+    """Another process holds the stage's lock; the message names it (PID, host, since when)."""
+
+
+def _set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def die_with_parent() -> None:
+    """End this process (SIGTERM: a training stage checkpoints on the way out) when its parent dies.
+
+    Linux's ``PR_SET_PDEATHSIG`` where available, and a watcher thread everywhere: the parent is
+    gone when this process is re-parented. A parent that died before this call is caught too.
+    """
+    parent = os.getppid()
+    _set_parent_death_signal()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tvt-parent-watch", daemon=True).start()
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(info: Mapping) -> str:
+    return f"PID {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('since', '?')}"
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` while the block runs; raise :class:`StageBusyError`
+    naming the holder when another process has it.
+
+    ``flock`` locks die with their process, so a lock file left by a killed or crashed process is
+    free: it is taken over (and said so), never a reason to refuse. The file records who holds it.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise StageBusyError(f"{what} is already running: {_describe_holder(_holder(lock_file))} "
+                                 f"(lock {lock_file})") from None
+        previous = _holder(lock_file)
+        if previous:
+            log.warning("%s: taking over the lock of a process that is gone (%s)", what, _describe_holder(previous))
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: the next holder has nothing to take over
+    finally:
+        os.close(fd)
+
+
 def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str]) -> int:
     """Run ``cmd``, passing SIGTERM/SIGINT on to it, and return its exit status (128 + signal
     when it or this process was stopped by one, the shell's convention that SLURM and
@@ -108,7 +203,7 @@ def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str]) -> int:
     reaches it twice (SLURM signals every process of the job, and the parent forwards) is
     harmless.
     """
-    child = subprocess.Popen(list(cmd), env=dict(env))
+    child = subprocess.Popen(list(cmd), env=dict(env), preexec_fn=_set_parent_death_signal)  # noqa: PLW1509
     received: list[int] = []
 
     def forward(signum, frame):

@@ -52,7 +52,7 @@ _DECIMALS = {"psnr_y": 2, "fid": 2, "musiq": 2, "niqe": 3, "qalign": 3, "latency
              "paper_gmacs": 1, "paper_attn_gmacs": 1, "paper_all_gmacs": 1, "sd_latency_s": 1,
              "steps": 0, "n": 0}
 
-#: ablation family -> (title, variant names without the "tvt_" prefix), DESIGN.md §1.1–1.3
+#: ablation family -> (title, variant names without the "tvt_" prefix), docs/method.md §1.1–1.3
 ABLATIONS = {
     "vae": ("VAE-D4 architecture: V1 (128/256/512 + mid-block), V2 (128/256/512) vs TVT", ("v1", "v2")),
     "transfer": ("Transfer VAE training: T1 (from scratch), T2 (latent L2 alignment) vs TVT", ("t1", "t2")),

@@ -1,219 +1,264 @@
 """Stage execution: what ``tvt stage NAME`` does, for Snakemake and DVC alike.
 
-Each stage reads its own config section, opens its MLflow run (nested under the
-pipeline run when there is one) and writes its outputs atomically: into ``<out>.tmp``
-first, renamed into place only when the stage succeeded, so a killed or failed stage
-never leaves a half-written output that a later run could mistake for a finished one.
+Each stage reads its own config section, opens its MLflow run (nested under the pipeline run
+when there is one) and writes its content-addressed folder (:mod:`tvt.stages`) atomically: into
+``<folder>.tmp`` first, renamed into place only when the stage succeeded, so a killed or failed
+stage never leaves a half-written output that a later run could mistake for a finished one, and
+a finished folder is never rebuilt. The handlers below are the registry's: ``Stage.handler``
+names one, and the modules it imports are the stage's code dependencies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from tvt import config as config_mod
 from tvt import launch, tracking
 from tvt import stages as stages_mod
-from tvt.atomic import atomic_dir
+from tvt.atomic import atomic_dir, fsync_dir
 
 log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
-    """A stage cannot run (missing input, unsupported mode); the message says why."""
+    """A stage cannot run (missing input, stale workflow file, unsupported mode); the message says why."""
 
 
-def _require(path: str | Path, produced_by: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path} is missing: run the '{produced_by}' stage first "
-                         f"(e.g. `snakemake --cores 2 {produced_by}`)")
-    return path
+@dataclass(frozen=True)
+class StageContext:
+    """What a handler gets: its config, MLflow run and options, and the folders of its stage and of
+    the stages it reads (all from the registry: a handler never names a path itself)."""
+
+    stage: stages_mod.Stage
+    cfg: Mapping
+    run: tracking.StageRun
+    opts: Mapping
+    inputs: Mapping[str, Path]  # upstream stage name -> its folder
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.stage.folder)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        """Checkpoints live outside the output, keyed without the resumable keys (``steps``): a rerun
+        after a failure, or with more steps, resumes from them."""
+        return Path(self.stage.ckpt_dir)
+
+    def input(self, name: str) -> Path:
+        return self.inputs[name]
 
 
-def _stage_data(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
-    data = cfg["data"]
-    with atomic_dir(stages_mod.DATA_DIR) as out:
+def _stage_data(ctx: StageContext) -> None:
+    data = ctx.cfg["data"]
+    with atomic_dir(ctx.folder) as out:
         if data["source"] == "mini":
             from tvt.data.mini import build_mini_dataset
 
-            manifest = build_mini_dataset(data, out, cfg["seed"])
+            manifest = build_mini_dataset(data, out, ctx.cfg["seed"])
         else:
             from tvt.data.paper import assemble_paper_dataset
 
-            manifest = assemble_paper_dataset(data, out, Path(stages_mod.DATASETS_DIR))
+            with tempfile.TemporaryDirectory(prefix="tvt-datasets-") as view:  # name -> its download folder
+                for name, folder in ctx.inputs.items():
+                    (Path(view) / name.removeprefix("download_")).symlink_to(folder.resolve())
+                manifest = assemble_paper_dataset(data, out, Path(view))
         from tvt.data.manifest import read_manifest
 
         rows = read_manifest(manifest)
         real_pairs = out / "real_pairs.csv"  # paper mode's real LR/HR test sets, scored as they are
         if real_pairs.is_file():
-            run.log_metrics({"n_real_pairs": len(read_manifest(real_pairs))})
-            run.log_artifact(real_pairs)
+            ctx.run.log_metrics({"n_real_pairs": len(read_manifest(real_pairs))})
+            ctx.run.log_artifact(real_pairs)
         counts: dict[str, int] = {}
         for row in rows:
             key = f"n_{row['kind']}_{row['split']}"
             counts[key] = counts.get(key, 0) + 1
-        run.log_metrics({"n_images": len(rows), **counts})
-        run.log_artifact(manifest)
+        ctx.run.log_metrics({"n_images": len(rows), **counts})
+        ctx.run.log_artifact(manifest)
 
 
-def _stage_download(name: str):
-    def handler(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
-        from tvt.data.download import fetch_dataset
+def _stage_download(ctx: StageContext) -> None:
+    """Archives download into the checkpoint area (a failed download resumes there); the
+    verified dataset is then renamed into the stage's folder."""
+    from tvt.data.download import fetch_dataset
 
-        spec = cfg["data"]["datasets"][name]
-        target = fetch_dataset(name, spec, Path(stages_mod.DATASETS_DIR),
-                               trust_new_hashes=opts.get("trust_new_hashes", False))
-        run.log_artifact(target / ".complete", "download")
+    name = ctx.stage.name.removeprefix("download_")
+    target = fetch_dataset(name, ctx.cfg["data"]["datasets"][name], ctx.ckpt_dir,
+                           trust_new_hashes=ctx.opts.get("trust_new_hashes", False))
+    ctx.folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(target, ctx.folder)
+    fsync_dir(ctx.folder.parent)
+    ctx.run.log_artifact(ctx.folder / ".complete", "download")
 
-    return handler
 
-
-def _stage_degrade(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_degrade(ctx: StageContext) -> None:
     from tvt.data.manifest import read_manifest
     from tvt.degradation import synthesize_pairs
 
-    manifest = _require(Path(stages_mod.DATA_DIR) / "manifest.csv", "data")
-    deg = cfg["degrade"]
-    with atomic_dir(stages_mod.PAIRS_DIR) as out:
-        pairs = synthesize_pairs(manifest, out, deg, cfg["seed"], workers=deg["workers"])
-        rows = read_manifest(pairs)
-        run.log_metrics({"n_pairs": len(rows)})
-        run.log_artifact(pairs)
+    manifest = ctx.input("data") / "manifest.csv"
+    deg = ctx.cfg["degrade"]
+    with atomic_dir(ctx.folder) as out:
+        pairs = synthesize_pairs(manifest, out, deg, ctx.cfg["seed"], workers=deg["workers"])
+        ctx.run.log_metrics({"n_pairs": len(read_manifest(pairs))})
+        ctx.run.log_artifact(pairs)
 
 
-def _stage_prior(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
-    if cfg["prior"]["source"] == "hub":
-        from tvt.models.sd_weights import fetch_sd_base
+def _stage_prior_hub(ctx: StageContext) -> None:
+    from tvt.models.sd_weights import fetch_sd_base
 
-        with atomic_dir(stages_mod.SD_DIR) as out:
-            fetch_sd_base(cfg["prior"], out)
-        return
+    with atomic_dir(ctx.folder) as out:
+        fetch_sd_base(ctx.cfg["prior"], out)
+
+
+def _stage_prior_train(ctx: StageContext) -> None:
     from tvt.training.prior import run_prior
 
-    run_prior(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR), _ckpt_dir("prior"), run)
+    run_prior(ctx.cfg, ctx.input("degrade"), ctx.folder, ctx.ckpt_dir, ctx.run)
 
 
-def _stage_decoder_transfer(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_decoder_transfer(ctx: StageContext) -> None:
     from tvt.training.vae_transfer import run_decoder_transfer
 
-    run_decoder_transfer(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR),
-                         Path(stages_mod.VAE_D4_DECODER_DIR), _ckpt_dir("decoder_transfer"), run)
+    run_decoder_transfer(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.folder, ctx.ckpt_dir, ctx.run)
 
 
-def _stage_encoder_transfer(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_encoder_transfer(ctx: StageContext) -> None:
     from tvt.training.vae_transfer import run_encoder_transfer
 
-    run_encoder_transfer(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.VAE_D4_DECODER_DIR),
-                         Path(stages_mod.VAE_D4_DIR), _ckpt_dir("encoder_transfer"), run)
+    run_encoder_transfer(ctx.cfg, ctx.input("degrade"), ctx.input("decoder_transfer"), ctx.folder, ctx.ckpt_dir,
+                         ctx.run)
 
 
-def _stage_isr(name: str):
-    def handler(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
-        from tvt.training.isr import run_isr
+def _stage_isr(ctx: StageContext) -> None:
+    from tvt.training.isr import run_isr
 
-        tvt = cfg["isr"][name]["method"] == "tvt"
-        run_isr(cfg, name, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR),
-                Path(stages_mod.VAE_D4_DIR) if tvt else None, Path(stages_mod.method_model_dir(name)),
-                _ckpt_dir(f"isr_{name}"), run)
-
-    return handler
+    run_isr(ctx.cfg, ctx.stage.name.removeprefix("isr_"), ctx.input("degrade"), ctx.input("prior"),
+            ctx.inputs.get("encoder_transfer"), ctx.folder, ctx.ckpt_dir, ctx.run)
 
 
-def _stage_stablesr_sft(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_stablesr_sft(ctx: StageContext) -> None:
     from tvt.training.stablesr_sft import run_stablesr_sft
 
-    run_stablesr_sft(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR), Path(stages_mod.STABLESR_SFT_DIR),
-                     _ckpt_dir("stablesr_sft"), run)
+    run_stablesr_sft(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.folder, ctx.ckpt_dir, ctx.run)
 
 
-def _stage_stablesr_cfw(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_stablesr_cfw(ctx: StageContext) -> None:
     from tvt.training.stablesr_cfw import run_stablesr_stage_b
 
-    run_stablesr_stage_b(cfg, Path(stages_mod.PAIRS_DIR), Path(stages_mod.SD_DIR), Path(stages_mod.STABLESR_SFT_DIR),
-                         Path(stages_mod.method_model_dir("stablesr")), _ckpt_dir("stablesr_cfw"), run)
+    run_stablesr_stage_b(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.input("stablesr_sft"), ctx.folder,
+                         ctx.ckpt_dir, ctx.run)
 
 
-def _ckpt_dir(stage: str) -> Path:
-    """Checkpoints live outside the stage's output, so a rerun can resume from them
-    (Snakemake and DVC delete a stage's outputs before running it)."""
-    return Path(stages_mod.CKPT_DIR) / stage
+def _stage_official(ctx: StageContext) -> None:
+    from tvt.official import run_official_stage
+
+    with atomic_dir(ctx.folder) as out:
+        run_official_stage(ctx.stage.name.removeprefix("official_"), ctx.cfg, ctx.run, ctx.opts, ctx.input("prior"),
+                           out, Path(stages_mod.RESOURCES) / "official")
 
 
-def _stage_complexity(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_complexity(ctx: StageContext) -> None:
     from tvt.complexity import compute_complexity, to_json, to_markdown
 
     rows = compute_complexity(output_size=512)  # the paper's setting: x4 to 512², SD 2.1-base scale
-    out = Path(stages_mod.COMPLEXITY_FILE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(to_json(rows) + "\n")
-    os.replace(tmp, out)
-    run.log_text(to_markdown(rows), "complexity.md")
-    run.log_artifact(out)
+    with atomic_dir(ctx.folder) as out:
+        (out / stages_mod.COMPLEXITY_FILE).write_text(to_json(rows) + "\n")
+    ctx.run.log_text(to_markdown(rows), "complexity.md")
+    ctx.run.log_artifact(ctx.folder / stages_mod.COMPLEXITY_FILE)
 
 
-def _stage_evaluate(cfg: Mapping, run: tracking.StageRun, opts: Mapping) -> None:
+def _stage_evaluate(ctx: StageContext) -> None:
     from tvt.evaluate import evaluate
 
-    pairs = _require(Path(stages_mod.PAIRS_DIR) / "pairs.csv", "degrade")
-    with atomic_dir(stages_mod.TABLES_DIR) as tables:
-        evaluate(cfg, pairs, tables, Path(stages_mod.METRICS_FILE), run, data_dir=Path(stages_mod.DATA_DIR))
+    models = {m: ctx.input(s) for m in ctx.cfg["evaluate"]["methods"] if (s := stages_mod.method_stage(m))}
+    with atomic_dir(ctx.folder) as out:
+        (out / stages_mod.TABLES).mkdir()
+        evaluate(ctx.cfg, ctx.input("degrade") / "pairs.csv", out / stages_mod.TABLES, out / stages_mod.METRICS_FILE,
+                 ctx.run, plots_dir=out / "plots", complexity_file=ctx.input("complexity") / stages_mod.COMPLEXITY_FILE,
+                 data_dir=ctx.inputs.get("data"), model_dirs=models)
 
 
-HANDLERS: dict[str, Callable[[Mapping, tracking.StageRun, Mapping], None]] = {
-    "data": _stage_data,
-    "degrade": _stage_degrade,
-    "prior": _stage_prior,
-    "decoder_transfer": _stage_decoder_transfer,
-    "encoder_transfer": _stage_encoder_transfer,
-    "stablesr_sft": _stage_stablesr_sft,
-    "stablesr_cfw": _stage_stablesr_cfw,
-    "complexity": _stage_complexity,
-    "evaluate": _stage_evaluate,
-}
+def _handler(stage: stages_mod.Stage) -> Callable[[StageContext], None]:
+    handler = globals().get(stage.handler)
+    if handler is None:
+        raise StageError(f"stage {stage.name!r}: tvt.runner has no handler {stage.handler!r}")
+    return handler
 
 
-def run_stage(name: str, config_path: str | Path, **opts) -> None:
+def run_stage(name: str, config_path: str | Path, expected_key: str | None = None, **opts) -> None:
     """Run one stage of the pipeline described by ``config_path``.
 
-    A training stage runs on every GPU the job may use (or ``$TVT_NUM_PROCESSES`` processes):
-    it re-executes itself under ``accelerate launch`` (:mod:`tvt.launch`).
+    Nothing is rebuilt: a stage whose folder exists (published atomically, so complete) returns at
+    once. Otherwise it takes the stage's lock (a second instance refuses to start), dies with its
+    parent (no orphan trainer when Snakemake or the job's shell is killed) and runs its handler.
+    A training stage runs on every GPU the job may use (or ``$TVT_NUM_PROCESSES`` processes): it
+    re-executes itself under ``accelerate launch`` (:mod:`tvt.launch`).
     """
     cfg = config_mod.load(config_path)
-    stage = stages_mod.stage_by_name(cfg, name)
-    handler = HANDLERS.get(name)
-    if handler is None and name.startswith("download_"):
-        handler = _stage_download(name.removeprefix("download_"))
-    if handler is None and name.startswith("isr_"):
-        handler = _stage_isr(name.removeprefix("isr_"))
-    if handler is None and name.startswith("official_"):
-        from tvt.official import stage_handler
-
-        handler = stage_handler(name.removeprefix("official_"))
-    if handler is None:
-        raise StageError(f"stage {name!r} has no implementation in this version of tvt")
-    for dep in stage.deps:
-        producer = next((s.name for s in stages_mod.build_stages(cfg) if dep in s.outs + s.metrics), "?")
-        _require(dep, producer)
+    try:
+        stage = stages_mod.stage_by_name(cfg, name)
+    except KeyError as exc:
+        raise StageError(exc.args[0]) from None
+    if expected_key is not None and expected_key != stage.key:
+        raise StageError(
+            f"stage {name}: {config_path} or the code changed since the workflow file was written (key "
+            f"{stage.key}, workflow expects {expected_key}): regenerate it (`tvt workflow dvc --config "
+            f"{config_path}`, or run `tvt pipeline`), so that the new result gets its own folder")
+    handler = _handler(stage)
     launched = launch.inside_distributed_launch(os.environ)
-    if launch.uses_trainer(stage) and not launched:
-        import torch
-
-        processes = launch.wanted_processes(os.environ, torch.cuda.device_count())
-        if processes > 1:  # the same command on every GPU; the ranks open the MLflow run, not this process
-            flags = [f"--{key.replace('_', '-')}" for key, value in opts.items() if value is True]
-            launch.relaunch(["stage", name, "--config", str(config_path), *flags], processes,
-                            use_cpu=not torch.cuda.is_available())
+    quiet_progress_bars()
+    if not launched:
+        launch.die_with_parent()
+        if stage.is_built():
+            log.info("%s: up to date (%s)", name, stage.folder)
             return
-    if stage.resources.gpus == 0 and not launched:  # launched: the launcher shared the cores out
-        _use_granted_cpus()
-    with tracking.stage_run(name, cfg, stage.section, config_path) as run:
-        handler(cfg, run, opts)
+    registry = {s.name: s for s in stages_mod.build_stages(cfg)}
+    for dep in stages_mod.inputs_of(stage, registry):
+        if not Path(dep).exists():
+            producer = next((s.name for s in registry.values() if dep in s.products), None)
+            hint = f"run the '{producer}' stage first (e.g. `snakemake --cores 2 {producer}`)" if producer else \
+                "it is an external input named in the config"
+            raise StageError(f"{dep} is missing: {hint}")
+    inputs = {n: Path(registry[n].folder) for n in stage.needs}
+    with contextlib.ExitStack() as stack:
+        if not launched:  # the ranks of a launch run under their parent's lock
+            stack.enter_context(launch.exclusive(Path(stage.lock_file), f"stage {name}"))
+        if stage.trains and not launched:
+            import torch
+
+            processes = launch.wanted_processes(os.environ, torch.cuda.device_count())
+            if processes > 1:  # the same command on every GPU; the ranks open the MLflow run, not this process
+                flags = [f"--{key.replace('_', '-')}" for key, value in opts.items() if value is True]
+                launch.relaunch(["stage", name, "--config", str(config_path), *flags], processes,
+                                use_cpu=not torch.cuda.is_available())
+                return
+        if stage.resources.gpus == 0 and not launched:  # launched: the launcher shared the cores out
+            _use_granted_cpus()
+        with tracking.stage_run(name, cfg, stage.section, config_path, tags={"tvt.key": stage.key}) as run:
+            handler(StageContext(stage, cfg, run, opts, inputs))
+
+
+#: seconds between two progress-bar updates in a log file (SLURM, Snakemake's log:, a pipe)
+LOG_PROGRESS_INTERVAL_S = 60
+
+
+def quiet_progress_bars(stream=None) -> None:
+    """Progress bars redraw many times a second, which fills a log file that is no terminal with
+    carriage returns: there, every tqdm bar updates once a minute (tqdm reads ``TQDM_*`` defaults
+    from the environment, also in the relaunched ranks). A value the user set is kept."""
+    stream = sys.stderr if stream is None else stream
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_INTERVAL_S))
+        os.environ.setdefault("TQDM_MAXINTERVAL", str(10 * LOG_PROGRESS_INTERVAL_S))
 
 
 def _use_granted_cpus() -> None:
@@ -224,19 +269,45 @@ def _use_granted_cpus() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 
+def interpreter_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` with this interpreter's folder first on PATH: the ``python -m tvt`` of a workflow
+    file is then the project's, activated or not."""
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def write_dvc_yaml(config_path: str | Path, output: Path = Path("dvc.yaml")) -> tuple[dict, str]:
+    """Write the dvc.yaml of a config (named relative to the project when it lies inside it, so
+    that every spelling of one config writes the same file); return the config and that name."""
+    cfg = config_mod.load(config_path)
+    path = Path(config_path).resolve()
+    root = Path.cwd().resolve()
+    name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    text = stages_mod.render_dvc_yaml(cfg, name)
+    if not output.is_file() or output.read_text() != text:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, output)
+    return cfg, name
+
+
 def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: list[str] | None = None) -> int:
     """Run the pipeline with Snakemake or DVC under one MLflow parent run.
 
-    Snakemake opens the parent run itself (``onstart`` in the Snakefile); for DVC this
-    function opens it and exports its id to the stage processes.
+    Snakemake opens the parent run itself (``onstart`` in the Snakefile); for DVC this function
+    writes the config's dvc.yaml, opens the parent run and exports its id to the stage processes.
     """
     extra = [a for a in (extra or []) if a != "--"]
     if engine == "snakemake":
         # targets first: --configfile swallows every word after it
         cmd = [sys.executable, "-m", "snakemake", *extra, "--cores", str(cores), "--configfile", str(config_path)]
-        return subprocess.call(cmd)
-    cfg = config_mod.load(config_path)
-    run_id = tracking.start_pipeline_run(cfg, config_path, "dvc")
-    code = subprocess.call(["dvc", "repro", *extra], env={**os.environ, tracking.PIPELINE_ENV: run_id})
+        return subprocess.call(cmd, env=interpreter_env())
+    cfg, name = write_dvc_yaml(config_path)
+    run_id = tracking.start_pipeline_run(cfg, name, "dvc")
+    code = subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro", *extra],
+                           env=interpreter_env({**os.environ, tracking.PIPELINE_ENV: run_id}))
     tracking.end_pipeline_run(cfg, run_id, ok=code == 0)
+    if code == 0:
+        stages_mod.update_current_links(cfg)
     return code

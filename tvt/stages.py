@@ -1,40 +1,69 @@
 """The stage registry: the ONE definition of every pipeline stage.
 
-Snakemake (``workflow/rules/stages.smk``) builds its rules from this registry, and
-``dvc.yaml`` is generated from it (``tvt workflow dvc``; a test fails when the committed
-file drifts). Each stage names the config section it reads; Snakemake sees only that
-section's hash as a rule parameter and DVC only that section as ``params``, so editing
-e.g. ``evaluate`` never invalidates a training stage.
+A stage is declared once (:func:`build_stages`): its config section, its handler (a function
+of :mod:`tvt.runner`), the stages whose outputs it reads, what it writes and what it asks a
+scheduler for. Snakemake (``workflow/rules/stages.smk``) builds its rules from this registry
+and ``dvc.yaml`` is generated from it (``tvt workflow dvc``).
 
-A stage exists in a given config iff its section exists there: training stages appear in
-the DAG as their sections are configured, and the evaluation stage depends only on the
-methods it scores.
+Outputs are content-addressed. A stage's **key** hashes everything that determines its
+result: the stage's own parameters (``mode``, ``seed`` and its config section), the keys of
+the stages it reads, and the source of every ``tvt`` module its handler imports, found from
+the import graph (:func:`code_files`). A stage writes ``resources/store/<stage>/<key>/``
+(evaluation and complexity under ``results/store/``), so
+
+* two configs, or two ablations, coexist: their keys differ, their folders differ;
+* switching config A -> B -> A reruns nothing the second time (A's folders are still there);
+* no run of one config ever deletes or overwrites an output of another: an engine only
+  (re)builds a folder whose key it computed, and a finished key is never rebuilt;
+* the config's *path* is in no key: ``config/ci.yaml``, its absolute path or a copy name the
+  same outputs;
+* editing any module a stage imports gives the stage (and everything downstream) a new key.
+
+The current outputs of the last pipeline run stay easy to find: ``resources/models/<method>``
+and ``results/latest`` are links into the store (:func:`update_current_links`), and
+``tvt where STAGE --config FILE`` prints the folder of any stage of any config.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from functools import cache, lru_cache
+from pathlib import Path, PurePosixPath
 
 from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params
 
 RESOURCES = "resources"
 RESULTS = "results"
-DATA_DIR = f"{RESOURCES}/data"
-DATASETS_DIR = f"{RESOURCES}/datasets"
-PAIRS_DIR = f"{RESOURCES}/pairs"
-MODELS_DIR = f"{RESOURCES}/models"
-SD_DIR = f"{MODELS_DIR}/sd-base"
+#: content-addressed outputs: <store>/<stage>/<key>/
+STORE = f"{RESOURCES}/store"
+RESULTS_STORE = f"{RESULTS}/store"
+#: training checkpoints, <stage>/<checkpoint key>/: outside the output, so a rerun resumes from them
 CKPT_DIR = f"{RESOURCES}/checkpoints"
-VAE_D4_DECODER_DIR = f"{MODELS_DIR}/vae-d4-decoder"
-VAE_D4_DIR = f"{MODELS_DIR}/vae-d4"
-STABLESR_SFT_DIR = f"{MODELS_DIR}/stablesr-sft"
-METRICS_FILE = f"{RESULTS}/metrics.json"
-COMPLEXITY_FILE = f"{RESULTS}/complexity.json"
+#: one lock file per running stage instance (:func:`tvt.launch.exclusive`)
+LOCKS_DIR = f"{RESOURCES}/locks"
+#: links to the outputs of the newest pipeline run: ``tvt sr``'s default weights, README paths
+MODELS_DIR = f"{RESOURCES}/models"
+LATEST_RESULTS = f"{RESULTS}/latest"
+METRICS_FILE = "metrics.json"
+COMPLEXITY_FILE = "complexity.json"
+TABLES = "tables"
 #: OCR accuracy vs text height, one column per method (`dvc plots show`)
-OCR_PLOTS = tuple(f"{RESULTS}/plots/ocr_{m}_vs_text_px.csv" for m in ("acc", "ned"))
-TABLES_DIR = f"{RESULTS}/tables"
+OCR_PLOTS = tuple(f"plots/ocr_{m}_vs_text_px.csv" for m in ("acc", "ned"))
+#: length of a key in folder names (hex digits of a sha256)
+KEY_LENGTH = 16
+#: parameters that change how long a stage trains (or, StableSR's `sample`, only how its restorer is
+#: published), not what a checkpoint holds: a stage resumes
+#: from its checkpoints after such an edit (e.g. more steps), while its output key changes
+RESUMABLE_KEYS = ("steps", "sample")
+#: modules that run stages but do not shape their results: editing them reruns nothing
+ORCHESTRATION_MODULES = frozenset({"tvt.__main__", "tvt.atomic", "tvt.cli", "tvt.config", "tvt.launch",
+                                   "tvt.runner", "tvt.stages", "tvt.tracking"})
 
 
 @dataclass(frozen=True)
@@ -59,19 +88,69 @@ class Resources:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage: declaration (first block) and, once :func:`build_stages` keyed it, its paths."""
+
     name: str
     section: str | None  # config key the stage reads (besides GLOBAL_KEYS)
     description: str
-    deps: tuple[str, ...] = ()  # data/model inputs produced by other stages or the user
-    code: tuple[str, ...] = ()  # package sources whose change should rerun the stage
-    outs: tuple[str, ...] = ()  # directories (cached, DVC-tracked)
-    metrics: tuple[str, ...] = ()  # small JSON files (not cached, `dvc metrics show`)
+    handler: str  # function of tvt.runner that runs the stage, called with a StageContext
+    needs: tuple[str, ...] = ()  # stages whose outputs this one reads
+    external: tuple[str, ...] = ()  # user-provided inputs (evaluate.external folders)
+    outs: tuple[str, ...] = ("",)  # folders, relative to the stage's folder ("" = the folder itself)
+    metrics: tuple[str, ...] = ()  # small JSON files (not cached by DVC, `dvc metrics show`)
     plots: tuple[str, ...] = ()
+    store: str = STORE
+    trains: bool = False  # trains with tvt.training.engine.Trainer (data-parallel, checkpointed)
     resources: Resources = field(default_factory=Resources)
-    retries: int = 0  # resubmissions after a failure (training resumes from its checkpoint)
+    retries: int | None = None  # resubmissions after a failure; None: the engine's (profile's) default
+    key: str = ""  # set by build_stages
+    ckpt_key: str = ""
+    code: tuple[str, ...] = ()  # set by build_stages: sources whose content is in the key
 
-    def command(self, config_path: str) -> str:
-        return f"tvt stage {self.name} --config {config_path}"
+    @property
+    def folder(self) -> str:
+        """``<store>/<stage>/<key>``: everything this stage writes."""
+        if not self.key:
+            raise ValueError(f"stage {self.name!r} has no key yet (use build_stages)")
+        return f"{self.store}/{self.name}/{self.key}"
+
+    def _paths(self, rel: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f"{self.folder}/{r}" if r else self.folder for r in rel)
+
+    @property
+    def out_paths(self) -> tuple[str, ...]:
+        return self._paths(self.outs)
+
+    @property
+    def metric_paths(self) -> tuple[str, ...]:
+        return self._paths(self.metrics)
+
+    @property
+    def plot_paths(self) -> tuple[str, ...]:
+        return self._paths(self.plots)
+
+    @property
+    def products(self) -> tuple[str, ...]:
+        """Every path the stage publishes; a downstream stage depends on all of them."""
+        return self.out_paths + self.metric_paths + self.plot_paths
+
+    def is_built(self, root: Path = Path()) -> bool:
+        """Whether every product exists. Outputs are published atomically, so existing means complete
+        (the folder alone is not enough: Snakemake creates the parent folder of a file output)."""
+        return all((root / p).exists() for p in self.products)
+
+    @property
+    def ckpt_dir(self) -> str:
+        return f"{CKPT_DIR}/{self.name}/{self.ckpt_key}"
+
+    @property
+    def lock_file(self) -> str:
+        return f"{LOCKS_DIR}/{self.name}-{self.key}.lock"
+
+    def command(self, config_path: str, python: str = "python") -> str:
+        """The shell command both engines run. It carries the key it expects, so a stage whose
+        config no longer matches the workflow file refuses to run instead of writing elsewhere."""
+        return f"{python} -m tvt stage {self.name} --config {config_path} --key {self.key}"
 
     def params(self, cfg: Mapping) -> dict:
         return stage_params(cfg, self.section)
@@ -79,29 +158,100 @@ class Stage:
     def params_hash(self, cfg: Mapping) -> str:
         return params_hash(self.params(cfg))
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return self.deps + self.code
+
+# ---- code dependencies from the import graph ---------------------------------------------------
 
 
-def code_files(*paths: str) -> tuple[str, ...]:
-    """Expand package folders to their ``.py`` files (relative, POSIX, sorted).
+def _module_file(module: str) -> Path | None:
+    """The source file of a ``tvt`` module (a package's ``__init__.py``), None if there is none."""
+    base = REPO_ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
-    Stages depend on individual source files, not folders: a folder would also change
-    when Python writes ``__pycache__`` into it, which would make DVC rerun for nothing.
+
+def _imported_modules(nodes) -> set[str]:
+    """``tvt`` modules named by the import statements among ``nodes`` (at any depth: most stage
+    code imports lazily, inside functions). ``from tvt.x import y`` counts ``tvt.x.y`` when that is
+    a module, else ``tvt.x``."""
+    found: set[str] = set()
+    for node in nodes:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Import):
+                found |= {a.name for a in sub.names if a.name.split(".")[0] == "tvt"}
+            elif isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module and \
+                    sub.module.split(".")[0] == "tvt":
+                found.add(sub.module)
+                found |= {f"{sub.module}.{a.name}" for a in sub.names if _module_file(f"{sub.module}.{a.name}")}
+    return {m for m in found if _module_file(m) is not None}
+
+
+@cache
+def _module_imports(module: str, mtime_ns: int) -> frozenset[str]:
+    path = _module_file(module)
+    return frozenset(_imported_modules([ast.parse(path.read_text(encoding="utf-8"), str(path))]))
+
+
+def _with_parents(module: str) -> set[str]:
+    """Importing ``tvt.a.b`` runs ``tvt/__init__.py`` and ``tvt/a/__init__.py`` too."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def import_closure(roots: set[str]) -> set[str]:
+    """Every ``tvt`` module ``roots`` import, transitively, except orchestration modules."""
+    todo, seen = [m for r in roots for m in _with_parents(r)], set()
+    while todo:
+        module = todo.pop()
+        if module in seen or module in ORCHESTRATION_MODULES:
+            continue
+        seen.add(module)
+        path = _module_file(module)
+        for dep in _module_imports(module, path.stat().st_mtime_ns):
+            todo += _with_parents(dep)
+    return seen
+
+
+@cache
+def _runner_functions() -> dict[str, ast.FunctionDef]:
+    path = REPO_ROOT / "tvt" / "runner.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def code_files(handler: str) -> tuple[str, ...]:
+    """The sources a stage's result depends on: the ``tvt`` modules its handler (a function of
+    :mod:`tvt.runner`) imports, and everything those import (relative POSIX paths, sorted).
+
+    Derived, never written by hand, so a new import is covered the moment it is written.
     """
-    files: list[str] = []
-    for rel in paths:
-        path = REPO_ROOT / rel
-        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        files += [p.relative_to(REPO_ROOT).as_posix() for p in found if "__pycache__" not in p.parts]
-    return tuple(files)
+    functions = _runner_functions()
+    if handler not in functions:
+        raise KeyError(f"tvt/runner.py has no stage handler {handler!r}")
+    modules = import_closure(_imported_modules([functions[handler]]))
+    return tuple(sorted(_module_file(m).relative_to(REPO_ROOT).as_posix() for m in modules))
 
 
-#: the model code a one-step restorer (TVT, OSEDiff, their ablations) is built from
-ONE_STEP_MODEL_CODE = tuple(f"tvt/models/{name}.py" for name in (
-    "ce_unet", "color_fix", "lora", "prompts", "restorer", "sd_configs", "tiling", "vae_d4"))
+@lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256((REPO_ROOT / path).read_bytes()).hexdigest()
 
+
+def code_digest(files: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for rel in files:
+        st = (REPO_ROOT / rel).stat()
+        out[rel] = _file_digest(rel, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _hash(document: Mapping) -> str:
+    blob = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH]
+
+
+# ---- the registry ---------------------------------------------------------------------------
 
 #: a paper-mode training job: one node with the paper's 8 GPUs, 8 CPU cores per GPU for its
 #: data loader, and host memory for 8 processes that each load SD's UNet and VAE
@@ -118,104 +268,116 @@ def training_resources(paper: bool, runtime_min: int) -> Resources:
                      gpus=PAPER_TRAIN_GPUS)
 
 
-def method_model_dir(method: str) -> str | None:
-    """Where a trained restorer lives (None for training-free baselines)."""
-    return None if method == "bicubic" else f"{MODELS_DIR}/{method}"
+def method_stage(method: str) -> str | None:
+    """The stage that trains an evaluated method (None for training-free baselines)."""
+    if method == "bicubic":
+        return None
+    if method == "stablesr":
+        return "stablesr_cfw"
+    if method.endswith("_official"):
+        return f"official_{method.removesuffix('_official')}"
+    return f"isr_{method}"
 
 
-def build_stages(cfg: Mapping) -> list[Stage]:
-    """All stages of the pipeline for this config, in topological order."""
+def method_model_dir(method: str, cfg: Mapping | None = None) -> str | None:
+    """Where a trained restorer lives: with ``cfg``, that config's own model in the store; without,
+    the newest pipeline run's (``resources/models/<method>``, a link). None for bicubic."""
+    stage = method_stage(method)
+    if stage is None:
+        return None
+    return stage_by_name(cfg, stage).folder if cfg is not None else f"{MODELS_DIR}/{method}"
+
+
+def _declare(cfg: Mapping) -> list[Stage]:
+    """Every stage of this config, in topological order, not yet keyed. A stage exists iff its
+    config section does."""
     downloads = [
-        Stage(f"download_{name}", f"data.datasets.{name}", f"download and verify {name}",
-              code=code_files("tvt/data/download.py"), outs=(f"{DATASETS_DIR}/{name}",),
+        Stage(f"download_{name}", f"data.datasets.{name}", f"download and verify {name}", "_stage_download",
               resources=Resources(cpus=1, mem_mb=2000, runtime=600))
         for name in cfg["data"].get("datasets", {})
     ] if cfg["data"]["source"] == "download" else []
     stages = downloads + [
-        Stage("data", "data", "assemble the dataset and its manifest",
-              deps=tuple(o for d in downloads for o in d.outs),
-              code=code_files("tvt/data"), outs=(DATA_DIR,),
-              resources=Resources(cpus=1, mem_mb=4000, runtime=120)),
+        Stage("data", "data", "assemble the dataset and its manifest", "_stage_data",
+              needs=tuple(d.name for d in downloads), resources=Resources(cpus=1, mem_mb=4000, runtime=120)),
         Stage("degrade", "degrade", "synthesise LR/HR pairs (Real-ESRGAN second-order degradation)",
-              deps=(DATA_DIR,), code=code_files("tvt/degradation.py"), outs=(PAIRS_DIR,),
+              "_stage_degrade", needs=("data",),
               resources=Resources(cpus=cfg["degrade"]["workers"], mem_mb=8000, runtime=240)),
     ]
     gpu = cfg["mode"] == "paper"  # mini mode trains on CPU, also when submitted to SLURM
-    train_code = code_files("tvt/training/engine.py", "tvt/training/losses.py", "tvt/training/data.py")
+    retries = TRAINING_RETRIES if gpu else None
+
+    def trainer(name, section, description, needs, runtime_min):
+        return Stage(name, section, description, f"_stage_{name}", needs=needs, trains=True, retries=retries,
+                     resources=training_resources(gpu, runtime_min))
+
     if "prior" in cfg:
         if cfg["prior"]["source"] == "train":
             stages.append(Stage(
                 "prior", "prior", "pre-train the tiny SD (VAE-D8 + UNet) that mini mode uses as its prior",
-                deps=(PAIRS_DIR,), code=train_code + code_files("tvt/training/prior.py", "tvt/models/sd_configs.py"),
-                outs=(SD_DIR,), resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
+                "_stage_prior_train", needs=("degrade",), trains=True,
+                resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
         else:
             stages.append(Stage(
                 "prior", "prior", "download SD 2.1-base (pinned revision) and embed the fixed prompts",
-                code=code_files("tvt/models/sd_weights.py"), outs=(SD_DIR,),
-                resources=Resources(cpus=2, mem_mb=16000, runtime=120)))
+                "_stage_prior_hub", resources=Resources(cpus=2, mem_mb=16000, runtime=120)))
     if "decoder_transfer" in cfg:
-        stages.append(Stage(
-            "decoder_transfer", "decoder_transfer", "TVT stage 1: train the VAE-D4 decoder on frozen VAE-D8 latents",
-            deps=(PAIRS_DIR, SD_DIR), code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
-            outs=(VAE_D4_DECODER_DIR,), retries=TRAINING_RETRIES if gpu else 0,
-            resources=training_resources(gpu, 2880)))
+        stages.append(trainer("decoder_transfer", "decoder_transfer",
+                              "TVT stage 1: train the VAE-D4 decoder on frozen VAE-D8 latents",
+                              ("degrade", "prior"), 2880))
     if "encoder_transfer" in cfg:
-        stages.append(Stage(
-            "encoder_transfer", "encoder_transfer", "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
-            deps=(PAIRS_DIR, VAE_D4_DECODER_DIR),
-            code=train_code + code_files("tvt/training/vae_transfer.py", "tvt/models/vae_d4.py"),
-            outs=(VAE_D4_DIR,), retries=TRAINING_RETRIES if gpu else 0,
-            resources=training_resources(gpu, 1440)))
+        stages.append(trainer("encoder_transfer", "encoder_transfer",
+                              "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
+                              ("degrade", "decoder_transfer"), 1440))
     for name, variant in cfg.get("isr", {}).items():
         tvt = variant["method"] == "tvt"
-        stages.append(Stage(
-            f"isr_{name}", f"isr.{name}",
-            f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, t={variant['timestep']}) "
-            "with L2 + LPIPS + VSD",
-            deps=(PAIRS_DIR, SD_DIR) + ((VAE_D4_DIR,) if tvt else ()),
-            code=train_code + code_files("tvt/training/isr.py", "tvt/training/vsd.py", *ONE_STEP_MODEL_CODE),
-            outs=(method_model_dir(name),), retries=TRAINING_RETRIES if gpu else 0,
-            resources=training_resources(gpu, 2880)))
+        stage = trainer(f"isr_{name}", f"isr.{name}",
+                        f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, "
+                        f"t={variant['timestep']}) with L2 + LPIPS + VSD",
+                        ("degrade", "prior") + (("encoder_transfer",) if tvt else ()), 2880)
+        stages.append(dataclasses.replace(stage, handler="_stage_isr"))
     if "stablesr" in cfg:
-        stablesr_code = code_files("tvt/models/stablesr.py", "tvt/models/stablesr_sampler.py",
-                                   "tvt/models/tiling.py", "tvt/models/sd_configs.py")
-        stages.append(Stage(
-            "stablesr_sft", "stablesr.sft",
-            "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
-            deps=(PAIRS_DIR, SD_DIR), code=train_code + stablesr_code + code_files("tvt/training/stablesr_sft.py"),
-            outs=(STABLESR_SFT_DIR,), retries=TRAINING_RETRIES if gpu else 0, resources=training_resources(gpu, 2880)))
-        stages.append(Stage(
-            "stablesr_cfw", "stablesr",
-            "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
-            deps=(PAIRS_DIR, SD_DIR, STABLESR_SFT_DIR),
-            code=train_code + stablesr_code + code_files(
-                "tvt/training/stablesr_cfw.py", "tvt/models/cfw.py", "tvt/models/stablesr_restorer.py",
-                "tvt/models/color_fix.py", "tvt/models/prompts.py"),
-            outs=(method_model_dir("stablesr"),), retries=TRAINING_RETRIES if gpu else 0, resources=training_resources(gpu, 2880)))
+        stages.append(trainer("stablesr_sft", "stablesr.sft",
+                              "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
+                              ("degrade", "prior"), 2880))
+        stages.append(trainer("stablesr_cfw", "stablesr",
+                              "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
+                              ("degrade", "prior", "stablesr_sft"), 2880))
     # the authors' released weights: download (pinned sha256), `tvt import`, scored as <name>_official
     for name in cfg.get("official", {}):
         stages.append(Stage(
             f"official_{name}", f"official.{name}", f"download and convert the released {name} weights",
-            deps=(SD_DIR,), code=code_files("tvt/official", "tvt/data/download.py", *ONE_STEP_MODEL_CODE),
-            outs=(method_model_dir(f"{name}_official"),), resources=Resources(cpus=2, mem_mb=32000, runtime=240)))
+            "_stage_official", needs=("prior",), resources=Resources(cpus=2, mem_mb=32000, runtime=240)))
     stages.append(Stage(
         "complexity", None, "parameters and MACs of every network at SD 2.1-base scale (meta device)",
-        code=code_files("tvt/complexity.py", "tvt/models/vae_d4.py", "tvt/models/ce_unet.py",
-                        "tvt/models/sd_configs.py", "tvt/models/stablesr.py", "tvt/models/cfw.py"),
-        metrics=(COMPLEXITY_FILE,), resources=Resources(cpus=1, mem_mb=4000, runtime=10)))
+        "_stage_complexity", outs=(), metrics=(COMPLEXITY_FILE,), store=RESULTS_STORE,
+        resources=Resources(cpus=1, mem_mb=4000, runtime=10)))
     ev = cfg["evaluate"]
     # paper mode's real LR/HR test sets (RealSR, DRealSR, Real-CE) are read from the data stage's output
-    real_pairs = [DATA_DIR] if ev.get("test_sets") else []
-    eval_deps = [PAIRS_DIR, *real_pairs, COMPLEXITY_FILE, *(d for m in ev["methods"] if (d := method_model_dir(m))),
-                 *ev.get("external", {}).values()]
-    stages.append(
-        Stage("evaluate", "evaluate", "score every method on the test split; write tables and figures",
-              deps=tuple(eval_deps),
-              code=code_files("tvt/evaluate.py", "tvt/reports.py", "tvt/stats.py", "tvt/data/paper_results.yaml",
-                              "tvt/metrics", *(["tvt/data/paper.py"] if real_pairs else [])),
-              outs=(TABLES_DIR,), metrics=(METRICS_FILE,), plots=OCR_PLOTS,
-              resources=Resources(cpus=2, mem_mb=8000, runtime=120, gpus=1 if gpu else 0)))
+    needs = ["degrade", *(["data"] if ev.get("test_sets") else []), "complexity",
+             *(s for m in ev["methods"] if (s := method_stage(m)))]
+    if ev.get("claims") and cfg["mode"] == "mini":  # the claims table reads the data and both VAEs too
+        needs += [n for n in ("data", "prior", "encoder_transfer") if n in {st.name for st in stages} and n not in needs]
+    stages.append(Stage(
+        "evaluate", "evaluate", "score every method on the test split; write tables and figures", "_stage_evaluate",
+        needs=tuple(needs), external=tuple(ev.get("external", {}).values()), outs=(TABLES,),
+        metrics=(METRICS_FILE,), plots=OCR_PLOTS, store=RESULTS_STORE,
+        resources=Resources(cpus=2, mem_mb=8000, runtime=120, gpus=1 if gpu else 0)))
     return stages
+
+
+def build_stages(cfg: Mapping) -> list[Stage]:
+    """All stages of the pipeline for this config, in topological order, keyed (see the module doc)."""
+    keyed: dict[str, Stage] = {}
+    for st in _declare(cfg):
+        code = code_files(st.handler)
+        params = st.params(cfg)
+        document = {"stage": st.name, "params": params, "needs": {n: keyed[n].key for n in st.needs},
+                    "external": list(st.external), "code": code_digest(code)}
+        resumable = {k: v for k, v in (params.get(st.section) or {}).items() if k not in RESUMABLE_KEYS} \
+            if st.section and isinstance(params.get(st.section), dict) else params.get(st.section)
+        ckpt = {**document, "params": {**params, st.section: resumable} if st.section else params}
+        keyed[st.name] = dataclasses.replace(st, key=_hash(document), ckpt_key=_hash(ckpt), code=code)
+    return list(keyed.values())
 
 
 def stage_by_name(cfg: Mapping, name: str) -> Stage:
@@ -225,32 +387,80 @@ def stage_by_name(cfg: Mapping, name: str) -> Stage:
     return stages[name]
 
 
+def inputs_of(stage: Stage, stages: Mapping[str, Stage]) -> tuple[str, ...]:
+    """The paths a stage reads: its upstream stages' products and its external inputs."""
+    return tuple(p for n in stage.needs for p in stages[n].products) + stage.external
+
+
+# ---- the newest run's outputs under stable names -------------------------------------------------
+
+
+def _link(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` (relative, atomically); a real folder in the way is left alone."""
+    if link.exists() and not link.is_symlink():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(tmp, link)
+
+
+def update_current_links(cfg: Mapping, root: Path = Path()) -> list[str]:
+    """Point ``resources/models/<method>`` and ``results/latest`` at this config's outputs that
+    exist; return the links made. Called when a pipeline run succeeds."""
+    made = []
+    for st in build_stages(cfg):
+        if not st.is_built(root):
+            continue
+        if st.name == "evaluate":
+            link = LATEST_RESULTS
+        elif st.name == "stablesr_cfw":
+            link = f"{MODELS_DIR}/stablesr"
+        elif st.name.startswith("isr_"):
+            link = f"{MODELS_DIR}/{st.name.removeprefix('isr_')}"
+        elif st.name.startswith("official_"):
+            link = f"{MODELS_DIR}/{st.name.removeprefix('official_')}_official"
+        else:
+            continue
+        _link(root / link, root / st.folder)
+        made.append(link)
+    return made
+
+
+# ---- dvc.yaml ----------------------------------------------------------------------------------
+
+
 def dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> dict:
     """The dvc.yaml document for this config, generated from the registry."""
     out: dict = {"stages": {}}
-    for st in build_stages(cfg):
+    stages = {st.name: st for st in build_stages(cfg)}
+    for st in stages.values():
         keys = [*GLOBAL_KEYS] + ([st.section] if st.section else [])
         entry: dict = {"cmd": st.command(config_path), "desc": st.description}
-        if st.inputs:
-            entry["deps"] = list(st.inputs)
+        deps = inputs_of(st, stages)
+        if deps:
+            entry["deps"] = list(deps)
         entry["params"] = [{config_path: keys}]
+        # persist: DVC must never delete a keyed folder before running its stage (a finished key
+        # is "up to date" at once; an unfinished one has nothing to delete)
         if st.outs:
-            entry["outs"] = list(st.outs)
+            entry["outs"] = [{o: {"persist": True}} for o in st.out_paths]
         if st.metrics:
-            entry["metrics"] = [{m: {"cache": False}} for m in st.metrics]
+            entry["metrics"] = [{m: {"cache": False, "persist": True}} for m in st.metric_paths]
         if st.plots:
-            entry["plots"] = [{p: {"cache": False}} for p in st.plots]
+            entry["plots"] = [{p: {"cache": False, "persist": True}} for p in st.plot_paths]
         out["stages"][st.name] = entry
     # how `dvc plots show` draws the OCR curves: one line per method, HR as the upper bound
     columns = ["HR", *cfg["evaluate"]["methods"], *cfg["evaluate"].get("external", {})]
     out["plots"] = [{p: {"x": "text_px", "y": list(columns), "title": PurePosixPath(p).stem.replace("_", " ")}}
-                    for p in OCR_PLOTS]
+                    for p in stages["evaluate"].plot_paths]
     return out
 
 
 def render_dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> str:
     import yaml
 
-    header = ("# GENERATED from tvt/stages.py by `tvt workflow dvc` -- do not edit by hand.\n"
-              "# tests/test_workflow.py fails when this file and the registry disagree.\n")
+    header = (f"# GENERATED from tvt/stages.py for {config_path} by `tvt workflow dvc --config {config_path}`.\n"
+              "# Not committed: output folders are keyed by parameters and code (README, section Running).\n")
     return header + yaml.safe_dump(dvc_yaml(cfg, config_path), sort_keys=False, width=100)

@@ -105,6 +105,13 @@ def end_pipeline_run(cfg: Mapping, run_id: str, ok: bool) -> None:
     _mlflow(cfg).MlflowClient().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
+def end_current_pipeline_run(cfg: Mapping, ok: bool) -> None:
+    """Close the pipeline run this process opened (:func:`start_pipeline_run`), if it opened one."""
+    run_id = os.environ.get(PIPELINE_ENV)
+    if run_id:
+        end_pipeline_run(cfg, run_id, ok)
+
+
 class StageRun:
     """Thin handle on the active stage run (keeps mlflow out of stage code)."""
 

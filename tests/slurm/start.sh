@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a real one-node SLURM cluster on this machine: munged (as user munge), slurmctld,
 # and `slurmd -N localhost`, configured by tests/slurm/slurm.conf.in (no accounting,
-# MinJobAge=600, see DESIGN.md §2). Installs the Debian packages first when missing.
+# MinJobAge=600, see docs/method.md §2). Installs the Debian packages first when missing.
 #
 # Idempotent: returns at once when the daemons run with the current configuration and
 # the node takes jobs; restarts its own daemons when slurm.conf.in changed.

@@ -1,7 +1,7 @@
 """Real photographs that ship inside installed wheels: the offline HR set of mini mode.
 
 No dataset can be downloaded here, yet the pipeline must run on real photographs, not
-synthetic noise (DESIGN.md §2). scikit-image, scikit-learn and matplotlib carry a few
+synthetic noise (docs/method.md §2). scikit-image, scikit-learn and matplotlib carry a few
 public-domain / CC photographs; we find them through each package's install location
 (``importlib.resources``), so the list works in any environment where those packages are.
 

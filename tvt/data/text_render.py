@@ -1,6 +1,6 @@
 """Rendered single-line text: the fine-structure probe that a VAE-D8 latent cannot keep.
 
-TVT's claim is that small text survives a 4× latent but not an 8× one (DESIGN.md §1).
+TVT's claim is that small text survives a 4× latent but not an 8× one (docs/method.md §1).
 Scene-text test sets cannot be downloaded here, so we render our own: one line per image,
 so an OCR reading of the SR output can be scored per line against a known ground truth.
 

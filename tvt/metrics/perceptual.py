@@ -3,7 +3,7 @@
 Both metrics are the libraries' own implementations (``lpips.LPIPS`` and pyiqa's DISTS
 architecture); only the origin of their ImageNet trunk changes, in this order:
 
-1. our converted cache (``tvt weights fetch``; ``$TVT_WEIGHTS_DIR`` or ``~/.cache/tvt/weights``);
+1. our converted cache (``tvt weights fetch``; ``$TVT_WEIGHTS_DIR``, else the checkout's ``.tvt-cache/weights``);
 2. torchvision's standard checkpoint cache (``$TORCH_HOME/hub/checkpoints``), as on a
    cluster where the usual downloads were made;
 3. otherwise :class:`~tvt.weights.MissingWeightsError`, which says to run ``tvt weights fetch``.

@@ -1,4 +1,4 @@
-"""CE-UNet: SD's UNet at 2x latent density for the price of its ends (DESIGN.md §1.3).
+"""CE-UNet: SD's UNet at 2x latent density for the price of its ends (docs/method.md §1.3).
 
 VAE-D4 latents have twice SD's spatial density (128² for a 512² image). Running the whole
 SD UNet at 128² would cost ~1.35 T MACs; CE-UNet runs only a *replica of SD's first down

@@ -1,4 +1,4 @@
-"""StableSR's controllable feature wrapping (CFW, DESIGN.md §1.5): the LR image steers SD's decoder.
+"""StableSR's controllable feature wrapping (CFW, docs/method.md §1.5): the LR image steers SD's decoder.
 
 A diffusion sample is realistic but not faithful: SD's 8× decoder invents detail the LR
 image contradicts. CFW feeds features of the LR image — bicubic-upsampled to the output

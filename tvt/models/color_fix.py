@@ -2,7 +2,7 @@
 
 One-step diffusion SR can drift in global colour; both fixes below transfer the colour of
 the reference (the bicubic-upsampled LR) while keeping the detail that the model generated.
-They follow StableSR / OSEDiff (DESIGN.md §1.4).
+They follow StableSR / OSEDiff (docs/method.md §1.4).
 
 Both fixes are per-channel *affine-equivariant*: they give the same result whether images are
 in [-1, 1] or [0, 1], as long as ``sr`` and ``ref`` use the same range. Inputs are (B, 3, H, W)

@@ -1,4 +1,4 @@
-"""Which weights train: peft LoRA adapters and exact trainable-parameter selection (DESIGN.md §1.3, §1.5).
+"""Which weights train: peft LoRA adapters and exact trainable-parameter selection (docs/method.md §1.3, §1.5).
 
 * TVT: LoRA (rank 4, Gaussian init, PEFT's default alpha 8) on every targeted layer of
   CE-UNet, in the official code's three adapters (:func:`add_official_unet_lora`); the 2x ends
@@ -97,7 +97,7 @@ def official_unet_name(model: torch.nn.Module, name: str) -> str:
 
     ``down_block`` is the official ``down_blocks.0`` and the inner ``unet.down_blocks.i`` are
     ``down_blocks.{i+1}``; ``upsample`` is ``up_blocks.{n-1}.upsamplers.0`` and ``up_block``
-    is ``up_blocks.{n}`` for an inner UNet of n up blocks (DESIGN.md §3.1's rename, reversed).
+    is ``up_blocks.{n}`` for an inner UNet of n up blocks (docs/official-weights.md: the TVTUNet rename, reversed).
     """
     from tvt.models.ce_unet import CEUNet  # ce_unet imports this module
 

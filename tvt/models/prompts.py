@@ -1,4 +1,4 @@
-"""Text conditioning ``c`` of the one-step restorer (DESIGN.md §1.4).
+"""Text conditioning ``c`` of the one-step restorer (docs/method.md §1.4).
 
 OSEDiff and TVT condition the UNet on CLIP embeddings of tags that a prompt extractor reads
 off the LR image: at test time DAPE (RAM Swin-L with OSEDiff's degradation-aware LoRA) on the

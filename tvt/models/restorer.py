@@ -1,4 +1,4 @@
-"""The one-step diffusion restorer shared by TVT and OSEDiff (DESIGN.md §1.4).
+"""The one-step diffusion restorer shared by TVT and OSEDiff (docs/method.md §1.4).
 
     LR (B, 3, h, w) in [0, 1]
       → bicubic ×scale, reflect-padded to what VAE and UNet need

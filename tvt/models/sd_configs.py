@@ -52,7 +52,7 @@ SD21_BASE_UNET = {
     "freq_shift": 0,
 }
 
-# TVT's compact 4x VAE (DESIGN.md §1.1): no mid-block, no attention.
+# TVT's compact 4x VAE (docs/method.md §1.1): no mid-block, no attention.
 VAE_D4_PAPER = {
     "in_channels": 3,
     "out_channels": 3,

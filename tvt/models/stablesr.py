@@ -1,4 +1,4 @@
-"""StableSR's conditioning of a frozen SD UNet: a time-aware LR encoder steering SFT layers (DESIGN.md §1.5).
+"""StableSR's conditioning of a frozen SD UNet: a time-aware LR encoder steering SFT layers (docs/method.md §1.5).
 
 StableSR (Wang et al., 2023) keeps SD's UNet frozen and lets the LR image in through a small
 trainable network::

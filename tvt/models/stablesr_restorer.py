@@ -1,4 +1,4 @@
-"""The StableSR baseline as one restorer (DESIGN.md §1.5), with the same face as the one-step ones.
+"""The StableSR baseline as one restorer (docs/method.md §1.5), with the same face as the one-step ones.
 
     LR (B, 3, h, w) in [0, 1]
       → bicubic ×scale, reflect-padded to what VAE and UNet need

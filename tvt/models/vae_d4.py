@@ -1,4 +1,4 @@
-"""VAE-D4: TVT's compact 4x autoencoder whose latents live in SD's latent space (DESIGN.md §1.1).
+"""VAE-D4: TVT's compact 4x autoencoder whose latents live in SD's latent space (docs/method.md §1.1).
 
 SD's VAE downsamples 8x, and fine structures (small text, textures) do not survive its
 latent. VAE-D4 downsamples only 4x: a 512² image becomes a 4×128×128 latent, which

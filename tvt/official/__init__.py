@@ -77,43 +77,36 @@ def run_import(fmt: str, sources: dict[str, Path], sd_dir: Path, out_dir: Path, 
 _STAGE_FILENAMES = {"unet_config": "config.json"}
 
 
-def stage_handler(name: str):
-    """The ``official_<name>`` pipeline stage: fetch the pinned files, import them, log the accounting."""
+def run_official_stage(name: str, cfg, run, opts, sd_dir: Path, out_dir: Path, downloads: Path) -> None:
+    """The ``official_<name>`` pipeline stage: fetch the pinned files into ``downloads``, import them
+    on the SD snapshot ``sd_dir`` into ``out_dir``, log the key accounting."""
+    from pathlib import PurePosixPath
 
-    def handler(cfg, run, opts) -> None:
-        from pathlib import PurePosixPath
+    from tvt.data.download import fetch_dataset
 
-        from tvt.data.download import fetch_dataset
-        from tvt.stages import RESOURCES, SD_DIR, method_model_dir
-
-        section = cfg["official"][name]
-        names = {
-            key: spec.get("filename") or _STAGE_FILENAMES.get(key) or PurePosixPath(spec["url"]).name
-            for key, spec in section["files"].items()
+    section = cfg["official"][name]
+    names = {
+        key: spec.get("filename") or _STAGE_FILENAMES.get(key) or PurePosixPath(spec["url"]).name
+        for key, spec in section["files"].items()
+    }
+    archives = [{**spec, "filename": names[key], "extract": False} for key, spec in section["files"].items()]
+    folder = fetch_dataset(
+        f"official_{name}", {"archives": archives}, downloads, trust_new_hashes=opts.get("trust_new_hashes", False)
+    )
+    files = {key: folder / filename for key, filename in names.items()}
+    if name == "tvt":  # TVTUNet's config.json and weights sit in the release folder itself
+        sources = {"vae_ckpt": files["vae_ckpt"], "unet_dir": folder, "pkl": files["pkl"]}
+    else:
+        sources = files
+    options = {k: section[k] for k in ("steps", "w") if k in section}
+    out_dir, report = run_import(name, sources, sd_dir, out_dir, **options)
+    run.log_metrics(
+        {
+            "keys": sum(p["keys"] for p in report["sources"]),
+            "keys_consumed": sum(p["consumed"] for p in report["sources"]),
         }
-        archives = [{**spec, "filename": names[key], "extract": False} for key, spec in section["files"].items()]
-        folder = fetch_dataset(
-            f"official_{name}",
-            {"archives": archives},
-            Path(RESOURCES) / "official",
-            trust_new_hashes=opts.get("trust_new_hashes", False),
-        )
-        files = {key: folder / filename for key, filename in names.items()}
-        if name == "tvt":  # TVTUNet's config.json and weights sit in the release folder itself
-            sources = {"vae_ckpt": files["vae_ckpt"], "unet_dir": folder, "pkl": files["pkl"]}
-        else:
-            sources = files
-        options = {k: section[k] for k in ("steps", "w") if k in section}
-        out_dir, report = run_import(name, sources, Path(SD_DIR), Path(method_model_dir(f"{name}_official")), **options)
-        run.log_metrics(
-            {
-                "keys": sum(p["keys"] for p in report["sources"]),
-                "keys_consumed": sum(p["consumed"] for p in report["sources"]),
-            }
-        )
-        run.log_artifact(out_dir / "import_report.json", "import")
-
-    return handler
+    )
+    run.log_artifact(out_dir / "import_report.json", "import")
 
 
 def main(args: argparse.Namespace) -> int:

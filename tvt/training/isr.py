@@ -1,4 +1,4 @@
-"""Stage 3: one-step real-world ISR with VSD — TVT, the OSEDiff baseline and the UNet ablations (DESIGN.md §1.3–1.5).
+"""Stage 3: one-step real-world ISR with VSD — TVT, the OSEDiff baseline and the UNet ablations (docs/method.md §1.3–1.5).
 
 One stage, one code path; a variant is a config section ``isr.<variant>``:
 

@@ -1,4 +1,4 @@
-"""Losses of the autoencoder stages, as in LDM/taming (DESIGN.md §1.2).
+"""Losses of the autoencoder stages, as in LDM/taming (docs/method.md §1.2).
 
 * :class:`ReconstructionLoss` — pixel L2 (or L1) + weighted LPIPS, on images in [-1, 1];
 * :class:`PatchDiscriminator` — the 3-layer PatchGAN (pix2pix ``NLayerDiscriminator``) that

@@ -1,4 +1,4 @@
-"""StableSR stage B (DESIGN.md §1.5): train CFW to pull fidelity from the LR image into SD's decoder.
+"""StableSR stage B (docs/method.md §1.5): train CFW to pull fidelity from the LR image into SD's decoder.
 
 Stage A's diffusion model, sampled with w = 0 on every training LR image, gives a latent z
 (SD-scaled, as the UNet produces it). Here, per (LR, z, HR) triple:

@@ -1,4 +1,4 @@
-"""StableSR stage A: train the time-aware encoder and the SFT layers against SD's frozen UNet (DESIGN.md §1.5).
+"""StableSR stage A: train the time-aware encoder and the SFT layers against SD's frozen UNet (docs/method.md §1.5).
 
 Per batch (images in [-1, 1], the frozen SD VAE E8 and UNet from ``sd_dir``)::
 

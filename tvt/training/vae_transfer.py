@@ -1,4 +1,4 @@
-"""Transfer VAE Training (DESIGN.md §1.2): give a compact 4× VAE (VAE-D4) SD's latent space.
+"""Transfer VAE Training (docs/method.md §1.2): give a compact 4× VAE (VAE-D4) SD's latent space.
 
 * **Stage 1 — decoder transfer.** x → bicubic ×2 → *frozen* SD encoder E8 → latent at H/4
   → trainable D4 decoder → x̂ (H×W). E8 on a 2× image yields SD latents at twice the spatial

@@ -1,4 +1,4 @@
-"""Variational score distillation (VSD), in the DMD form of the official OSEDiff / TVT code (DESIGN.md §1.4).
+"""Variational score distillation (VSD), in the DMD form of the official OSEDiff / TVT code (docs/method.md §1.4).
 
 The one-step generator's latent x should look like a sample of the pre-trained diffusion
 prior. Two score networks judge it after noising it to a random t_vsd:

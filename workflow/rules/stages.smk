@@ -1,21 +1,20 @@
-# One rule per registry stage. Only the stage's own config section enters the rule (as
-# the hash in `params`), so Snakemake's params trigger reruns exactly the stages whose
-# section changed. The command is `tvt stage <name> --config <file>`: all logic lives in
-# the package.
+# One rule per registry stage. Outputs are content-addressed folders (tvt/stages.py): a rule
+# only ever builds a folder whose key it computed, so no run deletes or overwrites another
+# configuration's result. The command is the same text for every config (the code trigger
+# never fires for a config edit); the key is the rule's only parameter.
+# `exec` replaces the job's shell with the stage process, which then dies with Snakemake.
 for _stage in STAGES.values():
 
     rule:
         name:
             _stage.name
         input:
-            list(_stage.inputs),
+            list(tvt_stages.inputs_of(_stage, STAGES)),
         output:
-            [directory(o) for o in _stage.outs] + list(_stage.metrics) + list(_stage.plots),
+            [directory(o) for o in _stage.out_paths] + list(_stage.metric_paths) + list(_stage.plot_paths),
         params:
-            # evaluated now, per rule (the shell string itself is evaluated at job time,
-            # when the loop variable would name the last stage)
-            cmd=_stage.command(CONFIG_PATH),
-            section_hash=_stage.params_hash(CFG),
+            stage=_stage.name,
+            key=_stage.key,
         log:
             f"logs/{_stage.name}.log",
         resources:
@@ -26,4 +25,5 @@ for _stage in STAGES.values():
             f"{_stage.name}: {_stage.description}; resources: "
             + ", ".join(f"{k}={{resources.{k}}}" for k in _stage.resources.snakemake())
         shell:
-            "{params.cmd} 2>&1 | tee {log}"
+            'exec "$TVT_PYTHON" -m tvt stage {params.stage} --config "$TVT_CONFIG_SNAPSHOT" --key {params.key} '
+            "> >(tee {log}) 2>&1"
