@@ -36,8 +36,6 @@ STAGE = "decoder_transfer"
 CI = config.load(config.REPO_ROOT / "config" / "ci.yaml")
 PAIRS_DIR = Path(stages.stage_by_name(CI, "degrade").folder)
 SD_DIR = Path(stages.stage_by_name(CI, "prior").folder)
-#: keyed without `steps`: the checkpoints of a run survive an edit of its step count
-CKPT = Path(stages.stage_by_name(CI, STAGE).ckpt_dir)
 
 
 # ---- the pure decisions ---------------------------------------------------------------
@@ -166,8 +164,10 @@ def test_two_processes_survive_sigterm_resume_and_publish_once(project):
     """SIGTERM (SLURM preemption) -> resume on two processes to the end -> a rerun trains nothing."""
     import psutil
 
-    ckpt_dir = project / CKPT
     write_config(project, steps=500)
+    # keyed by the stage's section without `steps`: the checkpoints survive an edit of the step count
+    ckpt_rel = Path(stages.stage_by_name(config.load(project / "config" / "config.yaml"), STAGE).ckpt_dir)
+    ckpt_dir = project / ckpt_rel
     victim = tvt_stage(project, wait=False)
     deadline = time.monotonic() + 240
     while newest_step(ckpt_dir) < 2:
@@ -188,7 +188,7 @@ def test_two_processes_survive_sigterm_resume_and_publish_once(project):
     write_config(project, steps=killed_at + 2)  # `steps` is bookkeeping: the checkpoints stay valid
     resumed = tvt_stage(project)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    resume_line = f"resumed from {CKPT / f'checkpoint-{killed_at}'} (step {killed_at})"
+    resume_line = f"resumed from {ckpt_rel / f'checkpoint-{killed_at}'} (step {killed_at})"
     assert resumed.stderr.count(resume_line) == 2, resumed.stderr[-4000:]  # on both ranks
 
     end = killed_at + 2

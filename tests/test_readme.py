@@ -25,7 +25,7 @@ ROOT = config.REPO_ROOT
 BIN = Path(sys.executable).parent
 #: commands run here as written (snakemake: as a dry run)
 RUN_HERE = ("tvt workflow ", "tvt where", "tvt config validate ", "tvt --version", "snakemake --cores ",
-            "source .venv/bin/activate")
+            "source .venv/bin/activate", "SD=$(tvt where ")
 #: expensive or needing what a test machine lacks, with the test that covers each
 COVERED_ELSEWHERE = {
     "make demo": "the pipeline: tests/test_workflow.py::test_pipeline_end_to_end_keyed_cached_and_tracked",
@@ -34,6 +34,9 @@ COVERED_ELSEWHERE = {
     "tvt pipeline --engine dvc": "tests/test_workflow.py (end to end, both engines)",
     "mlflow ui ": "tests/test_mlflow_server.py",
     "snakemake --profile profiles/slurm": "tests/test_slurm.py (real one-node cluster; paper dry run)",
+    "tvt import ": "tests/test_official_{tvt,osediff,stablesr}.py (mini-size files laid out like the releases)",
+    "apt-get download ": "not run by the suite: fetches a Debian package of held-out photos for a benchmark",
+    "python bench/": "benchmarks run by hand, never by the suite (tests/test_mini_claims.py covers tvt.claims)",
 }
 
 

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sd",
         type=Path,
         required=True,
-        help="SD 2.1-base snapshot folder (resources/models/sd-base: unet/, vae/, scheduler/, "
+        help="SD 2.1-base snapshot folder (`tvt where prior --config config/paper.yaml`: unet/, vae/, scheduler/, "
         "prompt_embeds.safetensors)",
     )
     common.add_argument("--out", type=Path, required=True, help="restorer folder to write")

@@ -14,8 +14,8 @@ from diffusers import DDPMScheduler
 from diffusers.models.model_loading_utils import load_state_dict
 from safetensors.torch import load_file
 
+from tvt.models.sd_weights import PROMPT_EMBEDS as PROMPT_EMBEDS_FILE
 from tvt.official.checkpoint import OfficialFormatError, require_shapes
-from tvt.training.prior import PROMPT_EMBEDS_FILE
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

@@ -32,13 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, mean_psnr
 from tvt.training.losses import configured_reconstruction_loss, kl_loss
 
 SD_SCALING_FACTOR = 0.18215
 SCALING_TOLERANCE = 0.10  # relative
-PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
+PROMPT_EMBEDS_FILE = PROMPT_EMBEDS  # the same file name as the downloaded SD snapshot's
 PROMPT_LENGTH = 77  # CLIP's token sequence length
 PREVIEW_TIMESTEP = 500
 VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder optimiser
