@@ -133,8 +133,8 @@ def prepare(workdir: Path) -> None:
 
     from tvt.models.restorer import sd_noise_scheduler
     from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE, VAE_D4_PAPER
+    from tvt.models.sd_weights import PROMPT_EMBEDS
     from tvt.models.vae_d4 import VAED4
-    from tvt.training.prior import PROMPT_EMBEDS_FILE
 
     if not (workdir / "d4").is_dir():
         torch.manual_seed(0)
@@ -149,7 +149,7 @@ def prepare(workdir: Path) -> None:
         # prompt != negative prompt: the teacher runs its two-pass CFG as in paper mode
         save_file(
             {"prompt_embeds": torch.randn(1, 77, dim), "negative_prompt_embeds": torch.randn(1, 77, dim)},
-            str(sd / PROMPT_EMBEDS_FILE),
+            str(sd / PROMPT_EMBEDS),
         )
     pairs = workdir / "pairs"
     if (pairs / "pairs.csv").is_file():

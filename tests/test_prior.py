@@ -16,10 +16,10 @@ from training_support import RecordingRun, make_pairs_dir, one_thread, random_tr
 
 from tvt.metrics import perceptual
 from tvt.models.sd_configs import MINI_VAE_D8
+from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.training.data import PairDataset
 from tvt.training.engine import mean_psnr
 from tvt.training.prior import (
-    PROMPT_EMBEDS_FILE,
     SD_SCALING_FACTOR,
     run_prior,
     scaling_factor_for,
@@ -74,14 +74,14 @@ def test_prior_trains_and_is_saved_like_an_sd_snapshot(tmp_path):
     assert metrics["vae_val_psnr"] > start + 1, (metrics, start)
     assert 0 < metrics["unet_val_loss"] < 1.5
 
-    assert sorted(p.name for p in out.iterdir()) == [PROMPT_EMBEDS_FILE, "scheduler", "unet", "vae"]
+    assert sorted(p.name for p in out.iterdir()) == [PROMPT_EMBEDS, "scheduler", "unet", "vae"]
     vae = AutoencoderKL.from_pretrained(out / "vae")
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     assert vae.config.scaling_factor == scaling_factor_for(metrics["latent_std"])
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     scheduler = DDPMScheduler.from_pretrained(out / "scheduler")
     assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.prediction_type == "epsilon"
-    prompt = load_file(out / PROMPT_EMBEDS_FILE)["prompt_embeds"]
+    prompt = load_file(out / PROMPT_EMBEDS)["prompt_embeds"]
     assert prompt.shape == (1, 77, unet.config.cross_attention_dim) and not prompt.any()
     # the saved pieces fit together: image -> latent -> UNet -> same-shape ε
     with torch.no_grad():

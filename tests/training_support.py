@@ -21,7 +21,8 @@ from sample_photos import COLOUR_PHOTOS, photo
 
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
-from tvt.training.prior import PROMPT_EMBEDS_FILE, null_prompt_embeds
+from tvt.models.sd_weights import PROMPT_EMBEDS
+from tvt.training.prior import null_prompt_embeds
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,5 +89,5 @@ def save_tiny_prior(sd_dir: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
     vae.save_pretrained(sd_dir / "vae")
     unet.save_pretrained(sd_dir / "unet")
     sd_noise_scheduler().save_pretrained(sd_dir / "scheduler")
-    save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])}, str(sd_dir / PROMPT_EMBEDS_FILE))
+    save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])}, str(sd_dir / PROMPT_EMBEDS))
     return vae, unet

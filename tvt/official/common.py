@@ -14,7 +14,9 @@ from diffusers import DDPMScheduler
 from diffusers.models.model_loading_utils import load_state_dict
 from safetensors.torch import load_file
 
-from tvt.models.sd_weights import PROMPT_EMBEDS as PROMPT_EMBEDS_FILE
+from tvt.models.prompts import NullPrompt
+from tvt.models.restorer import OneStepRestorer
+from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.official.checkpoint import OfficialFormatError, require_shapes
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -50,7 +52,7 @@ def load_model_folder(model_class, folder: Path):
 
 def sd_prompt_embedding(sd_dir: Path) -> torch.Tensor:
     """The null-prompt embedding (1, 77, D) stored with the SD snapshot (tvt/models/sd_weights.py)."""
-    path = Path(sd_dir) / PROMPT_EMBEDS_FILE
+    path = Path(sd_dir) / PROMPT_EMBEDS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the SD snapshot folder must come from the prior/sd stage")
     return load_file(path)["prompt_embeds"]
@@ -58,3 +60,19 @@ def sd_prompt_embedding(sd_dir: Path) -> torch.Tensor:
 
 def sd_scheduler(sd_dir: Path) -> DDPMScheduler:
     return DDPMScheduler.from_pretrained(Path(sd_dir) / "scheduler")
+
+
+def save_one_step_restorer(vae, unet, *, method: str, timestep: int, sd_dir: Path, out_dir: Path) -> Path:
+    """A converted VAE + UNet as a :class:`~tvt.models.restorer.OneStepRestorer` folder, with the SD
+    snapshot's scheduler and null-prompt embedding (the official codes' tagged prompts come at test time:
+    ``tvt sr --tagger``)."""
+    restorer = OneStepRestorer(
+        vae,
+        unet,
+        method=method,
+        timestep=timestep,
+        prompt=NullPrompt(sd_prompt_embedding(sd_dir)),
+        scheduler=sd_scheduler(sd_dir),
+    )
+    with torch.no_grad():
+        return restorer.save_pretrained_dir(out_dir)

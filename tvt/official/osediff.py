@@ -17,13 +17,11 @@ from tvt import compat
 
 compat.apply()
 
-import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from tvt.models.prompts import NullPrompt
-from tvt.models.restorer import OSEDIFF_TIMESTEP, OneStepRestorer
+from tvt.models.restorer import OSEDIFF_TIMESTEP
 from tvt.official.checkpoint import KeyLedger, load_checkpoint, require_keys
-from tvt.official.common import build_strict, read_model_folder, sd_prompt_embedding, sd_scheduler
+from tvt.official.common import build_strict, read_model_folder, save_one_step_restorer
 from tvt.official.lora import merge_lora_state
 
 METHOD = "osediff_official"
@@ -61,16 +59,9 @@ def import_osediff(pkl: Path, sd_dir: Path, out_dir: Path) -> tuple[Path, dict]:
             base, release[f"state_dict_{part}"], adapters, int(rank), ledger, f"state_dict_{part}."
         )
         models[part] = build_strict(model_class, config, merged, f"{pkl} merged into {sd_dir}/{part}")
-    restorer = OneStepRestorer(
-        models["vae"],
-        models["unet"],
-        method=METHOD,
-        timestep=OSEDIFF_TIMESTEP,
-        prompt=NullPrompt(sd_prompt_embedding(sd_dir)),
-        scheduler=sd_scheduler(sd_dir),
+    save_one_step_restorer(
+        models["vae"], models["unet"], method=METHOD, timestep=OSEDIFF_TIMESTEP, sd_dir=sd_dir, out_dir=out_dir
     )
-    with torch.no_grad():
-        restorer.save_pretrained_dir(out_dir)
     report = ledger.close()
     report["lora"] = {"rank_unet": int(release["rank_unet"]), "rank_vae": int(release["rank_vae"]), "alpha": 8}
     return Path(out_dir), {"format": "osediff", "sources": [report]}

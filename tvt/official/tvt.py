@@ -29,16 +29,14 @@ from tvt import compat
 
 compat.apply()
 
-import torch
 from diffusers import UNet2DConditionModel
 
 from tvt.models.ce_unet import CEUNet
-from tvt.models.prompts import NullPrompt
-from tvt.models.restorer import TVT_TIMESTEP, OneStepRestorer
+from tvt.models.restorer import TVT_TIMESTEP
 from tvt.models.sd_configs import VAE_D4_PAPER
 from tvt.models.vae_d4 import VAED4
 from tvt.official.checkpoint import KeyLedger, OfficialFormatError, load_checkpoint, require_keys
-from tvt.official.common import build_strict, read_model_folder, sd_prompt_embedding, sd_scheduler
+from tvt.official.common import build_strict, read_model_folder, save_one_step_restorer
 from tvt.official.lora import merge_lora_state
 
 METHOD = "tvt_official"
@@ -158,14 +156,5 @@ def import_tvt(
     """Write the ``tvt_official`` restorer folder; returns it and the key accounting."""
     vae, vae_report = convert_vae(Path(vae_ckpt), dict(vae_config or VAE_D4_PAPER))
     unet, unet_report = convert_unet(Path(unet_dir), Path(pkl))
-    restorer = OneStepRestorer(
-        vae,
-        unet,
-        method=METHOD,
-        timestep=TVT_TIMESTEP,
-        prompt=NullPrompt(sd_prompt_embedding(sd_dir)),
-        scheduler=sd_scheduler(sd_dir),
-    )
-    with torch.no_grad():
-        restorer.save_pretrained_dir(out_dir)
+    save_one_step_restorer(vae, unet, method=METHOD, timestep=TVT_TIMESTEP, sd_dir=sd_dir, out_dir=out_dir)
     return Path(out_dir), {"format": "tvt", "sources": [vae_report, unet_report]}

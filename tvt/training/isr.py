@@ -62,11 +62,11 @@ from tvt.models.lora import (
 )
 from tvt.models.prompts import NullPrompt
 from tvt.models.restorer import OneStepRestorer
+from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.models.vae_d4 import VAED4
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, psnr
 from tvt.training.losses import ReconstructionLoss
-from tvt.training.prior import PROMPT_EMBEDS_FILE
 from tvt.training.vsd import VSDLoss, fake_score_unet, unet_sharing_weights
 
 PREVIEW_IMAGES = 2
@@ -81,7 +81,7 @@ def load_prompts(sd_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     Mini mode stores only the null prompt, which then serves as both (VSD's CFG is the identity).
     """
-    embeds = load_file(Path(sd_dir) / PROMPT_EMBEDS_FILE)
+    embeds = load_file(Path(sd_dir) / PROMPT_EMBEDS)
     prompt = embeds["prompt_embeds"]
     return prompt, embeds.get("negative_prompt_embeds", prompt)
 
@@ -160,7 +160,7 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     check_section(variant, section, vae_d4_dir)
     vae_source = vae_d4_dir if section["method"] == "tvt" else sd_dir / "vae"
     inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "scheduler",
-                          sd_dir / PROMPT_EMBEDS_FILE, vae_source)
+                          sd_dir / PROMPT_EMBEDS, vae_source)
     name = f"isr_{variant}"
     trajectory = {k: v for k, v in section.items() if k not in OUTPUT_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=name, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,

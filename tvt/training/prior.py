@@ -39,7 +39,6 @@ from tvt.training.losses import configured_reconstruction_loss, kl_loss
 
 SD_SCALING_FACTOR = 0.18215
 SCALING_TOLERANCE = 0.10  # relative
-PROMPT_EMBEDS_FILE = PROMPT_EMBEDS  # the same file name as the downloaded SD snapshot's
 PROMPT_LENGTH = 77  # CLIP's token sequence length
 PREVIEW_TIMESTEP = 500
 VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder optimiser
@@ -206,7 +205,7 @@ def run_prior(cfg: dict, pairs_dir: Path, out_dir: Path, ckpt_dir: Path, run) ->
         vae.save_pretrained(folder / "vae")
         unet.save_pretrained(folder / "unet")
         scheduler.save_pretrained(folder / "scheduler")
-        save_file({"prompt_embeds": prompt.cpu().contiguous()}, str(folder / PROMPT_EMBEDS_FILE))
+        save_file({"prompt_embeds": prompt.cpu().contiguous()}, str(folder / PROMPT_EMBEDS))
 
     unet_trainer.publish(out_dir, write)
     return metrics

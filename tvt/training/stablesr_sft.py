@@ -38,13 +38,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch.utils.data import DataLoader, Dataset
 
 from tvt.models.sd_configs import STABLESR_CONDITIONER_MINI, STABLESR_CONDITIONER_PAPER
+from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
 from tvt.models.stablesr_sampler import encode_lr_latent, sample_latents
 from tvt.models.tiling import vae_downsample_factor
 from tvt.training.data import PAIRS_FILE, PairDataset
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, mean_psnr
 from tvt.training.isr import load_prompts
-from tvt.training.prior import PROMPT_EMBEDS_FILE
 
 NAME = "stablesr_sft"
 #: conditioner architectures by the section's ``encoder`` value
@@ -97,7 +97,7 @@ def run_stablesr_sft(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path, ck
         raise ValueError(f"stablesr.sft.encoder must be one of {sorted(CONDITIONERS)}, got {section['encoder']!r}")
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "vae", sd_dir / "scheduler",
-                          sd_dir / PROMPT_EMBEDS_FILE)
+                          sd_dir / PROMPT_EMBEDS)
     trajectory = {k: v for k, v in section.items() if k not in EVALUATION_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=NAME, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**trajectory, "inputs": inputs})
