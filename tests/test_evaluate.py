@@ -14,7 +14,7 @@ from PIL import Image
 from sample_photos import photo
 
 from tvt import evaluate as ev
-from tvt import tracking
+from tvt import reports, tracking
 from tvt.data.manifest import read_manifest, sha256_file, write_manifest
 from tvt.data.text_render import latin_fonts, render_text_line
 from tvt.degradation import PAIR_COLUMNS
@@ -291,3 +291,11 @@ def test_an_output_of_the_wrong_size_names_the_method(tmp_path):
     suite = ev.MetricSuite(["psnr_y"], crop_border=0)
     with pytest.raises(ValueError, match=r"half: output \(2, 2\)"):
         ev.score_method(wrong, rows, tmp_path, suite, tmp_path / "out", False, torch.device("cpu"))
+
+
+def test_the_prompt_of_every_method_run_here_is_recorded(evaluated):
+    assert evaluated["summary"]["prompts"] == {"sharp": {"prompt": "null"}}  # bicubic and external: no prompt
+    assert "Prompts: sharp: null." in (evaluated["tables"] / "table2_all.md").read_text()
+    note = reports.prompt_note({"tvt": {"prompt": "tags", "tagger": "dape", "format": "<tags>, clean, 8k,"},
+                                "osediff": {"prompt": "null"}})
+    assert note == 'Prompts: tvt: dape tags, "<tags>, clean, 8k,"; osediff: null.'

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import string
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,26 @@ def save_tiny_prior(sd_dir: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
     sd_noise_scheduler().save_pretrained(sd_dir / "scheduler")
     save_file({"prompt_embeds": null_prompt_embeds(MINI_UNET["cross_attention_dim"])}, str(sd_dir / PROMPT_EMBEDS))
     return vae, unet
+
+
+def save_tiny_text_encoder(sd_dir: Path, hidden_size: int = MINI_UNET["cross_attention_dim"]):
+    """A tiny CLIP tokenizer (letters, digits, a few signs: CLIP's BPE vocabulary is on the hub) and a
+    random text encoder (seed 0) as an SD snapshot's ``tokenizer/`` and ``text_encoder/``; returns both."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ",-":
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    words = sd_dir / "tokenizer"
+    words.mkdir(parents=True, exist_ok=True)
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=77)
+    tokenizer.save_pretrained(words)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, eos_token_id=1,
+                                           bos_token_id=0, pad_token_id=1)).eval()
+    encoder.save_pretrained(sd_dir / "text_encoder")
+    return tokenizer, encoder

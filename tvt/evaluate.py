@@ -93,6 +93,7 @@ class Method:
     params_M: float | None = None
     timed: bool = True  # latency is measured for methods run here, not for external folders
     model: torch.nn.Module | None = None  # the restorer, for method-specific figures (StableSR's w)
+    prompt: dict | None = None  # what a restorer conditions on (tvt.models.prompts.describe_prompt)
 
 
 def bicubic_method(scale: int) -> Method:
@@ -106,9 +107,12 @@ def bicubic_method(scale: int) -> Method:
 
 def restorer_method(name: str, restorer: torch.nn.Module, steps: int = 1) -> Method:
     """A restorer network, LR (B,3,h,w) -> SR in [0, 1], as a table row."""
+    from tvt.models.prompts import describe_prompt
+
     restorer = restorer.eval()
     params = sum(p.numel() for p in restorer.parameters()) / 1e6
-    return Method(name, lambda lr, pair_id: restorer(lr), steps=steps, params_M=params, model=restorer)
+    return Method(name, lambda lr, pair_id: restorer(lr), steps=steps, params_M=params, model=restorer,
+                  prompt=describe_prompt(getattr(restorer, "prompt", None)))
 
 
 def trained_method(name: str, model_dir: Path, device: torch.device) -> Method:
@@ -626,11 +630,14 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         outputs = Path(tmp) / "outputs"
         records: list[dict] = []
         costs: dict[str, dict] = {}
+        prompts: dict[str, dict] = {}  # methods run here: the prompt they conditioned on
         method_figures: dict[str, object] = {}
         for name in names:
             method = build_method(name, cfg, device, (model_dirs or {}).get(name))
             records += score_method(method, pairs, root, suite, outputs, read_text, device)
             costs[name] = {"steps": method.steps, "params_M": method.params_M}
+            if method.prompt is not None:
+                prompts[name] = method.prompt
             if (figure := cfw_weight_figure(method, pairs, root, device)) is not None:
                 method_figures[f"{name}_cfw_w"] = figure
             del method  # release a trained model before loading the next
@@ -642,6 +649,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         ocr_rows = ocr_summary(records, [reports.HR_ROW, *names]) if read_text else {}
         summary = _summarise(cfg, names, records, subsets, suite, distribution, ocr_rows, ocr_status,
                              costs, device)
+        summary["prompts"] = prompts
         by_id = {r["pair_id"]: r for r in pairs}
         count = ev.get("figure_pairs", 2)
         if ev.get("test_sets"):  # the hardest pairs of every test set

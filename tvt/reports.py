@@ -314,6 +314,14 @@ def _ocr_series(summary: Mapping) -> Mapping[str, Mapping]:
 # ------------------------------------------------------------------------------------------
 
 
+def prompt_note(prompts: Mapping[str, Mapping]) -> str:
+    """Which prompt each restorer ran with: the null prompt (a fixed embedding) or a tagger's prompt format."""
+    def label(record: Mapping) -> str:
+        return "null" if record.get("prompt") != "tags" else f'{record["tagger"]} tags, "{record["format"]}"'
+
+    return "Prompts: " + "; ".join(f"{name}: {label(record)}" for name, record in prompts.items()) + "."
+
+
 def image_quality_tables(summary: Mapping) -> list[Table]:
     """Table 2 shape: one methods × metrics table per subset (``all``, ``photo``, ``text``...)."""
     measured = [n for n in summary["metrics"] if n not in summary["unavailable"]]
@@ -334,6 +342,8 @@ def image_quality_tables(summary: Mapping) -> list[Table]:
             notes.append("Not applicable to these images: " + ", ".join(
                 f"{METRICS[m].label} (needs ≥ {METRICS[m].min_side} px)" if METRICS[m].min_side else METRICS[m].label
                 for m in not_applicable) + ".")
+        if summary.get("prompts"):
+            notes.append(prompt_note(summary["prompts"]))
         if summary["unavailable"]:
             notes.append("Unavailable here (see metrics_status.md): "
                          + ", ".join(METRICS[m].label for m in summary["unavailable"]) + ".")

@@ -39,6 +39,14 @@ whose activation memory is fixed by the tile; only image-sized buffers (input, b
 upsample, output) still grow with the image, and ``--max-input-pixels`` bounds those. An
 explicit ``--tile`` tiles every image larger than one tile.
 
+**Prompts** (``--tagger``): by default the restorer conditions on the prompt stored with it (the
+null prompt). ``--tagger ram`` / ``dape`` (RAM, or RAM + OSEDiff's DAPE LoRA, as the official test
+scripts) or ``colour`` (weight-free colour terms) tags each bicubic-upsampled LR; the prompt
+``"<tags>, <--prompt>,"`` is encoded by SD's CLIP text encoder (``--text-encoder``, default the
+weights folder when it holds ``tokenizer/`` and ``text_encoder/``), and ``<output name>.tags.json``
+(``{"tagger", "tags", "prompt"}``) is written beside each output. A tagger whose package or
+weights are missing is a usage error that says what to install.
+
 **Exit status**: 0 every image restored or skipped, 1 some image failed, 2 usage error (bad
 arguments, no inputs, missing or incomplete weights). The same input gives the same bytes.
 
@@ -87,6 +95,8 @@ DEFAULT_MAX_PIXELS_UNTILED = 1024 * 1024  # output pixels: 4x the 512² training
 DEFAULT_TILE = 512  # output pixels: the training crop, so every tile looks like training data
 DEFAULT_QUALITY = 95  # JPEG and WebP
 DTYPES = ("fp32", "bf16", "fp16")  # of the denoiser; the VAE stays fp32 (tvt/inference.py)
+#: ``--tagger``: none + tvt.models.prompts.TAGGERS (not imported here: the CLI starts without torch)
+TAGGER_CHOICES = ("none", "colour", "ram", "dape")
 
 #: the layout :meth:`OneStepRestorer.save_pretrained_dir` writes (tests keep the two in step);
 #: the prompt embedding, when restorer.json names one, is checked too
@@ -461,7 +471,10 @@ class ImageResult:
 
 
 def restore_image(restorer: OneStepRestorer, item: BatchItem, options: BatchOptions) -> ImageResult:
-    """Read, restore and write one image; a failure comes back as a "failed" result."""
+    """Read, restore and write one image (and its tags, with a tagged prompt); a failure comes back as a
+    "failed" result."""
+    from tvt.models.prompts import TaggedPrompt, write_tags
+
     start = time.perf_counter()
     input_size = tile = None
     try:
@@ -470,7 +483,10 @@ def restore_image(restorer: OneStepRestorer, item: BatchItem, options: BatchOpti
         tile = options.tiling.tile_for(input_size[0] * restorer.scale, input_size[1] * restorer.scale)
         restored = upscale(restorer, picture, tile, options.tiling.overlap)
         payload = encode_image(restored, item.output, quality=options.quality)
+        prompt = getattr(restorer, "prompt", None)
         try:
+            if isinstance(prompt, TaggedPrompt):  # first, so that an output never lacks its tags
+                write_tags(item.output, prompt.tagger_name, prompt.last_tags[0], prompt.last_prompts[0])
             write_atomically(item.output, payload)
         except OSError as exc:
             raise ImageError(f"cannot write {item.output} ({_one_line(exc)})") from exc
@@ -597,6 +613,28 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
     return prepare_for_inference(restorer.to(device), InferenceOptions(precision=dtype, threads=threads))
 
 
+def attach_tagger(restorer: OneStepRestorer, weights: Path, tagger: str, *, text_encoder: Path | None = None,
+                  positive_prompt: str | None = None, ram_weights: Path | None = None,
+                  dape_weights: Path | None = None) -> OneStepRestorer:
+    """Condition ``restorer`` on per-image tags of ``tagger`` (:mod:`tvt.models.prompts`) instead of its
+    stored prompt; :class:`UsageError` names what is missing (package, weights, text encoder)."""
+    from tvt.models.prompts import OFFICIAL_POSITIVE_PROMPT, TaggedPrompt, load_text_encoder, make_tagger
+
+    if not hasattr(restorer, "prompt") or not hasattr(restorer, "denoise"):
+        raise UsageError(f"--tagger {tagger}: {weights} holds a multi-step (StableSR) restorer, which samples with "
+                         "the empty prompt as the official code; use --tagger none")
+    device = next(restorer.parameters()).device
+    try:
+        encode = load_text_encoder(text_encoder or weights, device)
+        tag = make_tagger(tagger, ram_weights=ram_weights, dape_weights=dape_weights, device=device)
+    except (FileNotFoundError, RuntimeError) as exc:
+        hint = "" if text_encoder else " (or pass --text-encoder DIR)"
+        raise UsageError(f"--tagger {tagger}: {_one_line(exc)}{hint}") from exc
+    positive = OFFICIAL_POSITIVE_PROMPT if positive_prompt is None else positive_prompt
+    restorer.prompt = TaggedPrompt(tag, encode, positive, scale=restorer.scale)
+    return restorer
+
+
 def _unit_interval(text: str) -> float:
     """An argparse type: a float in [0, 1]."""
     try:
@@ -660,6 +698,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reject inputs whose shorter side is smaller (default: %(default)s)")
     parser.add_argument("--quality", type=_int_between(1, 100), default=DEFAULT_QUALITY, metavar="Q",
                         help="JPEG/WebP quality 1-100 (default: %(default)s)")
+    prompts = parser.add_argument_group("prompts of one-step restorers (default: the restorer's stored prompt)")
+    prompts.add_argument("--tagger", choices=TAGGER_CHOICES, default="none",
+                         help="tag each upsampled LR and condition on '<tags>, <prompt>,' as the official test "
+                              "scripts (dape; ram: RAM alone; colour: weight-free colour terms); writes "
+                              "<output>.tags.json beside each output (default: %(default)s)")
+    prompts.add_argument("--prompt", metavar="TEXT",
+                         help="positive prompt after the tags (default: TVT's 'clean, high-resolution, 8k')")
+    prompts.add_argument("--text-encoder", type=Path, metavar="DIR",
+                         help="folder with SD's tokenizer/ and text_encoder/ (default: --weights, else the SD "
+                              "snapshot: `tvt where prior --config config/paper.yaml`)")
+    prompts.add_argument("--ram-weights", type=Path, metavar="PTH", help="ram_swin_large_14m.pth (ram, dape)")
+    prompts.add_argument("--dape-weights", type=Path, metavar="PTH", help="OSEDiff's DAPE.pth (dape)")
     sampling = parser.add_argument_group("multi-step restorers (StableSR); defaults: the restorer's own")
     sampling.add_argument("--steps", type=_int_between(2, 1000), metavar="N",
                           help="respaced sampling steps (StableSR's paper: 200; fewer is faster, less detailed)")
@@ -690,6 +740,10 @@ def main(args: argparse.Namespace) -> int:
             restorer = load_restorer(weights, device=args.device, dtype=args.dtype, scale=args.scale,
                                      color_fix=args.color_fix, threads=args.threads, steps=args.steps, w=args.w,
                                      seed=args.seed)
+            if args.tagger != "none":
+                attach_tagger(restorer, weights, args.tagger, text_encoder=args.text_encoder,
+                              positive_prompt=args.prompt, ram_weights=args.ram_weights,
+                              dape_weights=args.dape_weights)
             options = BatchOptions(args.overwrite, args.min_side, args.max_input_pixels,
                                    _tiling_policy(args, restorer.pixel_multiple), args.quality)
     except UsageError as exc:

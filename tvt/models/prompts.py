@@ -1,29 +1,36 @@
-"""Text conditioning ``c`` of the one-step restorer (docs/method.md §1.4).
+"""Text conditioning ``c`` of the one-step restorer (docs/method.md §1.4, docs/training-recipe.md "Prompts").
 
-OSEDiff and TVT condition the UNet on CLIP embeddings of tags that a prompt extractor reads
-off the LR image: at test time DAPE (RAM Swin-L with OSEDiff's degradation-aware LoRA) on the
-bicubic-upsampled LR, and the prompt is ``"<tags>, <positive prompt>,"`` (cswry/OSEDiff
-``test_osediff.py::get_validation_prompt``, Joyies/TVT ``TVT/inferences/inference.py``); in
-training, RAM's tags of the HR image, with a negative prompt for VSD's CFG.
+The official codes condition the UNet on SD's CLIP embedding of tags read off an image:
+
+* test time — DAPE (RAM Swin-L + OSEDiff's degradation-aware LoRA) tags of the upsampled LR,
+  prompt ``"<tags>, <positive>,"`` (:func:`inference_prompt`; TVT's positive prompt is
+  :data:`OFFICIAL_POSITIVE_PROMPT`, OSEDiff's test script passes an empty one);
+* training — RAM tags of the HR crop (:func:`training_prompt`), and VSD's classifier-free
+  guidance against a negative prompt (:data:`OFFICIAL_NEGATIVE_PROMPTS`).
+
+Pieces:
 
 * :class:`NullPrompt` — one fixed embedding for every image (CLIP's ``""``, a stored tensor, or
-  zeros in mini mode). Every default path uses it, and results record it.
-* :class:`TaggedPrompt` — the pluggable extractor path: any *tagger* (LR images → one tag
-  string per image) + a text encoder (:func:`clip_text_encoder`). It keeps the tags and
-  prompts of its last call (:attr:`TaggedPrompt.last_tags`) so callers can write them next to
-  each output (:func:`write_tags`).
-* :class:`RAMTagger` / :class:`DAPEPrompt` — the official extractor through the
-  ``recognize-anything`` package (``import ram``), which is not on PyPI. Cluster install::
+  zeros in mini mode). The offline default everywhere; results record it as ``null``.
+* a *tagger* — images (B, 3, H, W) in [0, 1] → one tag string each (:data:`Tagger`;
+  :func:`make_tagger` by name): :class:`RAMTagger` (RAM, or DAPE with its LoRA weights) or
+  :class:`ColourTagger` (weight-free, offline).
+* :class:`TaggedPrompt` — a tagger + SD's text encoder (:func:`load_text_encoder`) as the
+  restorer's prompt provider; it keeps each call's tags so that ``tvt sr`` writes them beside
+  every output (:func:`write_tags`).
 
-      pip install git+https://github.com/xinyu1205/recognize-anything.git   # RAM
-      # DAPE: OSEDiff's RAM+LoRA variant lives in its repository (ram/models/ram_lora.py);
-      # put that ``ram`` folder first on PYTHONPATH instead of the package above.
+RAM and DAPE need the ``ram`` package, which is not on PyPI, and hub weights. Cluster install::
 
-  plus ``ram_swin_large_14m.pth`` and OSEDiff's ``DAPE.pth`` from the model hub.
+    pip install git+https://github.com/xinyu1205/recognize-anything.git   # RAM (import ram)
+    # DAPE: OSEDiff's RAM+LoRA variant (ram/models/ram_lora.py) ships in cswry/OSEDiff's
+    # ram/ folder; put that repository first on PYTHONPATH instead of the package above.
+    # weights: ram_swin_large_14m.pth (xinyu1205/recognize-anything on the hub), DAPE.pth (OSEDiff README)
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -76,11 +83,42 @@ class NullPrompt(nn.Module):
         return self.embedding.to(lr_images.dtype).expand(lr_images.shape[0], -1, -1)
 
 
-#: the official test scripts' positive prompt (TVT README / OSEDiff ``--prompt`` examples)
+#: the positive prompt of TVT's test script (Joyies/TVT ``scripts/test/test_realsr.sh`` ``--prompt``);
+#: OSEDiff's test script passes none (cswry/OSEDiff ``scripts/test/test.sh``, ``--prompt`` default "")
 OFFICIAL_POSITIVE_PROMPT = "clean, high-resolution, 8k"
+#: the negative prompts of VSD's classifier-free guidance in the official training scripts
+OFFICIAL_NEGATIVE_PROMPTS = {
+    # Joyies/TVT scripts/train/train.sh --negative_prompt ("oil painting" twice, as there)
+    "tvt": "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, CG Style, 3D render, "
+    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, "
+    "deformed, lowres, over-smooth",
+    # cswry/OSEDiff scripts/train/train_osediff.sh --neg_prompt
+    "osediff": "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
+    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, "
+    "deformed, lowres, over-smooth",
+}
 RAM_IMAGE_SIZE = 384
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 Tagger = Callable[[torch.Tensor], list[str]]
+#: tag extractors by name (:func:`make_tagger`); "none"/None is the null prompt
+TAGGERS = ("colour", "ram", "dape")
+
+
+def inference_prompt(tags: str, positive: str = OFFICIAL_POSITIVE_PROMPT) -> str:
+    """``"<tags>, <positive>,"``: both official test scripts (Joyies/TVT ``TVT/inferences/inference.py``
+    and cswry/OSEDiff ``test_osediff.py``, ``get_validation_prompt``)."""
+    return f"{tags}, {positive},"
+
+
+def training_prompt(tags: str, codebase: str) -> str:
+    """The generator's prompt while training, per official code base: TVT appends its (empty)
+    ``--positive_prompt`` (Joyies/TVT ``TVT/train_TVTSR/train.py`` ``main``: ``f'{caption}, {positive}'``),
+    OSEDiff uses the tags alone (cswry/OSEDiff ``train_osediff.py``: ``batch["prompt"] = caption``)."""
+    if codebase == "tvt":
+        return f"{tags}, "
+    if codebase == "osediff":
+        return tags
+    raise ValueError(f"unknown code base {codebase!r}; expected 'tvt' or 'osediff'")
 
 
 def clip_text_encoder(tokenizer, text_encoder: nn.Module) -> Callable[[list[str]], torch.Tensor]:
@@ -93,6 +131,22 @@ def clip_text_encoder(tokenizer, text_encoder: nn.Module) -> Callable[[list[str]
         return text_encoder(tokens)[0].float()
 
     return encode
+
+
+def load_text_encoder(folder: str | Path, device: str | torch.device = "cpu") -> Callable[[list[str]], torch.Tensor]:
+    """:func:`clip_text_encoder` of an SD snapshot's ``tokenizer/`` and ``text_encoder/`` (frozen, eval)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    missing = [sub for sub in ("tokenizer", "text_encoder") if not (folder / sub).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: no {' or '.join(f'{m}/' for m in missing)}; tagged prompts need SD's CLIP tokenizer and "
+            "text encoder (the paper-mode SD snapshot has both: `tvt where prior --config config/paper.yaml`; "
+            "mini mode's prior has no text encoder)")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False).to(device)
+    return clip_text_encoder(tokenizer, encoder)
 
 
 class TaggedPrompt(nn.Module):
@@ -109,8 +163,12 @@ class TaggedPrompt(nn.Module):
         self.last_tags: list[str] = []
         self.last_prompts: list[str] = []
 
+    @property
+    def tagger_name(self) -> str:
+        return getattr(self.tagger, "name", type(self.tagger).__name__)
+
     def prompts_for(self, tags: list[str]) -> list[str]:
-        return [f"{t}, {self.positive_prompt}," if self.positive_prompt else t for t in tags]
+        return [inference_prompt(t, self.positive_prompt) for t in tags]
 
     def forward(self, lr_images: torch.Tensor) -> torch.Tensor:
         upsampled = F.interpolate(lr_images.float(), scale_factor=self.scale, mode="bicubic",
@@ -122,22 +180,101 @@ class TaggedPrompt(nn.Module):
         return self.encode(self.last_prompts).to(lr_images.device, lr_images.dtype)
 
 
-def write_tags(output: Path, tags: str, prompt: str | None = None) -> Path:
-    """``<output>.tags.txt`` beside an SR image: the tags (and the full prompt) it was restored with."""
-    path = Path(output).with_name(Path(output).name + ".tags.txt")
-    path.write_text(tags + "\n" + (f"prompt: {prompt}\n" if prompt is not None else ""))
+def describe_prompt(provider: nn.Module | None) -> dict:
+    """What a restorer conditions on, for results (``metrics.json`` ``prompts``): ``{"prompt": "null"}``
+    (a fixed embedding, or none) or ``{"prompt": "tags", "tagger", "format"}``."""
+    if isinstance(provider, TaggedPrompt):
+        return {"prompt": "tags", "tagger": provider.tagger_name,
+                "format": inference_prompt("<tags>", provider.positive_prompt)}
+    return {"prompt": "null"}
+
+
+TAGS_SUFFIX = ".tags.json"
+
+
+def write_tags(output: Path, tagger: str, tags: str, prompt: str) -> Path:
+    """``<output name>.tags.json`` beside an SR image: ``{"tagger", "tags", "prompt"}`` it was restored with
+    (one file per output, like OSEDiff's ``--save_prompts``, but named after the whole output name so
+    that ``a.png`` and ``a.jpg`` keep separate records)."""
+    path = Path(output).with_name(Path(output).name + TAGS_SUFFIX)
+    payload = json.dumps({"tagger": tagger, "tags": tags, "prompt": prompt}, ensure_ascii=False, indent=2) + "\n"
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(payload, encoding="utf-8")
+    os.replace(partial, path)
     return path
+
+
+#: the eleven basic colour terms (Berlin & Kay) with sRGB prototypes in [0, 1]; ties go to the earlier term
+BASIC_COLOURS = (
+    ("black", (0.0, 0.0, 0.0)), ("white", (1.0, 1.0, 1.0)), ("gray", (0.5, 0.5, 0.5)),
+    ("red", (0.8, 0.1, 0.1)), ("green", (0.15, 0.6, 0.15)), ("blue", (0.1, 0.2, 0.8)),
+    ("yellow", (0.95, 0.9, 0.15)), ("orange", (1.0, 0.55, 0.0)), ("brown", (0.45, 0.27, 0.1)),
+    ("pink", (1.0, 0.7, 0.75)), ("purple", (0.5, 0.15, 0.55)),
+)
+
+
+class ColourTagger:
+    """A deterministic, weight-free tagger: the basic colour terms that cover an image.
+
+    Every pixel takes the nearest of :data:`BASIC_COLOURS` (the eleven basic colour terms of
+    Berlin & Kay, as sRGB prototypes) and the terms covering at least ``min_share`` of the
+    image become its tags, most frequent first, joined by ", " like DAPE's. RAM's vocabulary
+    holds these words too, so they are real tags of the image, only fewer and coarser than
+    RAM's. It lets every path that RAM drives — tagging once per training image, caching,
+    prompt formatting, CLIP encoding, tags written beside outputs — run where the ``ram``
+    package and its weights cannot be installed (tests, mini mode); it is no stand-in for
+    RAM's quality.
+    """
+
+    name = "colour"
+    def __init__(self, min_share: float = 0.1, max_tags: int = 4):
+        self.min_share, self.max_tags = min_share, max_tags
+        self._names = [name for name, _ in BASIC_COLOURS]
+        self._colours = torch.tensor([rgb for _, rgb in BASIC_COLOURS])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        pixels = images.float().clamp(0, 1).flatten(2).transpose(1, 2)  # (B, HW, 3)
+        nearest = torch.cdist(pixels, self._colours.to(pixels.device)[None]).argmin(-1)  # (B, HW)
+        shares = F.one_hot(nearest, len(self._names)).float().mean(1)  # (B, terms)
+        tags = []
+        for row in shares.cpu():
+            order = sorted(range(len(self._names)), key=lambda i: (-float(row[i]), i))
+            chosen = [self._names[i] for i in order[: self.max_tags] if row[i] >= self.min_share]
+            tags.append(", ".join(chosen or [self._names[order[0]]]))
+        return tags
+
+
+def make_tagger(name: str, *, ram_weights: str | Path | None = None, dape_weights: str | Path | None = None,
+                device: str | torch.device = "cpu") -> Tagger:
+    """The tag extractor ``name`` (:data:`TAGGERS`): ``colour`` (:class:`ColourTagger`), ``ram`` (RAM Swin-L,
+    as the official training scripts tag the HR) or ``dape`` (RAM + OSEDiff's DAPE LoRA, as the official
+    test scripts tag the upsampled LR). RAM and DAPE raise naming what is missing (module docstring)."""
+    if name == "colour":
+        return ColourTagger()
+    if name == "ram":
+        return RAMTagger(ram_weights, device=device)
+    if name == "dape":
+        if dape_weights is None:
+            raise RuntimeError("DAPE prompts need OSEDiff's DAPE LoRA weights (DAPE.pth) besides RAM's; "
+                               "give their path (tvt sr --dape-weights)")
+        return RAMTagger(ram_weights, dape_weights, device=device)
+    raise ValueError(f"unknown tagger {name!r}; known: {', '.join(TAGGERS)}")
 
 
 class RAMTagger:
     """RAM (or DAPE, with ``dape_weights``) through the official ``ram`` package: images → tag strings.
 
-    Input as in the official scripts: resized to 384², ImageNet-normalised; tags joined by
-    ", " (RAM's ``generate_tag`` joins with " | ").
+    Input as the official scripts prepare it (cswry/OSEDiff ``test_osediff.py`` ``ram_transforms``,
+    Joyies/TVT ``train.py``): torchvision's ``Resize((384, 384))`` on a tensor — bilinear without
+    antialiasing in the torchvision of their requirements (torch 2.0.1) — then ImageNet
+    normalisation. Tags are joined by ", " as OSEDiff's ``ram_lora.RAM.generate_tag`` does (the
+    ``recognize-anything`` package joins with " | ").
     """
 
     def __init__(self, ram_weights: str | Path | None = None, dape_weights: str | Path | None = None,
                  device: str | torch.device = "cpu"):
+        self.name = "ram" if dape_weights is None else "dape"
         missing = []
         if ram_weights is None or not Path(ram_weights).is_file():
             missing.append(f"RAM Swin-L weights (ram_swin_large_14m.pth; got {ram_weights})")
@@ -150,12 +287,13 @@ class RAMTagger:
                 from ram.models import ram as build
         except ImportError:
             build = None
-            missing.append("the `ram` package (recognize-anything; DAPE: OSEDiff's ram/ folder)")
+            missing.append("the `ram` package (pip install git+https://github.com/xinyu1205/recognize-anything.git; "
+                           "DAPE: cswry/OSEDiff's ram/ folder on PYTHONPATH)")
         if missing:
             raise RuntimeError(
-                "DAPE/RAM prompts need " + "; ".join(missing) + ". The weights come from a model hub that only the "
-                "cluster can reach and the code is not on PyPI (install notes: tvt/models/prompts.py). Use "
-                "NullPrompt (an empty or fixed prompt), which every default configuration uses.")
+                f"{self.name.upper()} prompts need " + "; ".join(missing) + ". The weights come from a model hub "
+                "and the code is not on PyPI (install notes: tvt/models/prompts.py). Without them use the null "
+                "prompt (NullPrompt: `tvt sr --tagger none`, `isr.<name>.prompt: null`), the default.")
         extra = {"pretrained_condition": str(dape_weights)} if dape_weights is not None else {}
         self.model = build(pretrained=str(ram_weights), image_size=RAM_IMAGE_SIZE, vit="swin_l", **extra)
         self.model.eval().to(device)
@@ -163,7 +301,8 @@ class RAMTagger:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[str]:
-        x = F.interpolate(images.float(), size=(RAM_IMAGE_SIZE, RAM_IMAGE_SIZE), mode="bicubic", align_corners=False)
+        x = F.interpolate(images.float(), size=(RAM_IMAGE_SIZE, RAM_IMAGE_SIZE), mode="bilinear", align_corners=False,
+                          antialias=False)
         mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         tags = self.model.generate_tag(((x.clamp(0, 1) - mean) / std).to(self.device))[0]

@@ -30,8 +30,18 @@ update of its own optimiser on the detached ẑ_H; which of its adapters learn i
 All SD-sized UNets here share one set of frozen weights: the teacher, the fake score's base
 and the generator's (CE-UNet's inner UNet; OSEDiff's UNet apart from its trainable conv_in).
 
+Prompts (``prompt``; docs/training-recipe.md "Prompts"): ``null`` (default) conditions generator,
+teacher and fake score on the SD snapshot's fixed embedding, with its stored negative for VSD's
+CFG. A tagger name (``ram`` as the official scripts, or the weight-free ``colour``) tags every
+training HR once (:func:`training_tags`, cached in the checkpoint folder), and each step encodes
+the batch's prompts (:func:`tvt.models.prompts.training_prompt`) and the negative prompt
+(``negative_prompt``, default the official one of ``method``) with the snapshot's CLIP text
+encoder, as the official training loops do (Joyies/TVT ``train.py``, cswry/OSEDiff
+``train_osediff.py``).
+
 Output: the trained restorer, LoRA merged (``OneStepRestorer.save_pretrained_dir``),
-which evaluation and ``tvt sr`` load with ``from_pretrained_dir``.
+which evaluation and ``tvt sr`` load with ``from_pretrained_dir``; it stores the null prompt,
+and ``tvt sr --tagger`` supplies tags at test time.
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ from tvt import compat
 compat.apply()  # diffusers imports peft -> transformers -> torchvision
 
 import functools
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -60,7 +72,7 @@ from tvt.models.lora import (
     add_vae_encoder_lora,
     set_trainable,
 )
-from tvt.models.prompts import NullPrompt
+from tvt.models.prompts import OFFICIAL_NEGATIVE_PROMPTS, NullPrompt, load_text_encoder, make_tagger, training_prompt
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.models.vae_d4 import VAED4
@@ -74,6 +86,7 @@ PREVIEW_IMAGES = 2
 #: from the finished checkpoint instead of retraining
 OUTPUT_ONLY_KEYS = frozenset({"color_fix"})
 METRIC_LPIPS_NET = "alex"  # the LPIPS that SR papers report (the training loss may use VGG)
+TAGS_FILE = "tags.json"  # in the checkpoint folder: the training HRs' tags, computed once
 
 
 def load_prompts(sd_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +133,11 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
                            color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
 
 
-def generate(restorer: OneStepRestorer, lr: torch.Tensor, *, sample_posterior: bool = True,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(restorer: OneStepRestorer, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None, *,
+             sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The training forward: LR in [-1, 1] → (SR clamped to [-1, 1], no colour fix; ẑ_H).
+
+    ``prompt_embeds`` (B, 77, D): the batch's tagged prompts; None: the restorer's own (null) prompt.
 
     As the official training forwards (TVT ``TVTModel.py`` ``TVT.forward``, OSEDiff
     ``osediff.py`` ``OSEDiff_gen.forward``): the UNet sees a *sample* of the encoder's posterior
@@ -131,8 +146,34 @@ def generate(restorer: OneStepRestorer, lr: torch.Tensor, *, sample_posterior: b
     """
     lr = (lr + 1) / 2
     z_l = restorer.encode_lr(restorer.upsample_lr(lr), sample=sample_posterior)
-    z_h = restorer.denoise(z_l, restorer.prompt(lr))
+    z_h = restorer.denoise(z_l, restorer.prompt(lr) if prompt_embeds is None else prompt_embeds)
     return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
+
+
+def training_tags(dataset: PairDataset, make: Callable[[], Callable], cache: Path, identity: Mapping, *,
+                  batch_size: int, device: torch.device) -> dict[str, str]:
+    """Tags of every training HR by ``pair_id``, computed once per image and kept in ``cache``.
+
+    The official loops tag each HR crop again at every step (Joyies/TVT ``train.py``, cswry/OSEDiff
+    ``train_osediff.py``); the tags of a frozen tagger do not change, so a resumed or repeated run
+    reads them back when ``cache`` was written for the same ``identity`` (tagger, weights, data) and
+    covers every pair. The tagger (``make()``) is built only when something is missing.
+    """
+    ids = [row["pair_id"] for row in dataset.rows]
+    if cache.is_file():
+        stored = json.loads(cache.read_text(encoding="utf-8"))
+        if stored.get("identity") == dict(identity) and set(ids) <= stored["tags"].keys():
+            return {i: stored["tags"][i] for i in ids}
+    tagger, tags = make(), {}
+    with forked_rng(device), torch.no_grad():  # tagging must not shift the training random stream
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            tags.update(zip(batch["pair_id"], tagger((batch["hr"].to(device) + 1) / 2), strict=True))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.name}.partial")
+    partial.write_text(json.dumps({"identity": dict(identity), "tags": tags}, indent=1, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
+    os.replace(partial, cache)
+    return tags
 
 
 @torch.no_grad()
@@ -159,8 +200,10 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     vae_d4_dir = None if vae_d4_dir is None else Path(vae_d4_dir)
     check_section(variant, section, vae_d4_dir)
     vae_source = vae_d4_dir if section["method"] == "tvt" else sd_dir / "vae"
+    tagger_name = section.get("prompt")
+    text_inputs = (sd_dir / "tokenizer", sd_dir / "text_encoder") if tagger_name else ()
     inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "scheduler",
-                          sd_dir / PROMPT_EMBEDS, vae_source)
+                          sd_dir / PROMPT_EMBEDS, vae_source, *text_inputs)
     name = f"isr_{variant}"
     trajectory = {k: v for k, v in section.items() if k not in OUTPUT_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=name, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,
@@ -184,6 +227,19 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
                            codebase=section["method"]).train()
 
     posterior = section.get("encoder_posterior", "sample")
+    encode_text = tags = None
+    if tagger_name:
+        encode_text = load_text_encoder(sd_dir, device)
+        negative = encode_text([section.get("negative_prompt", OFFICIAL_NEGATIVE_PROMPTS[section["method"]])])
+        weights = {"ram_weights": section["ram_weights"]} if "ram_weights" in section else {}
+        identity = {"tagger": tagger_name, **weights, "pairs": files_digest(pairs_dir / PAIRS_FILE)}
+        cache = Path(ckpt_dir) / TAGS_FILE
+        if trainer.is_main_process:
+            training_tags(PairDataset(pairs_dir, "train", with_lr=False),
+                          lambda: make_tagger(tagger_name, **weights, device=device), cache, identity,
+                          batch_size=trainer.config.batch_size, device=device)
+        trainer.accelerator.wait_for_everyone()
+        tags = json.loads(cache.read_text(encoding="utf-8"))["tags"]
 
     def trainable(module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
@@ -207,9 +263,13 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
 
     def step(batch):
         hr, lr = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size"))
-        sr, z_h = models["generator"](lr)
+        tagged = None
+        if tags is not None:  # this batch's prompts through the frozen text encoder, as the official loops
+            tagged = encode_text([training_prompt(tags[i], section["method"]) for i in batch["pair_id"]])
+        sr, z_h = models["generator"](lr, tagged)
         lr = (lr + 1) / 2  # the generator's prompt, for the scores too
-        prompt_embeds, negative_embeds = restorer.prompt(lr), negative_prompt(lr)
+        prompt_embeds = restorer.prompt(lr) if tagged is None else tagged
+        negative_embeds = negative_prompt(lr)
         with trainer.accelerator.autocast():
             terms = reconstruction(sr, hr)
             del terms["rec"]  # the stage weighs l2 and lpips itself
