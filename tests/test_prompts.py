@@ -16,7 +16,18 @@ compat.apply()
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tvt.models.prompts import DAPEPrompt, NullPrompt, TaggedPrompt, clip_text_encoder, write_tags
+from tvt.models.prompts import (
+    OFFICIAL_NEGATIVE_PROMPTS,
+    ColourTagger,
+    DAPEPrompt,
+    NullPrompt,
+    TaggedPrompt,
+    clip_text_encoder,
+    describe_prompt,
+    inference_prompt,
+    training_prompt,
+    write_tags,
+)
 from tvt.models.restorer import build_osediff_restorer
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
 
@@ -92,9 +103,35 @@ def test_the_restorer_is_conditioned_on_each_images_tags_and_they_are_written_be
         conditioned = restorer(lr)
     assert not torch.allclose(plain, conditioned, atol=1e-4)  # the tags reach the UNet
     output = tmp_path / "img.png"
-    written = write_tags(output, tagged.last_tags[0], tagged.last_prompts[0])
-    assert written == tmp_path / "img.png.tags.txt"
-    assert written.read_text().splitlines() == [tagged.last_tags[0], f"prompt: {tagged.last_prompts[0]}"]
+    written = write_tags(output, tagged.tagger_name, tagged.last_tags[0], tagged.last_prompts[0])
+    assert written == tmp_path / "img.png.tags.json"
+    assert json.loads(written.read_text()) == {"tagger": "brightness_tagger", "tags": tagged.last_tags[0],
+                                               "prompt": tagged.last_prompts[0]}
+    assert describe_prompt(tagged) == {"prompt": "tags", "tagger": "brightness_tagger",
+                                       "format": "<tags>, clean, high-resolution, 8k,"}
+    assert describe_prompt(null) == {"prompt": "null"}
+
+
+def test_official_prompt_formats():
+    assert inference_prompt("dog, grass") == "dog, grass, clean, high-resolution, 8k,"  # TVT test_realsr.sh
+    assert inference_prompt("dog, grass", "") == "dog, grass, ,"  # OSEDiff test.sh: no --prompt
+    assert training_prompt("dog, grass", "tvt") == "dog, grass, "  # TVT train.py, empty --positive_prompt
+    assert training_prompt("dog, grass", "osediff") == "dog, grass"  # OSEDiff train_osediff.py: the tags
+    assert OFFICIAL_NEGATIVE_PROMPTS["tvt"].count("oil painting") == 2  # as TVT's train.sh has it
+    assert OFFICIAL_NEGATIVE_PROMPTS["tvt"].replace("sketch, oil painting,", "sketch,") == OFFICIAL_NEGATIVE_PROMPTS[
+        "osediff"]
+    with pytest.raises(ValueError, match="code base"):
+        training_prompt("dog", "stablesr")
+
+
+def test_colour_tagger_names_the_colours_that_cover_the_image_most_first():
+    red = torch.tensor([0.85, 0.05, 0.1]).view(3, 1, 1).expand(3, 8, 8)
+    sky = torch.cat([torch.tensor([0.15, 0.25, 0.75]).view(3, 1, 1).expand(3, 3, 8),  # 3 rows of blue
+                     torch.ones(3, 5, 8)], dim=1)  # 5 rows of white
+    speckled = red.clone()
+    speckled[:, 0, :3] = 1.0  # 3 of 64 white pixels: under the 10 % share
+    assert ColourTagger()(torch.stack([red, sky, speckled])) == ["red", "white, blue", "red"]
+    assert ColourTagger()(torch.stack([sky, red])) == ["white, blue", "red"]  # per image, batch order kept
 
 
 def test_dape_without_ram_names_every_missing_part(tmp_path):

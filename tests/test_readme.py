@@ -30,7 +30,7 @@ RUN_HERE = ("tvt workflow ", "tvt where", "tvt config validate ", "tvt --version
 COVERED_ELSEWHERE = {
     "make demo": "the pipeline: tests/test_workflow.py::test_pipeline_end_to_end_keyed_cached_and_tracked",
     "make test": "this suite",
-    "tvt sr ": "tests/test_sr.py",
+    "tvt sr ": "tests/test_sr.py (--tagger: tests/test_sr_tagger.py)",
     "tvt pipeline --engine dvc": "tests/test_workflow.py (end to end, both engines)",
     "mlflow ui ": "tests/test_mlflow_server.py",
     "snakemake --profile profiles/slurm": "tests/test_slurm.py (real one-node cluster; paper dry run)",

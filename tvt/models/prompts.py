@@ -165,7 +165,8 @@ class TaggedPrompt(nn.Module):
 
     @property
     def tagger_name(self) -> str:
-        return getattr(self.tagger, "name", type(self.tagger).__name__)
+        """The tagger's ``name`` (:func:`make_tagger`'s), else its function or class name."""
+        return getattr(self.tagger, "name", None) or getattr(self.tagger, "__name__", type(self.tagger).__name__)
 
     def prompts_for(self, tags: list[str]) -> list[str]:
         return [inference_prompt(t, self.positive_prompt) for t in tags]
