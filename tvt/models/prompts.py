@@ -199,6 +199,7 @@ def write_tags(output: Path, tagger: str, tags: str, prompt: str) -> Path:
     that ``a.png`` and ``a.jpg`` keep separate records)."""
     path = Path(output).with_name(Path(output).name + TAGS_SUFFIX)
     payload = json.dumps({"tagger": tagger, "tags": tags, "prompt": prompt}, ensure_ascii=False, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(payload, encoding="utf-8")
     os.replace(partial, path)
