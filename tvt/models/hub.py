@@ -62,15 +62,16 @@ def restorer_folder(source: str | Path, *, revision: str | None = None) -> Path:
         folder = Path(snapshot_download(str(source), revision=revision, library_name="tvt"))
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise HubError(
-            f"{where}: no such model repository on the Hugging Face Hub, or it is private or gated "
-            "(log in with `hf auth login` or set HF_TOKEN)"
+            f"{where}: no local folder of that name, and no such model repository on the Hugging Face Hub "
+            "(or it is private or gated: log in with `hf auth login` or set HF_TOKEN)"
         ) from exc
     except RevisionNotFoundError as exc:
         raise HubError(f"{where}: the repository has no such branch, tag or commit") from exc
     except LocalEntryNotFoundError as exc:
         reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise HubError(
-            f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}. Fetch it once "
+            f"{where}: no local folder of that name, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            f"and {reason}. Fetch it once "
             f"where the Hub is reachable (`hf download {source}`{' --revision ' + revision if revision else ''}, "
             "or any `tvt sr --weights` of it) and copy that cache folder here (HF_HUB_CACHE points at it), "
             "or pass a local restorer folder"
