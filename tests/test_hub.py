@@ -17,6 +17,7 @@ from huggingface_hub import HfApi, constants
 from PIL import Image
 from test_sr import photo, run_sr, save_tiny_restorer
 
+from tvt import cli
 from tvt.models import hub
 from tvt.models.saved import from_pretrained, load_restorer
 
@@ -132,7 +133,7 @@ def test_a_local_path_wins_over_a_hub_id(saved, tmp_path, monkeypatch):
 # ---- push ---------------------------------------------------------------------------------------
 
 
-def test_push_sends_the_folder_and_a_model_card_in_one_commit(saved, tmp_path, monkeypatch):
+def test_push_sends_the_folder_and_a_model_card_in_one_commit(saved, tmp_path, monkeypatch, capsys):
     key = "0123456789abcdef"
     folder = tmp_path / "resources" / "store" / "isr_tvt" / key
     shutil.copytree(saved, folder)
@@ -164,9 +165,9 @@ def test_push_sends_the_folder_and_a_model_card_in_one_commit(saved, tmp_path, m
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.chdir(tmp_path)
-    url = hub.push_restorer(Path("resources/store/isr_tvt") / key, REPO, private=True)
+    assert cli.main(["push", f"resources/store/isr_tvt/{key}", REPO, "--private"]) == 0
 
-    assert url == f"https://huggingface.co/{REPO}/commit/c0ffee"
+    assert capsys.readouterr().out.strip().endswith(f"to https://huggingface.co/{REPO}/commit/c0ffee")
     assert calls[0] == ("create_repo", REPO, {"private": True, "exist_ok": True, "repo_type": "model"})
     ((_, repo_id, kwargs, sent),) = calls[1:]
     assert repo_id == REPO and kwargs == {

@@ -46,10 +46,10 @@ def test_logged_model_predicts_what_the_folder_restores(tmp_path, tracking):
         .numpy()
     )
     assert np.abs(sr[0] - bicubic).mean() > 1e-3  # the network ran, not an upsampler
-    # one image without a batch axis, as uint8, is the same restoration (to 8-bit rounding of the input)
-    assert np.array_equal(model.predict(photo(16, 12)), sr)
-    with pytest.raises(Exception, match="expected LR images"):
-        model.predict(lr[..., :2])
+    two = model.predict(np.stack([lr, lr[::-1]]))  # a batch restores each image as on its own
+    assert np.abs(two[0] - sr[0]).max() < 1e-5 and np.abs(two[1] - sr[0]).max() > 0.1
+    with pytest.raises(Exception, match="shape"):
+        model.predict(lr[None, ..., :2])
 
 
 def test_the_evaluation_registers_each_restorer_in_its_comparison_run(tmp_path, tracking):

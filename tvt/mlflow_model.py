@@ -10,8 +10,8 @@ it runs :class:`RestorerModel.load_context`, which loads the folder with
 :func:`tvt.models.saved.load_restorer`, so ``mlflow.pyfunc.load_model(uri).predict(lr)`` restores
 exactly like ``tvt sr``'s network. It needs this package installed where it is loaded.
 
-``predict`` takes LR images (N, h, w, 3) in [0, 1] (float32) or 0…255 (uint8) — one (h, w, 3)
-image is a batch of one — and returns SR (N, scale·h, scale·w, 3) float32 in [0, 1].
+``predict`` takes LR images (N, h, w, 3) float32 in [0, 1] (the signature, which MLflow enforces)
+and returns SR (N, scale·h, scale·w, 3) float32 in [0, 1].
 """
 
 from __future__ import annotations
@@ -48,13 +48,10 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch
 
-        images = np.asarray(model_input)
-        if images.ndim == 3:
-            images = images[None]
+        images = np.asarray(model_input, dtype=np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected LR images (N, h, w, 3), got shape {images.shape}")
-        scale = 255.0 if images.dtype == np.uint8 else 1.0
-        lr = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / scale).permute(0, 3, 1, 2)
+        lr = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         with torch.inference_mode():
             sr = self.restorer(lr.to(self.device))
         return sr.float().permute(0, 2, 3, 1).cpu().numpy()
@@ -66,8 +63,8 @@ def signature():
 
     images = (-1, -1, -1, 3)
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), images, "lr")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), images, "sr")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), images)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), images)]),
     )
 
 
