@@ -9,7 +9,12 @@ min_version("9.0")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/stages.smk"
+
+
+# `snakemake --report report.html`: the results in one HTML file (workflow/rules/report.smk)
+report: "workflow/report/workflow.rst"
 
 
 rule all:

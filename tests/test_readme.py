@@ -35,6 +35,8 @@ COVERED_ELSEWHERE = {
     "mlflow ui ": "tests/test_mlflow_server.py",
     "snakemake --profile profiles/slurm": "tests/test_slurm.py (real one-node cluster; paper dry run)",
     "tvt import ": "tests/test_official_{tvt,osediff,stablesr}.py (mini-size files laid out like the releases)",
+    "tvt push ": "tests/test_hub.py (the HfApi network calls intercepted; --weights OWNER/NAME from a Hub-cache copy)",
+    "snakemake --report ": "tests/test_workflow.py::test_pipeline_end_to_end_keyed_cached_and_tracked",
     "apt-get download ": "not run by the suite: fetches a Debian package of held-out photos for a benchmark",
     "python bench/": "benchmarks run by hand, never by the suite (tests/test_mini_claims.py covers tvt.claims)",
 }

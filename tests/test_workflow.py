@@ -166,6 +166,29 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
     assert "degrade.scale" in children["degrade"].data.params
     assert not any(k.startswith("degrade.") for k in children["evaluate"].data.params)
     assert children["evaluate"].data.metrics["all.bicubic.psnr_y"] == pytest.approx(bicubic["psnr_y"])
+    # every trained restorer scored is a registered MLflow model, one version, from its comparison run
+    trained = [m for m in cfg["evaluate"]["methods"] if stages.method_stage(m)]
+    for method in trained:
+        (version,) = client.search_model_versions(f"name = 'tvt-{cfg['mode']}-{method}'")
+        assert client.get_run(version.run_id).info.run_name == f"{method} · all"
+    assert metrics["restorers"] == {m: registry[stages.method_stage(m)].folder for m in trained}
+
+    # the report, Snakemake's own: tables as HTML, comparison grids, figures, one curve per training stage
+    _run([*SNAKEMAKE, "--report", "report.html"], project)
+    from tvt.report_assets import data_uri_bytes, report_contents
+
+    embedded, categories = report_contents((project / "report.html").read_text())
+    shown = {c: sorted(Path(p).name for paths in sub.values() for p in paths) for c, sub in categories.items()}
+    training = sorted(st.name for st in registry.values() if st.trains)
+    assert shown["Training curves"] == [f"{name}.svg" for name in training]
+    assert {"table2_all.html", "table3_text.html", "table4_complexity.html"} <= set(shown["Tables"])
+    assert shown["Comparison grids"] and all(n.startswith("compare_") for n in shown["Comparison grids"])
+    by_name = {Path(p).name: entry for p, entry in embedded.items()}
+    table2 = data_uri_bytes(by_name["table2_all.html"]["data_uri"]).decode()
+    assert "<table>" in table2 and "<td>bicubic</td>" in table2
+    for name in training:  # a real curve (axes with data), not the "no logged curve" placeholder
+        svg = data_uri_bytes(by_name[f"{name}.svg"]["data_uri"]).decode()
+        assert svg.count('id="line2d_') >= 1 and "no logged training curve" not in svg, name
 
     # finding 2: the same config is a no-op however it is named, through either engine
     finished = _tree_state(project)

@@ -106,6 +106,18 @@ def _cmd_complexity(args) -> int:
     return 0
 
 
+def _cmd_push(args) -> int:
+    from tvt.models.hub import HubError, push_restorer
+
+    try:
+        url = push_restorer(args.folder, args.repo_id, private=args.private, message=args.message)
+    except HubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -150,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help=official.HELP)
     official.add_arguments(p)
     p.set_defaults(func=official.main)
+
+    p = sub.add_parser("push", help="upload a restorer folder to the Hugging Face Hub, with a model card",
+                       description="Upload a restorer folder (resources/models/METHOD, a store folder, a `tvt import` "
+                                   "output) to a Hub model repository in one commit, with a README.md model card: "
+                                   "method, configuration, training stage and key, and the newest evaluation's "
+                                   "metrics of this folder (results/store/evaluate). Log in first (`hf auth login` "
+                                   "or HF_TOKEN). Load it back with `tvt sr --weights OWNER/NAME`.")
+    p.add_argument("folder", type=Path, help="the restorer folder (holds restorer.json)")
+    p.add_argument("repo_id", metavar="OWNER/NAME", help="Hub model repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", help="commit message (default: names the method, stage and key)")
+    p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

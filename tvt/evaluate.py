@@ -24,7 +24,11 @@ Outputs: in ``tables_dir`` (the stage's ``results/tables``) the tables of
 ``results/plots/ocr_{acc,ned}_vs_text_px.csv`` (DVC plots). MLflow: every number on the
 stage run as ``<subset>.<method>.<metric>`` (with ``…_ci_low`` / ``…_ci_high``, and the paired
 tests' ``<subset>.<a>_vs_<b>.<metric>_p``), plus one nested run per (method, subset) tagged
-``tvt.method`` / ``tvt.dataset`` for the UI's side-by-side comparison.
+``tvt.method`` / ``tvt.dataset`` for the UI's side-by-side comparison. Every trained restorer is
+logged in its method's first comparison run as an MLflow model (its folder as a pyfunc,
+:mod:`tvt.mlflow_model`) with that run's metrics, and registered as ``tvt-<mode>-<method>``
+(``evaluate.register_models``, default true); ``metrics.json`` names each method's folder under
+``restorers`` (``tvt push`` finds a restorer's metrics there).
 
 Statistics (:func:`table_statistics`, :mod:`tvt.stats`): per subset, a bootstrap over its images
 gives every mean an interval and every pair of methods a paired test; OCR the same over text
@@ -94,6 +98,7 @@ class Method:
     timed: bool = True  # latency is measured for methods run here, not for external folders
     model: torch.nn.Module | None = None  # the restorer, for method-specific figures (StableSR's w)
     prompt: dict | None = None  # what a restorer conditions on (tvt.models.prompts.describe_prompt)
+    model_dir: Path | None = None  # the saved restorer it was loaded from (logged to MLflow as a model)
 
 
 def bicubic_method(scale: int) -> Method:
@@ -121,7 +126,9 @@ def trained_method(name: str, model_dir: Path, device: torch.device) -> Method:
     from tvt.models.saved import load_restorer
 
     restorer = load_restorer(model_dir).to(device)
-    return restorer_method(name, restorer, steps=getattr(restorer, "steps", 1))
+    method = restorer_method(name, restorer, steps=getattr(restorer, "steps", 1))
+    method.model_dir = Path(model_dir)
+    return method
 
 
 def external_method(name: str, folder: Path) -> Method:
@@ -563,8 +570,11 @@ def comparison_runs(summary: Mapping) -> list[tuple[str, str, dict[str, float]]]
     return runs
 
 
-def log_comparison_runs(run, summary: Mapping, mode: str) -> int:
-    """Open the nested (method, subset) runs under ``run`` if it is MLflow's active run; return how many."""
+def log_comparison_runs(run, summary: Mapping, mode: str, restorers: Mapping[str, Path] | None = None) -> int:
+    """Open the nested (method, subset) runs under ``run`` if it is MLflow's active run; return how many.
+
+    ``restorers`` (method -> saved folder) are logged as MLflow models, each in its method's first
+    run (subset ``all`` in mini mode, the first test set in paper mode), with that run's metrics."""
     import mlflow
 
     active = mlflow.active_run()
@@ -572,11 +582,16 @@ def log_comparison_runs(run, summary: Mapping, mode: str) -> int:
         log.info("no active MLflow stage run: nested comparison runs skipped")
         return 0
     runs = comparison_runs(summary)
+    pending = dict(restorers or {})
     for method, subset, metrics in runs:
         tags = {"tvt.kind": "evaluation", "tvt.method": method, "tvt.dataset": f"{summary['test_set']}/{subset}",
                 "tvt.subset": subset, "tvt.mode": mode}
         with mlflow.start_run(run_name=f"{method} · {subset}", nested=True, tags=tags):
             mlflow.log_metrics(metrics)
+            if method in pending:
+                from tvt.mlflow_model import log_restorer_model
+
+                log_restorer_model(pending.pop(method), mode, method, metrics)
     return len(runs)
 
 
@@ -631,6 +646,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         records: list[dict] = []
         costs: dict[str, dict] = {}
         prompts: dict[str, dict] = {}  # methods run here: the prompt they conditioned on
+        restorers: dict[str, Path] = {}
         method_figures: dict[str, object] = {}
         for name in names:
             method = build_method(name, cfg, device, (model_dirs or {}).get(name))
@@ -638,6 +654,8 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
             costs[name] = {"steps": method.steps, "params_M": method.params_M}
             if method.prompt is not None:
                 prompts[name] = method.prompt
+            if method.model_dir is not None:
+                restorers[name] = method.model_dir
             if (figure := cfw_weight_figure(method, pairs, root, device)) is not None:
                 method_figures[f"{name}_cfw_w"] = figure
             del method  # release a trained model before loading the next
@@ -650,6 +668,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         summary = _summarise(cfg, names, records, subsets, suite, distribution, ocr_rows, ocr_status,
                              costs, device)
         summary["prompts"] = prompts
+        summary["restorers"] = {name: folder.as_posix() for name, folder in restorers.items()}
         by_id = {r["pair_id"]: r for r in pairs}
         count = ev.get("figure_pairs", 2)
         if ev.get("test_sets"):  # the hardest pairs of every test set
@@ -689,6 +708,6 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
     run.log_artifact(tables_dir)
     run.log_artifact(metrics_file)
     run.log_artifact(plots_dir, "plots")
-    log_comparison_runs(run, summary, cfg["mode"])
+    log_comparison_runs(run, summary, cfg["mode"], restorers if ev.get("register_models", True) else None)
     print(report)
     return summary

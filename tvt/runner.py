@@ -177,14 +177,19 @@ def _stage_complexity(ctx: StageContext) -> None:
 
 
 def _stage_evaluate(ctx: StageContext) -> None:
+    """The evaluation, then what the Snakemake report shows of it: the tables as HTML and the training curves."""
     from tvt.evaluate import evaluate
+    from tvt.report_assets import write_html_tables, write_training_curves
 
     models = {m: ctx.input(s) for m in ctx.cfg["evaluate"]["methods"] if (s := stages_mod.method_stage(m))}
     with atomic_dir(ctx.folder) as out:
-        (out / stages_mod.TABLES).mkdir()
-        evaluate(ctx.cfg, ctx.input("degrade") / "pairs.csv", out / stages_mod.TABLES, out / stages_mod.METRICS_FILE,
+        tables = out / stages_mod.TABLES
+        tables.mkdir()
+        evaluate(ctx.cfg, ctx.input("degrade") / "pairs.csv", tables, out / stages_mod.METRICS_FILE,
                  ctx.run, plots_dir=out / "plots", complexity_file=ctx.input("complexity") / stages_mod.COMPLEXITY_FILE,
                  data_dir=ctx.inputs.get("data"), model_dirs=models)
+        write_html_tables(tables, tables / "html")
+        write_training_curves(ctx.cfg, tables / "curves")
 
 
 def _handler(stage: stages_mod.Stage) -> Callable[[StageContext], None]:

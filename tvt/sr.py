@@ -1,6 +1,7 @@
 """``tvt sr``: super-resolve a batch of images with a trained one-step restorer (TVT, OSEDiff...).
 
     tvt sr photos/ scan.png 'shots/*.jpg' -o out/ --weights resources/models/tvt
+    tvt sr photos/ -o out/ --weights owner/name     # a restorer on the Hugging Face Hub (`tvt push`)
 
 **Inputs** are files, folders (their image files; ``--recursive`` descends, hidden names are
 ignored) and glob patterns. Each output keeps its input's name under OUTDIR — for folders
@@ -540,14 +541,26 @@ def format_summary(results: Sequence[ImageResult], seconds: float) -> str:
 # ---- weights ----
 
 
-def resolve_weights(weights: Path | None, method: str | None = None) -> Path:
+def resolve_weights(weights: Path | str | None, method: str | None = None, revision: str | None = None) -> Path:
     """The restorer folder to load: ``weights`` itself when it holds one, else
     ``<weights>/models/<method>`` (a resources folder) or ``<weights>/resources/models/<method>``
-    (a project root); without ``weights``, the pipeline's ``resources/models/<method>``.
+    (a project root); a Hub model id ("owner/name", no such local path) is fetched into the Hugging
+    Face cache at ``revision`` (:mod:`tvt.models.hub`); without ``weights``, the pipeline's
+    ``resources/models/<method>``.
 
     Raises :class:`UsageError` naming the first missing file, or a method that disagrees.
     """
+    from tvt.models.hub import HubError, is_repo_id, restorer_folder
+
     name = method or DEFAULT_METHOD
+    if revision is not None and (weights is None or not is_repo_id(weights)):
+        raise UsageError("--revision selects a commit of a Hub repository: give --weights OWNER/NAME")
+    if weights is not None and is_repo_id(weights):
+        try:
+            weights = restorer_folder(str(weights), revision=revision)
+        except HubError as exc:
+            raise UsageError(f"--weights {_one_line(exc)}") from exc
+    weights = None if weights is None else Path(weights)
     if weights is None:
         weights = Path(method_model_dir(name))
         if not weights.is_dir():
@@ -670,9 +683,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
                         help="output folder (created); outputs mirror the inputs' names")
-    parser.add_argument("--weights", type=Path, metavar="DIR",
-                        help="a saved restorer, or a resources/project folder holding models/METHOD "
-                             "(default: resources/models/METHOD)")
+    parser.add_argument("--weights", metavar="DIR|OWNER/NAME",
+                        help="a saved restorer, a resources/project folder holding models/METHOD, or a Hugging "
+                             "Face Hub model id (fetched into the HF cache; default: resources/models/METHOD)")
+    parser.add_argument("--revision", metavar="REV",
+                        help="branch, tag or commit of a Hub --weights (default: main; a commit hash pins it)")
     parser.add_argument("--method", help=f"restorer to pick under --weights, e.g. tvt or osediff "
                                          f"(default: {DEFAULT_METHOD}; checked against a restorer folder)")
     parser.add_argument("--recursive", action="store_true", help="descend into subfolders (and ** in globs)")
@@ -734,7 +749,7 @@ def main(args: argparse.Namespace) -> int:
         if args.output.exists() and not args.output.is_dir():
             raise UsageError(f"-o {args.output} exists and is not a folder")
         items = discover_inputs(args.inputs, args.output, recursive=args.recursive)
-        weights = resolve_weights(args.weights, args.method)
+        weights = resolve_weights(args.weights, args.method, args.revision)
         restorer = options = None
         if args.overwrite or any(not item.output.exists() for item in items):
             restorer = load_restorer(weights, device=args.device, dtype=args.dtype, scale=args.scale,

@@ -3,6 +3,7 @@
 One-step restorers (TVT, OSEDiff, ablations) predate the ``class`` key and are the default;
 StableSR's folder says ``"class": "StableSRRestorer"``. Evaluation and ``tvt sr`` load through
 here, so a new restorer kind needs one line in :data:`CLASSES`, not a change in every caller.
+A Hub model id ("owner/name") loads like a folder (:mod:`tvt.models.hub`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def restorer_class_name(path: str | Path) -> str:
     return name
 
 
-def load_restorer(path: str | Path, **options: object) -> nn.Module:
-    """The restorer saved in ``path``; ``options`` override its stored settings."""
+def load_restorer(path: str | Path, *, revision: str | None = None, **options: object) -> nn.Module:
+    """The restorer saved in ``path``, a folder or a Hub model id ("owner/name", at ``revision``);
+    ``options`` override its stored settings."""
+    from tvt.models.hub import restorer_folder
+
+    path = restorer_folder(path, revision=revision)
     if restorer_class_name(path) == "StableSRRestorer":
         from tvt.models.stablesr_restorer import StableSRRestorer
 
@@ -36,3 +41,7 @@ def load_restorer(path: str | Path, **options: object) -> nn.Module:
     from tvt.models.restorer import OneStepRestorer
 
     return OneStepRestorer.from_pretrained_dir(path, **options)
+
+
+#: diffusers' name for it
+from_pretrained = load_restorer

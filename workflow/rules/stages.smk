@@ -11,7 +11,7 @@ for _stage in STAGES.values():
         input:
             list(tvt_stages.inputs_of(_stage, STAGES)),
         output:
-            [directory(o) for o in _stage.out_paths] + list(_stage.metric_paths) + list(_stage.plot_paths),
+            stage_outputs(_stage),
         params:
             stage=_stage.name,
             key=_stage.key,
