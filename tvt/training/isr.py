@@ -63,7 +63,14 @@ from tvt.models.lora import (
 from tvt.models.prompts import NullPrompt
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.vae_d4 import VAED4
-from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
+from tvt.training.data import (
+    PAIRS_FILE,
+    PairDataset,
+    degrade_batch,
+    online_dataset,
+    online_manifest,
+    random_crop_flip,
+)
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, psnr
 from tvt.training.losses import ReconstructionLoss
 from tvt.training.prior import PROMPT_EMBEDS_FILE
@@ -120,9 +127,13 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
                            color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
 
 
-def generate(restorer: OneStepRestorer, lr: torch.Tensor, *, sample_posterior: bool = True,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(restorer: OneStepRestorer, lr: torch.Tensor, lr_up: torch.Tensor | None = None, *,
+             sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The training forward: LR in [-1, 1] → (SR clamped to [-1, 1], no colour fix; ẑ_H).
+
+    ``lr_up`` (online data): the LR already brought back to the HR size by the dataset's
+    randomly chosen interpolation (Real-ESRGAN's ``resize_bak``), which the official code feeds
+    the encoder in place of the bicubic upsampling inference uses.
 
     As the official training forwards (TVT ``TVTModel.py`` ``TVT.forward``, OSEDiff
     ``osediff.py`` ``OSEDiff_gen.forward``): the UNet sees a *sample* of the encoder's posterior
@@ -130,7 +141,8 @@ def generate(restorer: OneStepRestorer, lr: torch.Tensor, *, sample_posterior: b
     image clamped to [-1, 1], so pixels already beyond the range get no gradient.
     """
     lr = (lr + 1) / 2
-    z_l = restorer.encode_lr(restorer.upsample_lr(lr), sample=sample_posterior)
+    lr_up = restorer.upsample_lr(lr) if lr_up is None else (lr_up + 1) / 2
+    z_l = restorer.encode_lr(lr_up, sample=sample_posterior)
     z_h = restorer.denoise(z_l, restorer.prompt(lr))
     return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
 
@@ -152,23 +164,34 @@ def sr_metrics(restorer: OneStepRestorer, dataset: Dataset, lpips: nn.Module, *,
 
 
 def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: Path | None, out_dir: Path,
-            ckpt_dir: Path, run) -> dict:
-    """Train variant ``cfg["isr"][variant]``; save the restorer to ``out_dir``; return val metrics."""
+            ckpt_dir: Path, run, data_dir: Path | None = None) -> dict:
+    """Train variant ``cfg["isr"][variant]``; save the restorer to ``out_dir``; return val metrics.
+
+    ``data: online`` trains on :class:`~tvt.training.data.OnlinePairDataset` over ``data_dir``'s
+    manifest (the data stage) with the ``degrade`` section; validation uses the fixed pairs either way.
+    """
     section = cfg["isr"][variant]
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     vae_d4_dir = None if vae_d4_dir is None else Path(vae_d4_dir)
     check_section(variant, section, vae_d4_dir)
     vae_source = vae_d4_dir if section["method"] == "tvt" else sd_dir / "vae"
-    inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "scheduler",
+    online = section.get("data", "fixed") == "online"
+    data_inputs = (online_manifest(data_dir, f"isr.{variant}"),) if online else ()
+    inputs = files_digest(pairs_dir / PAIRS_FILE, *data_inputs, sd_dir / "unet", sd_dir / "scheduler",
                           sd_dir / PROMPT_EMBEDS_FILE, vae_source)
     name = f"isr_{variant}"
     trajectory = {k: v for k, v in section.items() if k not in OUTPUT_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=name, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**trajectory, "inputs": inputs})
     device = trainer.device
-    train, val = PairDataset(pairs_dir, "train"), PairDataset(pairs_dir, "val")
-    first = train[0]
-    scale = first["hr"].shape[-1] // first["lr"].shape[-1]
+    val = PairDataset(pairs_dir, "val")
+    if online:  # a fresh crop, flip and degradation per draw, as the official datasets
+        train = online_dataset(cfg, cfg["degrade"], data_inputs[0], degrade_in_loader=device.type != "cuda")
+        scale, hr_side = train.scale, (train.size, train.size)
+    else:
+        train = PairDataset(pairs_dir, "train")
+        first = train[0]
+        scale, hr_side = first["hr"].shape[-1] // first["lr"].shape[-1], tuple(first["hr"].shape[-2:])
 
     teacher = UNet2DConditionModel.from_pretrained(sd_dir / "unet").to(device).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(sd_dir / "scheduler")
@@ -176,7 +199,7 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vae = VAED4.from_pretrained(vae_source) if section["method"] == "tvt" else AutoencoderKL.from_pretrained(vae_source)
     restorer = build_generator(variant, section, vae.to(device), teacher, scheduler, prompt, scale)
-    crop = (section["crop_size"],) * 2 if section.get("crop_size") else tuple(first["hr"].shape[-2:])
+    crop = (section["crop_size"],) * 2 if section.get("crop_size") and not online else hr_side
     if crop[0] % restorer.pixel_multiple or crop[1] % restorer.pixel_multiple:
         raise ValueError(f"isr.{variant}: training crops of {crop} are not multiples of "
                          f"{restorer.pixel_multiple}, the side this restorer takes without padding")
@@ -206,8 +229,12 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     lambda_vsd = section["lambda_vsd"]
 
     def step(batch):
-        hr, lr = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size"))
-        sr, z_h = models["generator"](lr)
+        if online:
+            batch = degrade_batch(batch, device)
+            hr, lr, lr_up = batch["hr"], batch["lr"], batch["lr_up"]
+        else:
+            (hr, lr), lr_up = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size")), None
+        sr, z_h = models["generator"](lr, lr_up)
         lr = (lr + 1) / 2  # the generator's prompt, for the scores too
         prompt_embeds, negative_embeds = restorer.prompt(lr), negative_prompt(lr)
         with trainer.accelerator.autocast():
