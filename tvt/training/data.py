@@ -125,7 +125,7 @@ fresh window per draw; ``window`` every ``size``² window at ``stride`` (TVT's L
 
 def _uint8_to_model(hr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1], as :func:`load_image`."""
-    return torch.from_numpy(hr.astype(np.float32)).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+    return torch.from_numpy(hr.astype(np.float32)).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # a copy
 
 
 def _window_grid(width: int, height: int, size: int, stride: int) -> tuple[int, int]:
@@ -224,10 +224,10 @@ class OnlinePairDataset(Dataset):
         item = {"hr": _uint8_to_model(hr), "recipe": json.dumps(recipe, sort_keys=True),
                 "pair_id": f"{recipe['source_id']}@e{recipe['epoch']}i{recipe['index']}"}
         if degrade:
-            lr, lr_up = degrade_online(torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255.0, recipe)
+            lr, lr_up = degrade_online(torch.tensor(hr).permute(2, 0, 1)[None].float() / 255.0, recipe)
             item["lr"], item["lr_up"] = lr[0] * 2 - 1, lr_up[0] * 2 - 1
         else:
-            item["hr_u8"] = torch.from_numpy(hr).permute(2, 0, 1).contiguous()
+            item["hr_u8"] = torch.tensor(hr).permute(2, 0, 1).contiguous()
         return item
 
     def __getitem__(self, index: int) -> dict:
