@@ -13,10 +13,9 @@ import torch
 import yaml
 from sample_photos import photo
 from torch import nn
-from training_support import one_thread  # noqa: F401
+from training_support import make_manifest, one_thread  # noqa: F401
 
-from tvt.data.manifest import sha256_file, write_manifest
-from tvt.degradation import INTERPOLATIONS, online_seed, resize_back
+from tvt.degradation import INTERPOLATIONS, online_seed, resize_back, usm_sharpen
 from tvt.training.data import OnlinePairDataset, degrade_batch
 from tvt.training.engine import TrainConfig, Trainer, latest_checkpoint
 
@@ -32,21 +31,15 @@ def cfg() -> dict:
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    """Three training photos (two sources: one cut in windows, one resized, one cropped at random),
-    one validation photo that training must ignore."""
-    root = tmp_path_factory.mktemp("online")
-    rows = []
-    for i, (name, size, source, split) in enumerate([("astronaut", (80, 48), "lsdir", "train"),
-                                                      ("chelsea", (60, 40), "ffhq", "train"),
-                                                      ("coffee", (50, 45), "mini", "train"),
-                                                      ("rocket", (64, 64), "mini", "val")]):
-        path = root / "images" / f"{name}.png"
-        path.parent.mkdir(exist_ok=True)
-        photo(name).resize(size).save(path)
-        rows.append({"id": f"p{i}-{name}", "path": f"images/{name}.png", "width": size[0], "height": size[1],
-                     "sha256": sha256_file(path), "split": split, "source": source, "licence": "test",
-                     "kind": "photo", "text": "", "text_px": None, "font": "", "lang": "", "background": ""})
-    return write_manifest(rows, root / "manifest.csv")
+    """Three training photos (one cut in windows, one resized, one cropped at random) and one
+    validation photo that training must ignore."""
+    return make_manifest(tmp_path_factory.mktemp("online"), [
+        ("astronaut", (80, 48), "lsdir", "train"), ("chelsea", (60, 40), "ffhq", "train"),
+        ("coffee", (50, 45), "mini", "train"), ("rocket", (64, 64), "mini", "val")])
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    return ((image + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
 
 
 CROPS = {"lsdir": {"mode": "window", "stride": 16}, "ffhq": {"mode": "resize"}}
@@ -64,8 +57,7 @@ def test_items_follow_the_official_crops(manifest, cfg):
     sources = [data.recipe(i)["source_id"] for i in range(len(data))]
     assert sources == ["p0-astronaut"] * 8 + ["p1-chelsea", "p2-coffee"]
     window = np.asarray(photo("astronaut").resize((80, 48)))[16:48, 48:80]  # window 7: row 1, column 3
-    item = data[7]
-    hr = ((item["hr"] + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+    hr = to_uint8(data[7]["hr"])
     flip = data.recipe(7)["flip"]
     assert np.array_equal(hr, window[:, ::-1] if flip else window)
     assert data.recipe(8)["crop"] == [0, 0]  # a resized image leaves nothing to crop
@@ -123,15 +115,23 @@ def test_lr_is_brought_back_to_hr_size_in_8_bits(manifest, cfg):
         resize_back(lr, (32, 32), "nearest")
 
 
-def test_degrading_in_the_training_process_equals_the_loader(manifest, cfg):
-    """degrade=False defers blur/noise/JPEG to degrade_batch (the GPU path); on one device the result is the same."""
+@pytest.mark.parametrize("usm_gt", [False, True])
+def test_degrading_in_the_training_process_equals_the_loader(manifest, cfg, usm_gt):
+    """degrade=False defers USM/blur/noise/JPEG to degrade_batch (the GPU path); on one device the result is
+    the same. With usm_gt (StableSR) the ground truth is the sharpened crop, as the fixed pairs' usm_sharpen."""
+    cfg = {**cfg, "usm_gt": usm_gt}
     loader_side = dataset(manifest, cfg)
     deferred = dataset(manifest, cfg, degrade=False)
     batch = torch.utils.data.default_collate([deferred[i] for i in (1, 9)])
-    assert "lr" not in batch
+    assert "lr" not in batch and "hr" not in batch
     done = degrade_batch(batch, "cpu")
-    assert torch.equal(done["lr"], torch.stack([loader_side[i]["lr"] for i in (1, 9)]))
-    assert torch.equal(done["lr_up"], torch.stack([loader_side[i]["lr_up"] for i in (1, 9)]))
+    for key in ("hr", "lr", "lr_up"):
+        assert torch.equal(done[key], torch.stack([loader_side[i][key] for i in (1, 9)])), key
+    crop = batch["hr_u8"][0].permute(1, 2, 0).numpy()
+    expected = usm_sharpen(crop) if usm_gt else crop
+    assert np.array_equal(to_uint8(done["hr"][0]), expected)
+    if usm_gt:
+        assert not np.array_equal(expected, crop)
 
 
 def test_bad_crop_mode_is_named(manifest, cfg):

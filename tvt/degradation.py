@@ -343,16 +343,24 @@ def _check_hr(hr: np.ndarray, scale: int) -> None:
         raise ValueError(f"hr: height and width must be multiples of scale={scale}, got {hr.shape[:2]}")
 
 
-@lru_cache(maxsize=1)
-def _usm() -> USMSharp:
-    return USMSharp()  # basicsr's defaults, as StableSR and Real-ESRGAN: radius 50, weight 0.5, threshold 10
+@lru_cache(maxsize=4)
+def _usm(device: str) -> USMSharp:
+    # basicsr's defaults, as StableSR and Real-ESRGAN: radius 50, weight 0.5, threshold 10
+    return USMSharp().to(device)
+
+
+def sharpen_tensor(x: torch.Tensor) -> torch.Tensor:
+    """basicsr ``USMSharp`` of a (N, 3, H, W) image in [0, 1] on its own device, rounded to 8 bits. Its
+    101² filter costs seconds per 512² crop on one CPU core, milliseconds on a GPU (where StableSR runs it)."""
+    with torch.inference_mode():
+        return quantize(_usm(str(x.device))(x))
 
 
 def usm_sharpen(hr: np.ndarray) -> np.ndarray:
     """Unsharp-masked uint8 RGB image (basicsr ``USMSharp``): StableSR's ``use_usm`` ground truth."""
     _check_hr(hr, 1)
-    with _single_thread(), torch.inference_mode():
-        return _to_uint8(_usm()(_to_unit(hr)))
+    with _single_thread():
+        return _to_uint8(sharpen_tensor(_to_unit(hr)))
 
 
 def _to_unit(hr: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -617,6 +625,7 @@ def sample_online(cfg: Mapping, seed: int, *, crop_range: tuple[int, int]) -> di
     return {
         "crop": [int(crop_rng.integers(0, crop_range[0])), int(crop_rng.integers(0, crop_range[1]))],
         "flip": bool(flip_rng.random() < 0.5),
+        "usm_gt": bool(cfg.get("usm_gt", False)),
         "degradation": sample_params(cfg, noise_seed),
         "resize_back": _choose(back_rng, INTERPOLATIONS),
         "seed": noise_seed,
@@ -632,8 +641,12 @@ def crop_flip(image: np.ndarray, recipe: Mapping, size: int) -> np.ndarray:
     return np.ascontiguousarray(hr[:, ::-1] if recipe["flip"] else hr)
 
 
-def degrade_online(hr: torch.Tensor, recipe: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LR at 1/scale, LR brought back to the HR size), both 8-bit, for a (1, 3, H, W) HR in [0, 1]
-    on any device; ``apply`` side of :func:`sample_online` (replays a recorded recipe exactly)."""
-    lr = degrade_tensor(hr, recipe["degradation"], recipe["seed"])
-    return quantize(lr), resize_back(lr, tuple(hr.shape[-2:]), recipe["resize_back"])
+def degrade_online(hr: torch.Tensor, recipe: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ground truth, LR at 1/scale, LR brought back to the HR size), all 8-bit, for a (1, 3, H, W) HR
+    crop in [0, 1] on any device: the ``apply`` side of :func:`sample_online` (replays a recipe exactly).
+    With ``usm_gt`` (StableSR) the ground truth is the sharpened crop, which is also what is degraded."""
+    with _single_thread() if hr.device.type == "cpu" else contextlib.nullcontext():
+        if recipe.get("usm_gt"):
+            hr = sharpen_tensor(hr)
+        lr = degrade_tensor(hr, recipe["degradation"], recipe["seed"])
+        return hr, quantize(lr), resize_back(lr, tuple(hr.shape[-2:]), recipe["resize_back"])

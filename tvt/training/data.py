@@ -35,7 +35,6 @@ from tvt.degradation import (
     degrade_online,
     online_seed,
     sample_online,
-    usm_sharpen,
     validate_config,
 )
 
@@ -121,11 +120,6 @@ ONLINE_CROPS = ("random", "window", "resize")
 fresh window per draw; ``window`` every ``size``² window at ``stride`` (TVT's LSDIR: README
 "Train TVTSR", Step 1, stride 64), one item each; ``resize`` the whole image resized to ``size``²
 (TVT's FFHQ, same step)."""
-
-
-def _uint8_to_model(hr: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1], as :func:`load_image`."""
-    return torch.from_numpy(hr.astype(np.float32)).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # a copy
 
 
 def _window_grid(width: int, height: int, size: int, stride: int) -> tuple[int, int]:
@@ -218,17 +212,13 @@ class OnlinePairDataset(Dataset):
         return self._item(pixels, recipe, degrade=True)
 
     def _item(self, pixels: np.ndarray, recipe: Mapping, degrade: bool) -> dict:
-        hr = crop_flip(pixels, recipe, self.size)
-        if self.cfg.get("usm_gt", False):  # StableSR: the sharpened crop is degraded and is the ground truth
-            hr = usm_sharpen(hr)
-        item = {"hr": _uint8_to_model(hr), "recipe": json.dumps(recipe, sort_keys=True),
+        hr = torch.tensor(crop_flip(pixels, recipe, self.size)).permute(2, 0, 1).contiguous()
+        item = {"recipe": json.dumps(recipe, sort_keys=True),
                 "pair_id": f"{recipe['source_id']}@e{recipe['epoch']}i{recipe['index']}"}
-        if degrade:
-            lr, lr_up = degrade_online(torch.tensor(hr).permute(2, 0, 1)[None].float() / 255.0, recipe)
-            item["lr"], item["lr_up"] = lr[0] * 2 - 1, lr_up[0] * 2 - 1
-        else:
-            item["hr_u8"] = torch.tensor(hr).permute(2, 0, 1).contiguous()
-        return item
+        if not degrade:
+            return {**item, "hr_u8": hr}
+        hr, lr, lr_up = degrade_online(hr[None].float() / 255.0, recipe)
+        return {**item, "hr": hr[0] * 2 - 1, "lr": lr[0] * 2 - 1, "lr_up": lr_up[0] * 2 - 1}
 
     def __getitem__(self, index: int) -> dict:
         row, pixels = self._source(index)
@@ -242,10 +232,9 @@ def degrade_batch(batch: Mapping, device: torch.device | str) -> dict:
     if "lr" in batch:
         return dict(batch)
     hr = batch["hr_u8"].to(device).float() / 255.0
-    pairs = [degrade_online(hr[i:i + 1], json.loads(r)) for i, r in enumerate(batch["recipe"])]
-    lr = torch.cat([p[0] for p in pairs]) * 2 - 1
-    lr_up = torch.cat([p[1] for p in pairs]) * 2 - 1
-    return {**batch, "lr": lr, "lr_up": lr_up}
+    done = [degrade_online(hr[i:i + 1], json.loads(r)) for i, r in enumerate(batch["recipe"])]
+    hr, lr, lr_up = (torch.cat(parts) * 2 - 1 for parts in zip(*done))
+    return {**batch, "hr": hr, "lr": lr, "lr_up": lr_up}
 
 
 def online_manifest(data_dir: Path | None, section: str) -> Path:
