@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tvt import compat
 
@@ -13,7 +14,7 @@ compat.apply()
 
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from training_support import RecordingRun, make_pairs_dir, one_thread, save_tiny_prior  # noqa: F401
+from training_support import RecordingRun, make_manifest, make_pairs_dir, one_thread, save_tiny_prior  # noqa: F401
 
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET
@@ -95,3 +96,30 @@ def test_a_resumed_run_continues_from_its_checkpoint_and_ends_where_an_uninterru
     assert logged_steps == [16, 20, 24]
     resumed, full = weights(workdir / "out-resumed"), weights(workdir / "out-full")
     assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
+
+
+def test_online_data_degrades_with_stablesrs_own_block(workdir, tmp_path, monkeypatch):
+    """`stablesr.sft.data: online` trains on the data manifest's photos degraded per draw with
+    `stablesr.degrade` (USM ground truth included), not with the shared `degrade` section."""
+    data = make_manifest(tmp_path / "data", [("astronaut", (96, 80), "mini", "train"),
+                                             ("coffee", (90, 70), "mini", "train")])
+    paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
+    cfg = sft_cfg(data="online", steps=2, log_every=1)
+    cfg["stablesr"]["degrade"] = {**paper["stablesr"]["degrade"], "hr_size": HR}
+    cfg["data"] = {"source": "mini"}
+    built, original = [], stablesr_sft.online_dataset
+
+    def recording(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(stablesr_sft, "online_dataset", recording)
+    run = RecordingRun()
+    stablesr_sft.run_stablesr_sft(cfg, workdir / "pairs", workdir / "sd", tmp_path / "out", tmp_path / "ckpt", run,
+                                  data_dir=data.parent)
+    assert len(run.series(f"{NAME}/loss")) == 2
+    (train_set,) = built
+    recipe = train_set.recipe(0)
+    assert recipe["usm_gt"] and train_set.cfg["first"]["noise_range"] == [1.0, 15.0]  # StableSR's, not OSEDiff's
+    with pytest.raises(ValueError, match="stablesr.sft.data: online needs the data stage"):
+        stablesr_sft.run_stablesr_sft(cfg, workdir / "pairs", workdir / "sd", tmp_path / "x", tmp_path / "y", None)

@@ -83,6 +83,22 @@ def make_pairs_dir(root: Path, size: int, per_split: dict[str, int], *, seed: in
     return root
 
 
+def make_manifest(root: Path, photos: list[tuple[str, tuple[int, int], str, str]]) -> Path:
+    """A data-stage manifest (``root/manifest.csv``) over wheel photos: ``(name, (width, height), source,
+    split)`` each, resized to that size and written under ``root/images``."""
+    from tvt.data.manifest import sha256_file, write_manifest
+
+    rows = []
+    for i, (name, size, source, split) in enumerate(photos):
+        path = root / "images" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(name).resize(size).save(path)
+        rows.append({"id": f"p{i}-{name}", "path": f"images/{name}.png", "width": size[0], "height": size[1],
+                     "sha256": sha256_file(path), "split": split, "source": source, "licence": "test",
+                     "kind": "photo", "text": "", "text_px": None, "font": "", "lang": "", "background": ""})
+    return write_manifest(rows, root / "manifest.csv")
+
+
 def save_tiny_prior(sd_dir: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
     """A random mini "SD" (seed 0) in the layout the prior stage writes: vae/, unet/, scheduler/
     (SD's schedule) and the null prompt; returns the VAE and UNet it saved."""

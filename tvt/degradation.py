@@ -27,6 +27,7 @@ whatever the processing order or the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -305,7 +306,7 @@ def _blur(x: torch.Tensor, blur: Mapping) -> torch.Tensor:
         centre = kernel.shape[0] // 2
         kernel = kernel[centre - fits:centre + fits + 1, centre - fits:centre + fits + 1]
         kernel = kernel / kernel.sum()
-    return filter2D(x, torch.from_numpy(kernel).float()[None])
+    return filter2D(x, torch.from_numpy(kernel).float()[None].to(x.device))
 
 
 def _add_noise(x: torch.Tensor, noise: Mapping) -> torch.Tensor:
@@ -315,13 +316,13 @@ def _add_noise(x: torch.Tensor, noise: Mapping) -> torch.Tensor:
     return add_poisson_noise_pt(x, scale=noise["scale"], gray_noise=gray, clip=True, rounds=False)
 
 
-@lru_cache(maxsize=1)
-def _jpeger() -> DiffJPEG:
-    return DiffJPEG(differentiable=False)
+@lru_cache(maxsize=4)
+def _jpeger(device: str) -> DiffJPEG:
+    return DiffJPEG(differentiable=False).to(device)
 
 
 def _jpeg(x: torch.Tensor, quality: float) -> torch.Tensor:
-    return _jpeger()(x.clamp(0, 1), quality=quality)
+    return _jpeger(str(x.device))(x.clamp(0, 1), quality=quality)
 
 
 @contextmanager
@@ -342,39 +343,64 @@ def _check_hr(hr: np.ndarray, scale: int) -> None:
         raise ValueError(f"hr: height and width must be multiples of scale={scale}, got {hr.shape[:2]}")
 
 
-@lru_cache(maxsize=1)
-def _usm() -> USMSharp:
-    return USMSharp()  # basicsr's defaults, as StableSR and Real-ESRGAN: radius 50, weight 0.5, threshold 10
+@lru_cache(maxsize=4)
+def _usm(device: str) -> USMSharp:
+    # basicsr's defaults, as StableSR and Real-ESRGAN: radius 50, weight 0.5, threshold 10
+    return USMSharp().to(device)
+
+
+def sharpen_tensor(x: torch.Tensor) -> torch.Tensor:
+    """basicsr ``USMSharp`` of a (N, 3, H, W) image in [0, 1] on its own device, rounded to 8 bits. Its
+    101² filter costs seconds per 512² crop on one CPU core, milliseconds on a GPU (where StableSR runs it)."""
+    with torch.inference_mode():
+        return quantize(_usm(str(x.device))(x))
 
 
 def usm_sharpen(hr: np.ndarray) -> np.ndarray:
     """Unsharp-masked uint8 RGB image (basicsr ``USMSharp``): StableSR's ``use_usm`` ground truth."""
     _check_hr(hr, 1)
-    with _single_thread(), torch.inference_mode():
-        x = torch.tensor(hr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-        sharp = _usm()(x).clamp(0, 1)
-    return (sharp * 255.0).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    with _single_thread():
+        return _to_uint8(sharpen_tensor(_to_unit(hr)))
 
 
-def apply_params(hr: np.ndarray, params: Mapping, seed: int) -> np.ndarray:
-    """Degrade ``hr`` with a recipe from :func:`sample_params`; ``seed`` drives the pixel noise."""
-    scale = params["scale"]
-    _check_hr(hr, scale)
-    lr_h, lr_w = hr.shape[0] // scale, hr.shape[1] // scale
-    if params.get("none"):  # the no-degradation draw: bicubic ÷scale only
-        with _single_thread(), torch.inference_mode():
-            x = torch.tensor(hr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-            x = F.interpolate(x, size=(lr_h, lr_w), mode="bicubic", antialias=True)
-            return (x.clamp(0, 1) * 255.0).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
-    first, second, final = params["first"], params["second"], params["final"]
+def _to_unit(hr: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(hr, dtype=torch.float32, device=device).permute(2, 0, 1)[None] / 255.0
 
-    def resize_sinc(x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(lr_h, lr_w), mode=final["interpolation"])
-        return x if final["sinc"] is None else _blur(x, final["sinc"])
 
-    with _single_thread(), torch.random.fork_rng(devices=[]), torch.inference_mode():
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255.0).round()[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Pixel noise from ``seed`` on ``device`` in a forked RNG state (callers' RNGs untouched), single-threaded
+    on CPU so that convolution numerics cannot depend on the thread count."""
+    cuda = [device] if device.type == "cuda" else []
+    threads = _single_thread() if device.type == "cpu" else contextlib.nullcontext()
+    with threads, torch.random.fork_rng(devices=cuda), torch.inference_mode():
         torch.manual_seed(seed)
-        x = torch.tensor(hr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+        yield
+
+
+def degrade_tensor(x: torch.Tensor, params: Mapping, seed: int) -> torch.Tensor:
+    """Apply a recipe to a (1, 3, H, W) image in [0, 1] on its own device; the LR is returned *unrounded*.
+
+    Blur, noise and JPEG run wherever ``x`` lives: on a GPU as Real-ESRGAN's
+    ``RealESRGANModel.feed_data`` does, on the CPU as the TVT/OSEDiff datasets do
+    (``RealESRGAN_degradation(device='cpu')``). The same recipe gives the same LR to float
+    rounding on either; on one device it is bit-reproducible.
+    """
+    scale = params["scale"]
+    lr_h, lr_w = x.shape[-2] // scale, x.shape[-1] // scale
+    with _seeded(seed, x.device):
+        if params.get("none"):  # the no-degradation draw: bicubic ÷scale only
+            return F.interpolate(x, size=(lr_h, lr_w), mode="bicubic", antialias=True)
+        first, second, final = params["first"], params["second"], params["final"]
+
+        def resize_sinc(x: torch.Tensor) -> torch.Tensor:
+            x = F.interpolate(x, size=(lr_h, lr_w), mode=final["interpolation"])
+            return x if final["sinc"] is None else _blur(x, final["sinc"])
+
         # First order: blur -> resize -> noise -> JPEG.
         x = _blur(x, first["blur"])
         x = F.interpolate(x, scale_factor=first["resize"]["scale"], mode=first["resize"]["interpolation"])
@@ -388,11 +414,29 @@ def apply_params(hr: np.ndarray, params: Mapping, seed: int) -> np.ndarray:
         # Final: [resize to LR size + sinc] and JPEG in random order (other orders give
         # twisted lines, Real-ESRGAN §3.2).
         if final["order"] == "resize_sinc_then_jpeg":
-            x = _jpeg(resize_sinc(x), final["jpeg_quality"])
-        else:
-            x = resize_sinc(_jpeg(x, final["jpeg_quality"]))
-        lr = (x.clamp(0, 1) * 255.0).round()[0].permute(1, 2, 0)
-    return lr.to(torch.uint8).numpy()
+            return _jpeg(resize_sinc(x), final["jpeg_quality"])
+        return resize_sinc(_jpeg(x, final["jpeg_quality"]))
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round to 8 bits and clamp, in [0, 1]: what every official pipeline does to its LR."""
+    return torch.clamp((x * 255.0).round(), 0, 255) / 255.0
+
+
+def resize_back(lr: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """The unrounded LR brought back to the HR size and rounded to 8 bits: Real-ESRGAN's ``resize_bak``
+    (TVT ``TVT/datasets/realesrgan.py`` and OSEDiff ``dataloaders/realesrgan.py``,
+    ``RealESRGAN_degradation.degrade_process``), whose result is what the official training feeds the model."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"resize_back: interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
+    with torch.inference_mode():
+        return quantize(F.interpolate(lr, size=size, mode=interpolation))
+
+
+def apply_params(hr: np.ndarray, params: Mapping, seed: int) -> np.ndarray:
+    """Degrade ``hr`` with a recipe from :func:`sample_params`; ``seed`` drives the pixel noise."""
+    _check_hr(hr, params["scale"])
+    return _to_uint8(degrade_tensor(_to_unit(hr), params, seed))
 
 
 def degrade(hr: np.ndarray, cfg: Mapping, seed: int) -> tuple[np.ndarray, dict]:
@@ -553,3 +597,56 @@ def synthesize_pairs(manifest: Path, out_dir: Path, cfg: dict, seed: int,
     tmp = write_manifest(pairs, pairs_csv.with_name(f".pairs.csv.{os.getpid()}.tmp"), PAIR_COLUMNS)
     os.replace(tmp, pairs_csv)
     return pairs_csv
+
+
+# ------------------------------------------------------------------------------------------
+# Online degradation: a fresh crop, flip and degradation each time a training image is drawn
+# ------------------------------------------------------------------------------------------
+
+
+def online_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of draw ``index`` of ``epoch``: a pure function, no RNG state to checkpoint or replay."""
+    return image_seed(seed, f"online/epoch{int(epoch)}/sample{int(index)}")
+
+
+def sample_online(cfg: Mapping, seed: int, *, crop_range: tuple[int, int]) -> dict:
+    """One training draw, as a JSON-serialisable recipe.
+
+    What the official datasets draw for every item (TVT ``TVT/my_utils/training_utils_realsr.py``
+    ``PairedSROnlineDataset.__getitem__`` with ``RealESRGAN_degradation.degrade_process(...,
+    resize_bak=True)``; OSEDiff ``dataloaders/realsr_dataset.py`` the same): a random crop
+    (``crop``: top-left offset, drawn in ``[0, crop_range)`` per axis), a horizontal flip, the
+    Real-ESRGAN degradation (``degradation``, :func:`sample_params`), the interpolation that
+    brings the LR back to the HR size (``resize_back``) and the seed of the pixel noise (``seed``).
+    Each part draws from its own stream, so e.g. a new ``final_sinc_prob`` keeps every crop.
+    """
+    crop_rng, flip_rng, back_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
+    noise_seed = image_seed(seed, "degradation")
+    return {
+        "crop": [int(crop_rng.integers(0, crop_range[0])), int(crop_rng.integers(0, crop_range[1]))],
+        "flip": bool(flip_rng.random() < 0.5),
+        "usm_gt": bool(cfg.get("usm_gt", False)),
+        "degradation": sample_params(cfg, noise_seed),
+        "resize_back": _choose(back_rng, INTERPOLATIONS),
+        "seed": noise_seed,
+    }
+
+
+def crop_flip(image: np.ndarray, recipe: Mapping, size: int) -> np.ndarray:
+    """The recipe's ``size``² HR crop of a uint8 (H, W, 3) image, flipped if drawn so."""
+    y, x = recipe["crop"]
+    if y + size > image.shape[0] or x + size > image.shape[1]:
+        raise ValueError(f"recipe crop {size}² at (y={y}, x={x}) exceeds the image {image.shape[:2]}")
+    hr = image[y:y + size, x:x + size]
+    return np.ascontiguousarray(hr[:, ::-1] if recipe["flip"] else hr)
+
+
+def degrade_online(hr: torch.Tensor, recipe: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ground truth, LR at 1/scale, LR brought back to the HR size), all 8-bit, for a (1, 3, H, W) HR
+    crop in [0, 1] on any device: the ``apply`` side of :func:`sample_online` (replays a recipe exactly).
+    With ``usm_gt`` (StableSR) the ground truth is the sharpened crop, which is also what is degraded."""
+    with _single_thread() if hr.device.type == "cpu" else contextlib.nullcontext():
+        if recipe.get("usm_gt"):
+            hr = sharpen_tensor(hr)
+        lr = degrade_tensor(hr, recipe["degradation"], recipe["seed"])
+        return hr, quantize(lr), resize_back(lr, tuple(hr.shape[-2:]), recipe["resize_back"])

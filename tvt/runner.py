@@ -142,13 +142,14 @@ def _stage_isr(ctx: StageContext) -> None:
     from tvt.training.isr import run_isr
 
     run_isr(ctx.cfg, ctx.stage.name.removeprefix("isr_"), ctx.input("degrade"), ctx.input("prior"),
-            ctx.inputs.get("encoder_transfer"), ctx.folder, ctx.ckpt_dir, ctx.run)
+            ctx.inputs.get("encoder_transfer"), ctx.folder, ctx.ckpt_dir, ctx.run, data_dir=ctx.inputs.get("data"))
 
 
 def _stage_stablesr_sft(ctx: StageContext) -> None:
     from tvt.training.stablesr_sft import run_stablesr_sft
 
-    run_stablesr_sft(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.folder, ctx.ckpt_dir, ctx.run)
+    run_stablesr_sft(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.folder, ctx.ckpt_dir, ctx.run,
+                     data_dir=ctx.inputs.get("data"))
 
 
 def _stage_stablesr_cfw(ctx: StageContext) -> None:

@@ -333,12 +333,14 @@ def _declare(cfg: Mapping) -> list[Stage]:
         stage = trainer(f"isr_{name}", f"isr.{name}",
                         f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, "
                         f"t={variant['timestep']}) with L2 + LPIPS + VSD",
-                        ("degrade", "prior") + (("encoder_transfer",) if tvt else ()), 2880)
+                        ("degrade", "prior") + (("encoder_transfer",) if tvt else ())
+                        + (("data",) if variant.get("data") == "online" else ()), 2880)
         stages.append(dataclasses.replace(stage, handler="_stage_isr"))
     if "stablesr" in cfg:
         stages.append(trainer("stablesr_sft", "stablesr.sft",
                               "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
-                              ("degrade", "prior"), 2880))
+                              ("degrade", "prior") + (("data",) if cfg["stablesr"]["sft"].get("data") == "online"
+                                                      else ()), 2880))
         stages.append(trainer("stablesr_cfw", "stablesr",
                               "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
                               ("degrade", "prior", "stablesr_sft"), 2880))

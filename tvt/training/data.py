@@ -1,4 +1,4 @@
-"""Training datasets over the pairs folder written by the degradation stage.
+"""Training datasets: fixed pairs written by the degradation stage, or pairs degraded online.
 
 Layout: ``<pairs_dir>/pairs.csv`` (columns include ``pair_id, split, kind, hr_path,
 lr_path``, paths relative to ``pairs_dir``) and the PNGs it names. Items are deterministic
@@ -10,17 +10,33 @@ Augmentation happens on the batch instead, inside a stage's step function
 checkpoint stores, so a resumed run still draws the same crops. A fresh crop and flip per
 sample and step turns a few dozen fixed crops into an effectively unlimited stream of
 patches — what the tiny autoencoders of mini mode need to learn more than their training set.
+
+:class:`OnlinePairDataset` is the official ISR recipe instead: each draw of a training image
+gets a fresh crop, flip and Real-ESRGAN degradation (:func:`tvt.degradation.sample_online`),
+keyed on (seed, epoch, index) — a pure function, so loader workers, restarts and skipped
+batches cannot change what a step sees.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from tvt.data.manifest import read_manifest
+from tvt.degradation import (
+    crop_flip,
+    degrade_online,
+    online_seed,
+    sample_online,
+    validate_config,
+)
 
 PAIRS_FILE = "pairs.csv"
 SPLITS = ("train", "val", "test")
@@ -97,3 +113,143 @@ def random_crop_flip(*images: torch.Tensor, size: int | None, flip: bool = True)
                  for i, (y, x) in enumerate(zip(ys, xs))]
         out.append(torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)]))
     return tuple(out)
+
+
+ONLINE_CROPS = ("random", "window", "resize")
+"""How a training source becomes HR crops (``data.datasets.<name>.train_crop.mode``): ``random`` a
+fresh window per draw; ``window`` every ``size``² window at ``stride`` (TVT's LSDIR: README
+"Train TVTSR", Step 1, stride 64), one item each; ``resize`` the whole image resized to ``size``²
+(TVT's FFHQ, same step)."""
+
+
+def _window_grid(width: int, height: int, size: int, stride: int) -> tuple[int, int]:
+    """Windows per row and column of a ``size``² sliding window at ``stride`` (none where it does not fit)."""
+    if width < size or height < size:
+        return 0, 0
+    return (width - size) // stride + 1, (height - size) // stride + 1
+
+
+class OnlinePairDataset(Dataset):
+    """Training pairs degraded online from the data manifest's training photos.
+
+    Item ``index`` of epoch ``e`` (set by the engine through :meth:`set_epoch`) is
+    ``{"hr", "lr", "lr_up", "pair_id", "recipe"}``: the HR crop in [-1, 1], its LR at 1/scale and
+    the LR brought back to the HR size (``resize_bak``, what the official generator is fed), and
+    the JSON recipe that :meth:`replay` turns into the same tensors. With ``degrade=False`` the LR
+    is left to :func:`degrade_batch` in the training process (blur/JPEG on its GPU); the item then
+    carries the uint8 HR (``hr_u8``) that the recipe applies to.
+
+    ``crops`` maps a manifest ``source`` (a dataset name in paper mode) to its
+    ``{"mode": ONLINE_CROPS, "stride": int}``; unnamed sources crop at random.
+    """
+
+    def __init__(self, manifest: Path, cfg: Mapping, seed: int, *, crops: Mapping[str, Mapping] | None = None,
+                 degrade: bool = True):
+        validate_config(cfg)
+        manifest = Path(manifest)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: run the 'data' stage first")
+        self.root, self.cfg, self.seed, self.degrade = manifest.parent, dict(cfg), int(seed), degrade
+        self.size, self.scale = cfg["hr_size"], cfg["scale"]
+        self.rows = [r for r in read_manifest(manifest) if r["split"] == "train" and r["kind"] == "photo"]
+        crops = crops or {}
+        self.modes, counts = [], []
+        for row in self.rows:
+            spec = dict(crops.get(row.get("source"), {}))
+            mode = spec.get("mode", "random")
+            if mode not in ONLINE_CROPS:
+                raise ValueError(f"train_crop.mode of {row.get('source')!r}: {mode!r} is not one of {ONLINE_CROPS}")
+            grid = (1, 1)
+            if mode == "window":
+                grid = _window_grid(row["width"], row["height"], self.size, spec.get("stride", 64))
+            self.modes.append((mode, spec.get("stride", 64), grid))
+            counts.append(grid[0] * grid[1])
+        self.ends = np.cumsum(counts)
+        if not len(self.rows) or self.ends[-1] == 0:
+            raise ValueError(f"{manifest}: no training photo gives a {self.size}² crop")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def _source(self, index: int) -> tuple[dict, np.ndarray]:
+        """The manifest row of item ``index`` and the uint8 region its crops are drawn from."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        r = int(np.searchsorted(self.ends, index, side="right"))
+        row, (mode, stride, (nx, _)) = self.rows[r], self.modes[r]
+        with Image.open(self.root / row["path"]) as opened:
+            image = opened.convert("RGB")
+        if mode == "resize":  # TVT resizes FFHQ; its own transforms (build_transform) resize with Lanczos
+            image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
+        elif mode == "random" and min(image.size) < self.size:  # as the degrade stage: short side up to size
+            short = min(image.size)
+            image = image.resize((max(self.size, round(image.width * self.size / short)),
+                                  max(self.size, round(image.height * self.size / short))),
+                                 Image.Resampling.BICUBIC)
+        pixels = np.asarray(image)
+        if mode == "window":
+            j = index - (int(self.ends[r - 1]) if r else 0)
+            y, x = (j // nx) * stride, (j % nx) * stride
+            pixels = pixels[y:y + self.size, x:x + self.size]
+        return row, pixels
+
+    def recipe(self, index: int, epoch: int | None = None) -> dict:
+        """Every random choice of item ``index`` in ``epoch`` (default: the current one)."""
+        return self._recipe(index, self.epoch if epoch is None else int(epoch), *self._source(index))
+
+    def _recipe(self, index: int, epoch: int, row: dict, pixels: np.ndarray) -> dict:
+        crop_range = (pixels.shape[0] - self.size + 1, pixels.shape[1] - self.size + 1)
+        recipe = sample_online(self.cfg, online_seed(self.seed, epoch, index), crop_range=crop_range)
+        return {"source_id": row["id"], "epoch": epoch, "index": int(index), **recipe}
+
+    def replay(self, recipe: Mapping) -> dict:
+        """The item a recipe describes (e.g. one read back from a log), recomputed from its source."""
+        _, pixels = self._source(recipe["index"])
+        return self._item(pixels, recipe, degrade=True)
+
+    def _item(self, pixels: np.ndarray, recipe: Mapping, degrade: bool) -> dict:
+        hr = torch.tensor(crop_flip(pixels, recipe, self.size)).permute(2, 0, 1).contiguous()
+        item = {"recipe": json.dumps(recipe, sort_keys=True),
+                "pair_id": f"{recipe['source_id']}@e{recipe['epoch']}i{recipe['index']}"}
+        if not degrade:
+            return {**item, "hr_u8": hr}
+        hr, lr, lr_up = degrade_online(hr[None].float() / 255.0, recipe)
+        return {**item, "hr": hr[0] * 2 - 1, "lr": lr[0] * 2 - 1, "lr_up": lr_up[0] * 2 - 1}
+
+    def __getitem__(self, index: int) -> dict:
+        row, pixels = self._source(index)
+        return self._item(pixels, self._recipe(index, self.epoch, row, pixels), self.degrade)
+
+
+def degrade_batch(batch: Mapping, device: torch.device | str) -> dict:
+    """Add ``lr``/``lr_up`` to a batch of :class:`OnlinePairDataset` built with ``degrade=False``, applying each
+    sample's recipe on ``device`` (Real-ESRGAN degrades its batches on the GPU: ``RealESRGANModel.feed_data``).
+    A batch that has them already is returned as it is."""
+    if "lr" in batch:
+        return dict(batch)
+    hr = batch["hr_u8"].to(device).float() / 255.0
+    done = [degrade_online(hr[i:i + 1], json.loads(r)) for i, r in enumerate(batch["recipe"])]
+    hr, lr, lr_up = (torch.cat(parts) * 2 - 1 for parts in zip(*done))
+    return {**batch, "hr": hr, "lr": lr, "lr_up": lr_up}
+
+
+def online_manifest(data_dir: Path | None, section: str) -> Path:
+    """The data stage's manifest that ``<section>.data: online`` trains from (named in the error if absent)."""
+    if data_dir is None:
+        raise ValueError(f"{section}.data: online needs the data stage's folder (its manifest.csv)")
+    manifest = Path(data_dir) / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{section}.data: online: {manifest} not found; run the 'data' stage first")
+    return manifest
+
+
+def online_dataset(cfg: Mapping, degrade_cfg: Mapping, manifest: Path, *, degrade_in_loader: bool) -> OnlinePairDataset:
+    """The online training set of a stage: ``degrade_cfg`` (``degrade`` or ``stablesr.degrade``) on the
+    manifest's training photos, cropped per dataset as ``data.datasets.<name>.train_crop`` says."""
+    crops = {name: spec["train_crop"] for name, spec in cfg["data"].get("datasets", {}).items()
+             if "train_crop" in spec}
+    return OnlinePairDataset(manifest, degrade_cfg, cfg["seed"], crops=crops, degrade=degrade_in_loader)

@@ -426,6 +426,10 @@ class Trainer:
             epoch_loader = self.accelerator.skip_first_batches(loader, skip) if skip else loader
             epoch_loader.set_epoch(epoch)
             sampler.set_epoch(epoch)
+            # an online-degradation dataset draws from (seed, epoch, index): set before the loader's
+            # iterator (and its worker processes) are created, which `yield from` does next
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
             yield from epoch_loader
             epoch, skip = epoch + 1, 0
 

@@ -33,7 +33,9 @@ and the generator's (CE-UNet's inner UNet; OSEDiff's UNet apart from its trainab
 Prompts (``prompt``; docs/training-recipe.md "Prompts"): ``null`` (default) conditions generator,
 teacher and fake score on the SD snapshot's fixed embedding, with its stored negative for VSD's
 CFG. A tagger name (``ram`` as the official scripts, or the weight-free ``colour``) tags every
-training HR once (:func:`training_tags`, cached in the checkpoint folder), and each step encodes
+training HR once (:func:`training_tags`, cached in the checkpoint folder; with ``data: online``
+every draw is a new crop, so each batch is tagged at its step, as the official loops do), and each
+step encodes
 the batch's prompts (:func:`tvt.models.prompts.training_prompt`) and the negative prompt
 (``negative_prompt``, default the official one of ``method``) with the snapshot's CLIP text
 encoder, as the official training loops do (Joyies/TVT ``train.py``, cswry/OSEDiff
@@ -76,7 +78,14 @@ from tvt.models.prompts import OFFICIAL_NEGATIVE_PROMPTS, NullPrompt, load_text_
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.models.vae_d4 import VAED4
-from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
+from tvt.training.data import (
+    PAIRS_FILE,
+    PairDataset,
+    degrade_batch,
+    online_dataset,
+    online_manifest,
+    random_crop_flip,
+)
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, psnr
 from tvt.training.losses import ReconstructionLoss
 from tvt.training.vsd import VSDLoss, fake_score_unet, unet_sharing_weights
@@ -133,10 +142,14 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
                            color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
 
 
-def generate(restorer: OneStepRestorer, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None, *,
+def generate(restorer: OneStepRestorer, lr: torch.Tensor, lr_up: torch.Tensor | None = None,
+             prompt_embeds: torch.Tensor | None = None, *,
              sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The training forward: LR in [-1, 1] → (SR clamped to [-1, 1], no colour fix; ẑ_H).
 
+    ``lr_up`` (online data): the LR already brought back to the HR size by the dataset's
+    randomly chosen interpolation (Real-ESRGAN's ``resize_bak``), which the official code feeds
+    the encoder in place of the bicubic upsampling inference uses.
     ``prompt_embeds`` (B, 77, D): the batch's tagged prompts; None: the restorer's own (null) prompt.
 
     As the official training forwards (TVT ``TVTModel.py`` ``TVT.forward``, OSEDiff
@@ -145,7 +158,8 @@ def generate(restorer: OneStepRestorer, lr: torch.Tensor, prompt_embeds: torch.T
     image clamped to [-1, 1], so pixels already beyond the range get no gradient.
     """
     lr = (lr + 1) / 2
-    z_l = restorer.encode_lr(restorer.upsample_lr(lr), sample=sample_posterior)
+    lr_up = restorer.upsample_lr(lr) if lr_up is None else (lr_up + 1) / 2
+    z_l = restorer.encode_lr(lr_up, sample=sample_posterior)
     z_h = restorer.denoise(z_l, restorer.prompt(lr) if prompt_embeds is None else prompt_embeds)
     return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
 
@@ -193,8 +207,12 @@ def sr_metrics(restorer: OneStepRestorer, dataset: Dataset, lpips: nn.Module, *,
 
 
 def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: Path | None, out_dir: Path,
-            ckpt_dir: Path, run) -> dict:
-    """Train variant ``cfg["isr"][variant]``; save the restorer to ``out_dir``; return val metrics."""
+            ckpt_dir: Path, run, data_dir: Path | None = None) -> dict:
+    """Train variant ``cfg["isr"][variant]``; save the restorer to ``out_dir``; return val metrics.
+
+    ``data: online`` trains on :class:`~tvt.training.data.OnlinePairDataset` over ``data_dir``'s
+    manifest (the data stage) with the ``degrade`` section; validation uses the fixed pairs either way.
+    """
     section = cfg["isr"][variant]
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     vae_d4_dir = None if vae_d4_dir is None else Path(vae_d4_dir)
@@ -202,16 +220,23 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     vae_source = vae_d4_dir if section["method"] == "tvt" else sd_dir / "vae"
     tagger_name = section.get("prompt")
     text_inputs = (sd_dir / "tokenizer", sd_dir / "text_encoder") if tagger_name else ()
-    inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "scheduler",
+    online = section.get("data", "fixed") == "online"
+    data_inputs = (online_manifest(data_dir, f"isr.{variant}"),) if online else ()
+    inputs = files_digest(pairs_dir / PAIRS_FILE, *data_inputs, sd_dir / "unet", sd_dir / "scheduler",
                           sd_dir / PROMPT_EMBEDS, vae_source, *text_inputs)
     name = f"isr_{variant}"
     trajectory = {k: v for k, v in section.items() if k not in OUTPUT_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=name, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**trajectory, "inputs": inputs})
     device = trainer.device
-    train, val = PairDataset(pairs_dir, "train"), PairDataset(pairs_dir, "val")
-    first = train[0]
-    scale = first["hr"].shape[-1] // first["lr"].shape[-1]
+    val = PairDataset(pairs_dir, "val")
+    if online:  # a fresh crop, flip and degradation per draw, as the official datasets
+        train = online_dataset(cfg, cfg["degrade"], data_inputs[0], degrade_in_loader=device.type != "cuda")
+        scale, hr_side = train.scale, (train.size, train.size)
+    else:
+        train = PairDataset(pairs_dir, "train")
+        first = train[0]
+        scale, hr_side = first["hr"].shape[-1] // first["lr"].shape[-1], tuple(first["hr"].shape[-2:])
 
     teacher = UNet2DConditionModel.from_pretrained(sd_dir / "unet").to(device).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(sd_dir / "scheduler")
@@ -219,7 +244,7 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vae = VAED4.from_pretrained(vae_source) if section["method"] == "tvt" else AutoencoderKL.from_pretrained(vae_source)
     restorer = build_generator(variant, section, vae.to(device), teacher, scheduler, prompt, scale)
-    crop = (section["crop_size"],) * 2 if section.get("crop_size") else tuple(first["hr"].shape[-2:])
+    crop = (section["crop_size"],) * 2 if section.get("crop_size") and not online else hr_side
     if crop[0] % restorer.pixel_multiple or crop[1] % restorer.pixel_multiple:
         raise ValueError(f"isr.{variant}: training crops of {crop} are not multiples of "
                          f"{restorer.pixel_multiple}, the side this restorer takes without padding")
@@ -227,19 +252,22 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
                            codebase=section["method"]).train()
 
     posterior = section.get("encoder_posterior", "sample")
-    encode_text = tags = None
+    encode_text = tags = tag_batch = None
     if tagger_name:
         encode_text = load_text_encoder(sd_dir, device)
         negative = encode_text([section.get("negative_prompt", OFFICIAL_NEGATIVE_PROMPTS[section["method"]])])
         weights = {"ram_weights": section["ram_weights"]} if "ram_weights" in section else {}
         identity = {"tagger": tagger_name, **weights, "pairs": files_digest(pairs_dir / PAIRS_FILE)}
         cache = Path(ckpt_dir) / TAGS_FILE
-        if trainer.is_main_process:
+        if online:  # every draw is a new crop: tag it at each step, as the official loops do
+            tag_batch = make_tagger(tagger_name, **weights, device=device)
+        elif trainer.is_main_process:
             training_tags(PairDataset(pairs_dir, "train", with_lr=False),
                           lambda: make_tagger(tagger_name, **weights, device=device), cache, identity,
                           batch_size=trainer.config.batch_size, device=device)
-        trainer.accelerator.wait_for_everyone()
-        tags = json.loads(cache.read_text(encoding="utf-8"))["tags"]
+        if not online:
+            trainer.accelerator.wait_for_everyone()
+            tags = json.loads(cache.read_text(encoding="utf-8"))["tags"]
 
     def trainable(module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
@@ -262,11 +290,18 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     lambda_vsd = section["lambda_vsd"]
 
     def step(batch):
-        hr, lr = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size"))
+        if online:
+            batch = degrade_batch(batch, device)
+            hr, lr, lr_up = batch["hr"], batch["lr"], batch["lr_up"]
+        else:
+            (hr, lr), lr_up = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size")), None
         tagged = None
+        if tag_batch is not None:
+            with forked_rng(device), torch.no_grad():  # a frozen tagger must not shift the random stream
+                tags = dict(zip(batch["pair_id"], tag_batch((hr + 1) / 2), strict=True))
         if tags is not None:  # this batch's prompts through the frozen text encoder, as the official loops
             tagged = encode_text([training_prompt(tags[i], section["method"]) for i in batch["pair_id"]])
-        sr, z_h = models["generator"](lr, tagged)
+        sr, z_h = models["generator"](lr, lr_up, tagged)
         lr = (lr + 1) / 2  # the generator's prompt, for the scores too
         prompt_embeds = restorer.prompt(lr) if tagged is None else tagged
         negative_embeds = negative_prompt(lr)

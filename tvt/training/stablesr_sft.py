@@ -42,7 +42,7 @@ from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
 from tvt.models.stablesr_sampler import encode_lr_latent, sample_latents
 from tvt.models.tiling import vae_downsample_factor
-from tvt.training.data import PAIRS_FILE, PairDataset
+from tvt.training.data import PAIRS_FILE, PairDataset, degrade_batch, online_dataset, online_manifest
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, mean_psnr
 from tvt.training.isr import load_prompts
 
@@ -90,29 +90,42 @@ def restore(model: SFTConditionedUNet, vae: AutoencoderKL, lr: torch.Tensor, pro
     return vae.decode(z_0 / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-def run_stablesr_sft(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path, ckpt_dir: Path, run) -> dict:
-    """Train ``cfg["stablesr"]["sft"]``'s conditioner on the frozen prior; save it to ``out_dir``; return val metrics."""
+def run_stablesr_sft(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path, ckpt_dir: Path, run,
+                     data_dir: Path | None = None) -> dict:
+    """Train ``cfg["stablesr"]["sft"]``'s conditioner on the frozen prior; save it to ``out_dir``; return val metrics.
+
+    ``data: online`` degrades the data stage's training photos afresh per draw with StableSR's own
+    ``stablesr.degrade`` block (:class:`~tvt.training.data.OnlinePairDataset`), as its
+    ``RealESRGANDataset`` + ``LatentDiffusionSRTextWT.get_input`` do; validation uses the fixed pairs.
+    """
     section = cfg["stablesr"]["sft"]
     if section["encoder"] not in CONDITIONERS:
         raise ValueError(f"stablesr.sft.encoder must be one of {sorted(CONDITIONERS)}, got {section['encoder']!r}")
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
-    inputs = files_digest(pairs_dir / PAIRS_FILE, sd_dir / "unet", sd_dir / "vae", sd_dir / "scheduler",
+    online = section.get("data", "fixed") == "online"
+    data_inputs = (online_manifest(data_dir, "stablesr.sft"),) if online else ()
+    inputs = files_digest(pairs_dir / PAIRS_FILE, *data_inputs, sd_dir / "unet", sd_dir / "vae", sd_dir / "scheduler",
                           sd_dir / PROMPT_EMBEDS)
     trajectory = {k: v for k, v in section.items() if k not in EVALUATION_ONLY_KEYS}
     trainer = Trainer(TrainConfig.from_section(section), name=NAME, seed=cfg["seed"], ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**trajectory, "inputs": inputs})
     device = trainer.device
-    train, val = PairDataset(pairs_dir, "train"), PairDataset(pairs_dir, "val")
-    first = train[0]
-    scale = first["hr"].shape[-1] // first["lr"].shape[-1]
+    val = PairDataset(pairs_dir, "val")
+    if online:
+        train = online_dataset(cfg, cfg["stablesr"]["degrade"], data_inputs[0], degrade_in_loader=device.type != "cuda")
+        scale, hr_side = train.scale, (train.size, train.size)
+    else:
+        train = PairDataset(pairs_dir, "train")
+        first = train[0]
+        scale, hr_side = first["hr"].shape[-1] // first["lr"].shape[-1], tuple(first["hr"].shape[-2:])
 
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae").to(device).eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet").to(device).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(sd_dir / "scheduler")
     prompt = load_prompts(sd_dir)[0].to(device)
     factor = vae_downsample_factor(vae)
-    if first["hr"].shape[-1] % factor or first["hr"].shape[-2] % factor:
-        raise ValueError(f"stablesr.sft: training crops of {tuple(first['hr'].shape[-2:])} are not multiples of "
+    if hr_side[0] % factor or hr_side[1] % factor:
+        raise ValueError(f"stablesr.sft: training crops of {hr_side} are not multiples of "
                          f"the VAE's factor {factor}")
     conditioner = StableSRConditioner.for_unet(unet, **CONDITIONERS[section["encoder"]])
     model = SFTConditionedUNet(unet, conditioner)
@@ -125,6 +138,8 @@ def run_stablesr_sft(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path, ck
     num_timesteps = scheduler.config.num_train_timesteps
 
     def step(batch):
+        if online:
+            batch = degrade_batch(batch, device)
         with torch.no_grad():
             z_lr = encode_lr_latent(vae, batch["lr"], scale)
             z_0 = vae.encode(batch["hr"]).latent_dist.mode() * sf
