@@ -9,6 +9,10 @@
   learnt from E8(up2(x)): SD's latent space, so SD's UNet keeps working on it.
 * **Ablation T1** (``transfer: false``): VAE-D4 trained from scratch end to end (KL + the
   same reconstruction and GAN terms), with no link to SD's latent space.
+* **Ablation T2** (``transfer: false, latent_l2: w``): T1's end-to-end training plus
+  w·MSE(μ_E4(x), μ_E8(up2(x))), an L2 that pulls VAE-D4's latent (posterior mean) onto the
+  frozen VAE-D8's latent of the ×2 image — the same target the two-stage transfer decodes, here
+  imposed on the encoder instead of learnt through a frozen decoder (docs/ablations.md).
 """
 
 from __future__ import annotations
@@ -81,14 +85,16 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
     section = cfg["decoder_transfer"]
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     transfer = section["transfer"]
+    latent_l2 = section.get("latent_l2", 0.0)  # ablation T2 (end to end only; the config checks it)
     trainer = Trainer(TrainConfig.from_section(section), name="decoder_transfer", seed=cfg["seed"],
                       ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**section, "inputs": files_digest(pairs_dir / PAIRS_FILE, sd_dir / "vae")})
     device = trainer.device
     e8 = AutoencoderKL.from_pretrained(sd_dir / "vae").to(device).eval().requires_grad_(False)
     vae = VAED4(**{**ARCHITECTURES[section["architecture"]], "scaling_factor": e8.config.scaling_factor})
-    if transfer:
+    if transfer or latent_l2:
         check_factors(e8, vae)
+    if transfer:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     discriminator = PatchDiscriminator(base_channels=section["disc_channels"], n_layers=section["disc_layers"])
@@ -115,6 +121,11 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
         if not transfer:
             terms["kl"] = kl_loss(posterior, x)
             loss = loss + section["kl_weight"] * terms["kl"]
+        if latent_l2:
+            with torch.no_grad():
+                target = transfer_latents(e8, x).mean
+            terms["latent_l2"] = F.mse_loss(posterior.mean, target)
+            loss = loss + latent_l2 * terms["latent_l2"]
         adversarial = trainer.step > section["disc_start"]
         if adversarial:
             with frozen(disc):
