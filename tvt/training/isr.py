@@ -2,13 +2,18 @@
 
 One stage, one code path; a variant is a config section ``isr.<variant>``:
 
-=============  =======  ====  ============  =========================================
-variant        method   unet  vae_encoder   what trains
-=============  =======  ====  ============  =========================================
-TVT            tvt      ce    frozen        LoRA + CE-UNet's 2x ends, conv_in, conv_out
-S4 (ablation)  tvt      full  frozen        UNet LoRA + conv_in, the UNet at 2x latents
-OSEDiff (=S1)  osediff  full  lora          UNet LoRA + conv_in, VAE-D8 encoder LoRA
-=============  =======  ====  ============  =========================================
+=============  =======  ======  ==========  =========================================
+variant        method   unet    vae_encoder what trains
+=============  =======  ======  ==========  =========================================
+TVT            tvt      ce      frozen      LoRA + CE-UNet's 2x ends, conv_in, conv_out
+S4 (ablation)  tvt      full    frozen      UNet LoRA + conv_in, the UNet at 2x latents
+OSEDiff (=S1)  osediff  full    lora        UNet LoRA + conv_in, VAE-D8 encoder LoRA
+S5 (ablation)  tvt      pruned  frozen      LoRA + conv_in of SD's UNet, 25 % pruned
+=============  =======  ======  ==========  =========================================
+
+``vae: <name>`` (method tvt) reads the VAE-D4 of a ``vae_variants`` entry (V1, V2, T1, T2)
+instead of the main one; the stage registry (:func:`tvt.stages.isr_vae_stage`) says which.
+S5's UNet is :class:`~tvt.models.pruned_unet.PrunedUNet` (how it prunes: its docstring).
 
 LoRA is the official three adapters (encoder / decoder / others) on every targeted layer,
 replicas included, all active (:func:`tvt.models.lora.add_official_unet_lora`); TVT keeps
@@ -61,6 +66,7 @@ from tvt.models.lora import (
     set_trainable,
 )
 from tvt.models.prompts import NullPrompt
+from tvt.models.pruned_unet import PRUNED_UNET_TRAINABLE, PrunedUNet
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.vae_d4 import VAED4
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
@@ -110,6 +116,9 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
         trainable = TVT_UNET_TRAINABLE
+    elif section["unet"] == "pruned":  # S5: a pruned copy, initialised from the kept prior weights
+        unet = PrunedUNet.from_unet(teacher)
+        trainable = PRUNED_UNET_TRAINABLE
     else:
         unet = unet_sharing_weights(teacher, own=("conv_in.",))
         trainable = OSEDIFF_UNET_TRAINABLE
