@@ -175,7 +175,7 @@ def test_the_pruned_unet_keeps_the_units_that_matter_and_computes_what_the_prior
                 inner = module.net[2].in_features
                 module.net[2].weight[:, torch.randperm(inner, generator=generator)[: inner // 4]] = 0
     pruned = PrunedUNet.from_unet(prior).eval()
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(pruned) < 0.9 * count(prior)
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, MINI_UNET["cross_attention_dim"])
     with torch.no_grad():

@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tvt.models.ce_unet import CEUNet
-from tvt.models.pruned_unet import PrunedUNet
 from tvt.models.color_fix import COLOR_FIX_MODES, apply_color_fix
 from tvt.models.prompts import NullPrompt, PromptProvider
+from tvt.models.pruned_unet import PrunedUNet
 from tvt.models.tiling import (
     NORM_STATS_MODES,
     crop_to,
