@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from tvt.models.sd_configs import MINI_VAE_D4, VAE_D4_PAPER, VAE_D4_V1, VAE_D4_V2
+from tvt.models.sd_configs import (
+    MINI_VAE_D4,
+    MINI_VAE_D4_V1,
+    MINI_VAE_D4_V2,
+    VAE_D4_PAPER,
+    VAE_D4_V1,
+    VAE_D4_V2,
+)
 from tvt.models.vae_d4 import VAED4
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
@@ -41,7 +48,8 @@ from tvt.training.losses import (
 )
 
 #: VAE-D4 variants by config name (paper's model, its V1/V2 ablations, mini mode's toy size)
-ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini": MINI_VAE_D4}
+ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini": MINI_VAE_D4,
+                 "mini_v1": MINI_VAE_D4_V1, "mini_v2": MINI_VAE_D4_V2}
 #: Adam betas of LDM/taming's autoencoder and discriminator optimisers
 ADAM_BETAS = (0.5, 0.9)
 PREVIEW_IMAGES = 2
