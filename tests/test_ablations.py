@@ -190,3 +190,38 @@ def test_the_pruned_unet_keeps_the_units_that_matter_and_computes_what_the_prior
         assert not torch.allclose(
             PrunedUNet.from_unet(unzeroed)(x, 10, context).sample, unzeroed(x, 10, context).sample, atol=1e-3
         )
+
+
+# ---- the ablation configs ----------------------------------------------------------------
+
+ABLATION_CONFIGS = {
+    "ablations-ci.yaml": "ci.yaml",
+    "ablations.yaml": "config.yaml",
+    "paper-ablations.yaml": "paper.yaml",
+}
+ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s4", "s5"]
+
+
+@pytest.mark.parametrize(("name", "base"), ABLATION_CONFIGS.items())
+def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
+    """One source of truth: everything but the ablation entries is the base config's, value for value."""
+    cfg, reference = config.load(config.REPO_ROOT / "config" / name), config.load(config.REPO_ROOT / "config" / base)
+    assert cfg["evaluate"]["methods"] == reference["evaluate"]["methods"] + ABLATION_METHODS
+    assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2"}
+    for method in ABLATION_METHODS:
+        entry = cfg["isr"].pop(method)
+        changed = {k: v for k, v in entry.items() if reference["isr"]["tvt"].get(k) != v}
+        assert len(changed) == 1 and set(changed) <= {"vae", "unet"}, (method, changed)  # TVT with one thing changed
+    del cfg["vae_variants"]
+    cfg["evaluate"]["methods"] = reference["evaluate"]["methods"]
+    assert cfg == reference
+    registry = {s.name: s for s in stages.build_stages(config.load(config.REPO_ROOT / "config" / name))}
+    main = {s.name: s.key for s in stages.build_stages(reference)}
+    assert all(registry[n].key == k for n, k in main.items() if n != "evaluate")  # the main outputs are shared
+
+
+def test_the_paper_ablations_ask_for_gpus():
+    registry = stages.build_stages(config.load(config.REPO_ROOT / "config" / "paper-ablations.yaml"))
+    variants = [s for s in registry if s.name.endswith(tuple(f"_{m}" for m in ABLATION_METHODS))]
+    assert len(variants) == 6 + 6  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2
+    assert all(s.resources.gpus == 8 and s.trains for s in variants)
