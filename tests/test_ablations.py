@@ -225,3 +225,34 @@ def test_the_paper_ablations_ask_for_gpus():
     variants = [s for s in registry if s.name.endswith(tuple(f"_{m}" for m in ABLATION_METHODS))]
     assert len(variants) == 6 + 6  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2
     assert all(s.resources.gpus == 8 and s.trains for s in variants)
+
+
+@pytest.mark.slow
+def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptual_weights):
+    """`snakemake all` with config/ablations-ci.yaml: every variant trains, one evaluation writes the three
+    ablation tables with a number in every row, and each row's model is an MLflow run tagged with its key."""
+    import json
+
+    import mlflow
+    from test_workflow import SNAKEMAKE, _project_copy, _run
+
+    project = _project_copy(tmp_path, "ablations-ci.yaml", weights=perceptual_weights)
+    _run([*SNAKEMAKE, "--cores", "2", "all"], project)
+    cfg = config.load(project / "config" / "config.yaml")
+    registry = {s.name: s for s in stages.build_stages(cfg)}
+    tables = project / registry["evaluate"].folder / "tables"
+    expected = {
+        "ablation_vae": ["v1", "v2", "tvt"],
+        "ablation_transfer": ["t1", "t2", "tvt"],
+        "ablation_design": ["osediff", "s4", "s5", "tvt"],
+    }
+    for name, methods in expected.items():
+        doc = json.loads((tables / f"{name}.json").read_text())
+        assert [r["method"] for r in doc["rows"]] == methods, name
+        assert all(isinstance(r["psnr_y"], float) for r in doc["rows"]), doc["rows"]
+        assert (tables / f"{name}.md").read_text().count("\n|") >= len(methods) + 2
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tvt-ci").experiment_id])
+    keys = {r.data.tags.get("tvt.stage"): r.data.tags.get("tvt.key") for r in runs if r.info.status == "FINISHED"}
+    for method in ("v1", "v2", "t1", "t2", "s4", "s5"):
+        assert keys[f"isr_{method}"] == registry[f"isr_{method}"].key
