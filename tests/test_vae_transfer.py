@@ -190,3 +190,28 @@ def test_ablation_t1_trains_the_whole_vae_from_scratch(workdir):
     initial = initial_weights(workdir, cfg)
     for prefix in ("encoder.", "decoder."):  # end to end: both halves learnt
         assert not all(torch.equal(trained[k], initial[k]) for k in trained if k.startswith(prefix)), prefix
+
+
+def _latent_gap(vae_dir: Path, workdir: Path) -> float:
+    """MSE between a trained VAE-D4's latent mean and VAE-D8's latent of the x2 image, on fixed photos."""
+    torch.manual_seed(5)
+    x = torch.rand(2, 3, HR, HR) * 2 - 1
+    e8 = AutoencoderKL.from_pretrained(workdir / "sd" / "vae")
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(VAED4.from_pretrained(vae_dir).encode(x).latent_dist.mean,
+                                                  transfer_latents(e8, x).mean))
+
+
+def test_ablation_t2_aligns_the_latent_with_vae_d8s(workdir):
+    """T2 = T1's end-to-end training + an L2 between the VAE-D4 latent and VAE-D8's: the term is logged,
+    and the same run without it (T1) ends with a latent farther from VAE-D8's."""
+    common = {"transfer": False, "steps": 6, "disc_start": 100, "lpips_weight": 0.0, "lr": 3e-3}
+    run = RecordingRun()
+    run_decoder_transfer(stage_cfg(**common, latent_l2=10.0), workdir / "pairs", workdir / "sd", workdir / "t2",
+                         workdir / "ckpt-t2", run)
+    aligned = run.series("decoder_transfer/latent_l2")
+    assert len(aligned) == 3 and all(np.isfinite(aligned)), aligned
+    run_decoder_transfer(stage_cfg(**common), workdir / "pairs", workdir / "sd", workdir / "t1-ref",
+                         workdir / "ckpt-t1-ref", None)
+    t2, t1 = _latent_gap(workdir / "t2", workdir), _latent_gap(workdir / "t1-ref", workdir)
+    assert t2 < 0.5 * t1, (t2, t1)

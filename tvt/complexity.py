@@ -26,7 +26,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tvt.models.ce_unet import CEUNet
 from tvt.models.cfw import CFWAutoencoder, CFWModule
-from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE, STABLESR_CONDITIONER_PAPER, VAE_D4_PAPER
+from tvt.models.pruned_unet import PAPER_KEEP, PrunedUNet
+from tvt.models.sd_configs import (
+    SD21_BASE_UNET,
+    SD21_BASE_VAE,
+    STABLESR_CONDITIONER_PAPER,
+    VAE_D4_PAPER,
+    VAE_D4_V1,
+    VAE_D4_V2,
+)
 from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
 from tvt.models.stablesr_sampler import PAPER_SAMPLING_STEPS
 from tvt.models.vae_d4 import VAED4
@@ -81,6 +89,8 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
         vae4 = VAED4(**VAE_D4_PAPER)
         unet = UNet2DConditionModel(**SD21_BASE_UNET)
         ce_unet = CEUNet(unet_config=SD21_BASE_UNET)
+        vae_v1, vae_v2 = VAED4(**VAE_D4_V1), VAED4(**VAE_D4_V2)
+        pruned = PrunedUNet(unet_config=SD21_BASE_UNET, keep=PAPER_KEEP)
         image = torch.empty(1, 3, size, size)
         latent8, latent4 = torch.empty(1, 4, d8, d8), torch.empty(1, 4, d4, d4)
         prompt = torch.empty(1, _PROMPT_TOKENS, SD21_BASE_UNET["cross_attention_dim"])
@@ -127,6 +137,12 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
             (f"CE-UNet @ {d4}²", (ce_unet,), _shape(1, 4, d4, d4), lambda: ce_unet(latent4, 1, prompt)),
             ("TVT restorer (E4 + CE-UNet + D4)", (vae4, ce_unet), lr, lambda: restore(vae4, ce_unet, vae4)),
             ("OSEDiff restorer (E8 + UNet + D8)", (vae8, unet), lr, lambda: restore(vae8, unet, vae8)),
+            # the paper's ablations (Tables 5 and 7; docs/ablations.md): T1/T2 share TVT's architecture
+            ("V1 restorer (E4-V1 + CE-UNet + D4-V1)", (vae_v1, ce_unet), lr, lambda: restore(vae_v1, ce_unet, vae_v1)),
+            ("V2 restorer (E4-V2 + CE-UNet + D4-V2)", (vae_v2, ce_unet), lr, lambda: restore(vae_v2, ce_unet, vae_v2)),
+            (f"S4 restorer (E4 + UNet @ {d4}² + D4)", (vae4, unet), lr, lambda: restore(vae4, unet, vae4)),
+            (f"S5 restorer (E4 + {1 - PAPER_KEEP:.0%}-pruned UNet @ {d4}² + D4)", (vae4, pruned), lr,
+             lambda: restore(vae4, pruned, vae4)),
         ]
         conditioner = StableSRConditioner.for_unet(unet, **STABLESR_CONDITIONER_PAPER)
         stablesr_step = SFTConditionedUNet(unet, conditioner)

@@ -139,12 +139,33 @@ def _semantic_checks(cfg: dict) -> None:
     for stage, upstream in (("decoder_transfer", "prior"), ("encoder_transfer", "decoder_transfer")):
         if stage in cfg and upstream not in cfg:
             raise ConfigError(f"{stage}: needs the '{upstream}' section (its input is that stage's output)")
+    variants = cfg.get("vae_variants", {})
+    for name, entry in variants.items():
+        for base in ("decoder_transfer", "encoder_transfer"):
+            if base not in cfg:
+                raise ConfigError(f"vae_variants.{name}: needs the '{base}' section (a variant overrides its values)")
+        decoder = variant_section(cfg, "decoder_transfer", f"vae_variants.{name}.decoder_transfer")
+        if decoder.get("latent_l2") and decoder["transfer"]:
+            raise ConfigError(f"vae_variants.{name}.decoder_transfer.latent_l2: the latent alignment (T2) trains "
+                              "the VAE end to end instead of the two-stage transfer; set transfer: false")
+        if not decoder["transfer"] and entry.get("encoder_transfer"):
+            raise ConfigError(f"vae_variants.{name}.encoder_transfer: never read, the variant trains end to end "
+                              "(transfer: false) and has no encoder-transfer stage")
+    if cfg.get("decoder_transfer", {}).get("latent_l2") and cfg["decoder_transfer"]["transfer"]:
+        raise ConfigError("decoder_transfer.latent_l2: the latent alignment (T2) trains the VAE end to end; "
+                          "set transfer: false")
     isr = cfg.get("isr", {})
     if isr and "prior" not in cfg:
         raise ConfigError("isr: needs the 'prior' section (the SD weights it fine-tunes)")
     for name, variant in isr.items():
         if variant["method"] == "tvt" and "encoder_transfer" not in cfg:
             raise ConfigError(f"isr.{name}: method 'tvt' needs the 'encoder_transfer' section (its VAE-D4)")
+        if "vae" in variant:
+            if variant["method"] != "tvt":
+                raise ConfigError(f"isr.{name}.vae: names a VAE-D4 variant, which only method 'tvt' reads")
+            if variant["vae"] not in variants:
+                raise ConfigError(f"isr.{name}.vae: unknown VAE variant {variant['vae']!r} (vae_variants: "
+                                  f"{', '.join(variants) or 'none configured'})")
         if variant["unet"] == "ce" and variant["method"] != "tvt":
             raise ConfigError(f"isr.{name}.unet: 'ce' (CE-UNet) needs the VAE-D4 latents of method 'tvt'")
         if variant["t_vsd"][0] >= variant["t_vsd"][1]:
@@ -212,6 +233,13 @@ def get_section(cfg: dict, section: str):
             return None
         node = node[part]
     return node
+
+
+def variant_section(cfg: Mapping, base: str, overrides: str) -> dict:
+    """A variant's effective section: ``cfg[base]`` with the values at the dotted ``overrides`` merged
+    in key by key (an absent overrides section changes nothing). One definition, read by the
+    stage registry (keys) and the stage handlers (training) alike."""
+    return {**get_section(cfg, base), **(get_section(cfg, overrides) or {})}
 
 
 def stage_params(cfg: dict, section: str | None) -> dict:

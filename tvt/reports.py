@@ -60,14 +60,22 @@ ABLATIONS = {
 }
 _ABLATION_NAME = re.compile(r"^(?:tvt_)?([vts]\d)$")
 
-#: method -> row of tvt.complexity.compute_complexity with its paper-size architecture
-ARCHITECTURES = {
-    "tvt": "TVT restorer (E4 + CE-UNet + D4)",
+#: method -> row of tvt.complexity.compute_complexity with its paper-size architecture; an ablation
+#: variant may also be spelt tvt_<variant>. T1 and T2 change how VAE-D4 trains, not its architecture.
+_TVT_ROW = "TVT restorer (E4 + CE-UNet + D4)"
+_ARCHITECTURES = {
+    "tvt": _TVT_ROW,
     "osediff": "OSEDiff restorer (E8 + UNet + D8)",
     "s1": "OSEDiff restorer (E8 + UNet + D8)",
-    "tvt_s1": "OSEDiff restorer (E8 + UNet + D8)",
     "stablesr": "StableSR restorer (E8 + 200 steps + CFW-D8)",
+    "v1": "V1 restorer (E4-V1 + CE-UNet + D4-V1)",
+    "v2": "V2 restorer (E4-V2 + CE-UNet + D4-V2)",
+    "t1": _TVT_ROW,
+    "t2": _TVT_ROW,
+    "s4": "S4 restorer (E4 + UNet @ 128² + D4)",
+    "s5": "S5 restorer (E4 + 25%-pruned UNet @ 128² + D4)",
 }
+ARCHITECTURES = {**_ARCHITECTURES, **{f"tvt_{m}": row for m, row in _ARCHITECTURES.items() if _ABLATION_NAME.match(m)}}
 
 MARK_FORMATS = {stats.Mark.BEST: "**{}**", stats.Mark.SECOND: "<u>{}</u>", stats.Mark.TIED: "*{}*"}
 PAPER_ROW = "↳ paper"
@@ -406,8 +414,12 @@ def ablation_subset(summary: Mapping) -> str:
     return next((s for s in ("photo", "all") if s in summary["subsets"]), next(iter(summary["subsets"])))
 
 
-def ablation_tables(summary: Mapping) -> list[Table]:
-    """One table per ablation family present among the evaluated methods, TVT as the reference."""
+def ablation_tables(summary: Mapping, architecture_rows: Sequence[Mapping] = ()) -> list[Table]:
+    """One table per ablation family present among the evaluated methods, TVT as the reference.
+
+    With ``architecture_rows`` (:func:`tvt.complexity.compute_complexity`), each row also shows its
+    paper-size architecture's MACs (conv + linear, and attention), where the paper's FLOPs land."""
+    arch = {row["name"]: row for row in architecture_rows}
     subset = ablation_subset(summary)
     image = summary["subsets"][subset]
     ocr_rows = (summary.get("ocr") or {}).get("rows", {})
@@ -417,6 +429,8 @@ def ablation_tables(summary: Mapping) -> list[Table]:
         members = [m for m in summary["methods"] if (match := _ABLATION_NAME.match(m)) and match.group(1) in variants]
         if not members:
             continue
+        if family == "design" and "osediff" in summary["methods"] and not any(m.endswith("s1") for m in members):
+            members.insert(0, "osediff")  # S1 is OSEDiff: the baseline's row, not a second training of it
         methods = members + [m for m in summary["methods"] if m == "tvt"]
         keys = [k for k in summary["metrics"] if k not in summary["unavailable"]
                 and any(k in image.get(m, {}) for m in methods)]
@@ -428,6 +442,12 @@ def ablation_tables(summary: Mapping) -> list[Table]:
             for row in rows:
                 row.update({f"ocr_{m}": ocr_rows.get(row["method"], {}).get(m) for m in ("acc", "ned")})
             series.update({f"ocr_{m}": ocr_series[m] for m in ("acc", "ned") if m in ocr_series})
+        if arch:
+            columns += [Column("paper_gmacs", "Paper-size conv+linear MACs (G)", False, "exact"),
+                        Column("paper_attn_gmacs", "Paper-size attention MACs (G)", False, "exact")]
+            for row in rows:
+                paper = arch.get(ARCHITECTURES.get(row["method"], ""), {})
+                row.update(paper_gmacs=paper.get("gmacs"), paper_attn_gmacs=paper.get("attn_gmacs"))
         table = Table(f"ablation_{family}", f"Ablation — {title} ({subset})", columns, rows)
         tables.append(_apply_statistics(table, summary, series, "images (text columns: text lines)"))
     return tables
@@ -582,7 +602,7 @@ def build_tables(summary: Mapping, architecture_rows: Sequence[Mapping] = (),
     it by its ``name`` (``paper_results.yaml``'s ``table``), and its columns join the ordering check.
     """
     tables = [*image_quality_tables(summary), text_table(summary), complexity_table(summary, architecture_rows),
-              *ablation_tables(summary)]
+              *ablation_tables(summary, architecture_rows)]
     tables = [t for t in tables if t is not None]
     values = load_paper_results() if paper_values is None else list(paper_values)
     attach_paper(tables, values, deltas=bool(summary.get("test_sets")))

@@ -56,6 +56,14 @@ class StageContext:
     def input(self, name: str) -> Path:
         return self.inputs[name]
 
+    @property
+    def stage_cfg(self) -> Mapping:
+        """The config as the training code reads it: a variant stage's merged section stands in for
+        its base section (``decoder_transfer_v1`` trains from ``cfg["decoder_transfer"]``)."""
+        if self.stage.base is None:
+            return self.cfg
+        return {**self.cfg, self.stage.base: self.stage.params(self.cfg)[self.stage.section]}
+
 
 def _stage_data(ctx: StageContext) -> None:
     data = ctx.cfg["data"]
@@ -128,21 +136,24 @@ def _stage_prior_train(ctx: StageContext) -> None:
 def _stage_decoder_transfer(ctx: StageContext) -> None:
     from tvt.training.vae_transfer import run_decoder_transfer
 
-    run_decoder_transfer(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.folder, ctx.ckpt_dir, ctx.run)
+    run_decoder_transfer(ctx.stage_cfg, ctx.input("degrade"), ctx.input("prior"), ctx.folder, ctx.ckpt_dir,
+                         ctx.run)
 
 
 def _stage_encoder_transfer(ctx: StageContext) -> None:
     from tvt.training.vae_transfer import run_encoder_transfer
 
-    run_encoder_transfer(ctx.cfg, ctx.input("degrade"), ctx.input("decoder_transfer"), ctx.folder, ctx.ckpt_dir,
-                         ctx.run)
+    decoder = next(n for n in ctx.stage.needs if n.startswith("decoder_transfer"))  # the variant's own
+    run_encoder_transfer(ctx.stage_cfg, ctx.input("degrade"), ctx.input(decoder), ctx.folder, ctx.ckpt_dir, ctx.run)
 
 
 def _stage_isr(ctx: StageContext) -> None:
     from tvt.training.isr import run_isr
 
-    run_isr(ctx.cfg, ctx.stage.name.removeprefix("isr_"), ctx.input("degrade"), ctx.input("prior"),
-            ctx.inputs.get("encoder_transfer"), ctx.folder, ctx.ckpt_dir, ctx.run, data_dir=ctx.inputs.get("data"))
+    name = ctx.stage.name.removeprefix("isr_")
+    vae = stages_mod.isr_vae_stage(ctx.cfg, name)  # its VAE-D4 (the main one, or a vae_variants entry's)
+    run_isr(ctx.cfg, name, ctx.input("degrade"), ctx.input("prior"), ctx.input(vae) if vae else None, ctx.folder,
+            ctx.ckpt_dir, ctx.run, data_dir=ctx.inputs.get("data"))
 
 
 def _stage_stablesr_sft(ctx: StageContext) -> None:
@@ -249,7 +260,8 @@ def run_stage(name: str, config_path: str | Path, expected_key: str | None = Non
                 return
         if stage.resources.gpus == 0 and not launched:  # launched: the launcher shared the cores out
             _use_granted_cpus()
-        with tracking.stage_run(name, cfg, stage.section, config_path, tags={"tvt.key": stage.key}) as run:
+        with tracking.stage_run(name, cfg, stage.section, config_path, tags={"tvt.key": stage.key},
+                                params=stage.params(cfg)) as run:
             handler(StageContext(stage, cfg, run, opts, inputs))
 
 

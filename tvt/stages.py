@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path, PurePosixPath
 
-from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params
+from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params, variant_section
 
 RESOURCES = "resources"
 RESULTS = "results"
@@ -103,6 +103,8 @@ class Stage:
     trains: bool = False  # trains with tvt.training.engine.Trainer (data-parallel, checkpointed)
     resources: Resources = field(default_factory=Resources)
     retries: int | None = None  # resubmissions after a failure; None: the engine's (profile's) default
+    #: a variant stage (``vae_variants``): the section whose values ``section`` overrides key by key
+    base: str | None = None
     key: str = ""  # set by build_stages
     ckpt_key: str = ""
     code: tuple[str, ...] = ()  # set by build_stages: sources whose content is in the key
@@ -153,7 +155,17 @@ class Stage:
         return f"{python} -m tvt stage {self.name} --config {config_path} --key {self.key}"
 
     def params(self, cfg: Mapping) -> dict:
-        return stage_params(cfg, self.section)
+        """What the stage reads. A variant's section is its base section with the variant's values
+        merged in, so editing the base reruns the variants too (their keys hash the merged values)."""
+        params = stage_params(cfg, self.section)
+        if self.base is not None:
+            params[self.section] = variant_section(cfg, self.base, self.section)
+        return params
+
+    @property
+    def config_keys(self) -> list[str]:
+        """The config keys the stage reads (dvc.yaml's ``params``)."""
+        return [*GLOBAL_KEYS, *((self.base,) if self.base else ()), *((self.section,) if self.section else ())]
 
     def params_hash(self, cfg: Mapping) -> str:
         return params_hash(self.params(cfg))
@@ -288,6 +300,33 @@ def method_model_dir(method: str, cfg: Mapping | None = None) -> str | None:
     return stage_by_name(cfg, stage).folder if cfg is not None else f"{MODELS_DIR}/{method}"
 
 
+def _vae_recipe(decoder: Mapping) -> str:
+    arch = f"VAE-D4 '{decoder['architecture']}'"
+    if decoder["transfer"]:
+        return f"{arch}, TVT stage 1 (its decoder on frozen VAE-D8 latents)"
+    if decoder.get("latent_l2"):
+        return f"{arch} end to end, latent aligned with VAE-D8's by L2 (T2)"
+    return f"{arch} end to end from scratch (T1)"
+
+
+def vae_stage(cfg: Mapping, variant: str | None = None) -> str:
+    """The stage whose output is the finished VAE-D4 of ``variant`` (None: the main one).
+
+    A variant trained with the two-stage transfer ends with its encoder stage; one trained end to
+    end (T1, T2) is finished after its first stage. The main VAE always ends with
+    ``encoder_transfer`` (stage names and keys of existing configs stay as they were)."""
+    if variant is None:
+        return "encoder_transfer"
+    decoder = variant_section(cfg, "decoder_transfer", f"vae_variants.{variant}.decoder_transfer")
+    return f"encoder_transfer_{variant}" if decoder["transfer"] else f"decoder_transfer_{variant}"
+
+
+def isr_vae_stage(cfg: Mapping, name: str) -> str | None:
+    """The VAE-D4 stage that ISR entry ``name`` reads (None: it uses the prior's VAE-D8)."""
+    entry = cfg["isr"][name]
+    return vae_stage(cfg, entry.get("vae")) if entry["method"] == "tvt" else None
+
+
 def _declare(cfg: Mapping) -> list[Stage]:
     """Every stage of this config, in topological order, not yet keyed. A stage exists iff its
     config section does."""
@@ -328,12 +367,26 @@ def _declare(cfg: Mapping) -> list[Stage]:
         stages.append(trainer("encoder_transfer", "encoder_transfer",
                               "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
                               ("degrade", "decoder_transfer"), 1440))
+    # VAE ablations (V1, V2, T1, T2): each variant trains its own VAE-D4 in stages of its own
+    for name in cfg.get("vae_variants", {}):
+        decoder = variant_section(cfg, "decoder_transfer", f"vae_variants.{name}.decoder_transfer")
+        stages.append(dataclasses.replace(
+            trainer("decoder_transfer", f"vae_variants.{name}.decoder_transfer",
+                    f"VAE variant '{name}': {_vae_recipe(decoder)}", ("degrade", "prior"), 2880),
+            name=f"decoder_transfer_{name}", base="decoder_transfer"))
+        if decoder["transfer"]:
+            stages.append(dataclasses.replace(
+                trainer("encoder_transfer", f"vae_variants.{name}.encoder_transfer",
+                        f"VAE variant '{name}': TVT stage 2, its encoder into its frozen decoder's space",
+                        ("degrade", f"decoder_transfer_{name}"), 1440),
+                name=f"encoder_transfer_{name}", base="encoder_transfer"))
     for name, variant in cfg.get("isr", {}).items():
-        tvt = variant["method"] == "tvt"
+        vae = isr_vae_stage(cfg, name)
         stage = trainer(f"isr_{name}", f"isr.{name}",
                         f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, "
-                        f"t={variant['timestep']}) with L2 + LPIPS + VSD",
-                        ("degrade", "prior") + (("encoder_transfer",) if tvt else ())
+                        f"t={variant['timestep']}{', VAE ' + variant['vae'] if 'vae' in variant else ''}) "
+                        "with L2 + LPIPS + VSD",
+                        ("degrade", "prior") + ((vae,) if vae else ())
                         + (("data",) if variant.get("data") == "online" else ()), 2880)
         stages.append(dataclasses.replace(stage, handler="_stage_isr"))
     if "stablesr" in cfg:
@@ -438,12 +491,11 @@ def dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> dict:
     out: dict = {"stages": {}}
     stages = {st.name: st for st in build_stages(cfg)}
     for st in stages.values():
-        keys = [*GLOBAL_KEYS] + ([st.section] if st.section else [])
         entry: dict = {"cmd": st.command(config_path), "desc": st.description}
         deps = inputs_of(st, stages)
         if deps:
             entry["deps"] = list(deps)
-        entry["params"] = [{config_path: keys}]
+        entry["params"] = [{config_path: st.config_keys}]
         # persist: DVC must never delete a keyed folder before running its stage (a finished key
         # is "up to date" at once; an unfinished one has nothing to delete)
         if st.outs:

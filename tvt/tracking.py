@@ -184,7 +184,7 @@ def _terminate_as_exception() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Mapping, section: str | None, config_path: str | Path | None = None,
-              tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, Any] | None = None, params: Mapping | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of one stage, nested under the pipeline run when there is one.
 
     Logs the stage's own parameters (never other sections), their hash, the git commit
@@ -195,7 +195,7 @@ def stage_run(stage: str, cfg: Mapping, section: str | None, config_path: str | 
         yield NullRun()
         return
     mlflow = _mlflow(cfg)
-    params = stage_params(cfg, section)
+    params = stage_params(cfg, section) if params is None else params  # a variant's: its merged section
     parent = os.environ.get(PIPELINE_ENV) or None
     commit = git_commit()
     all_tags = {

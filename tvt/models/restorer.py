@@ -41,6 +41,7 @@ from torch import nn
 from tvt.models.ce_unet import CEUNet
 from tvt.models.color_fix import COLOR_FIX_MODES, apply_color_fix
 from tvt.models.prompts import NullPrompt, PromptProvider
+from tvt.models.pruned_unet import PrunedUNet
 from tvt.models.tiling import (
     NORM_STATS_MODES,
     crop_to,
@@ -57,7 +58,7 @@ OSEDIFF_TIMESTEP = 999
 RESTORER_CONFIG = "restorer.json"
 PROMPT_EMBEDDING_FILE = "prompt_embedding.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name, so from_pretrained finds it
-_MODEL_CLASSES = {cls.__name__: cls for cls in (AutoencoderKL, VAED4, UNet2DConditionModel, CEUNet)}
+_MODEL_CLASSES = {cls.__name__: cls for cls in (AutoencoderKL, VAED4, UNet2DConditionModel, CEUNet, PrunedUNet)}
 
 
 def sd_noise_scheduler() -> DDPMScheduler:
@@ -78,8 +79,8 @@ def predict_x0(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.
 
 
 def _unet_config(unet: nn.Module):
-    """The config of the SD UNet itself (CE-UNet wraps one)."""
-    return unet.unet.config if isinstance(unet, CEUNet) else unet.config
+    """The config of the SD UNet itself (CE-UNet and the pruned UNet of ablation S5 wrap one)."""
+    return unet.unet.config if isinstance(unet, CEUNet | PrunedUNet) else unet.config
 
 
 def unet_latent_multiple(unet: nn.Module) -> int:

@@ -124,6 +124,11 @@ MINI_VAE_D4 = {
     "norm_num_groups": 8,
 }
 
+# Mini mode's V1 / V2: MINI_VAE_D4 with its last stage doubled (64 -> 128), as V1/V2 double the paper's (256 -> 512)
+MINI_VAE_D4_V1 = {**MINI_VAE_D4, "encoder_channels": (32, 64, 128), "decoder_channels": (128, 64, 32),
+                  "mid_block": True, "mid_block_attention": True}
+MINI_VAE_D4_V2 = {**MINI_VAE_D4, "encoder_channels": (32, 64, 128), "decoder_channels": (128, 64, 32)}
+
 # ---- StableSR's time-aware encoder (tvt.models.stablesr.TimeAwareEncoder) ----
 
 # StableSR's ``EncoderUNetModelWT`` (configs/stableSRNew/v2-finetune_text_T_512.yaml): model

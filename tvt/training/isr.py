@@ -2,13 +2,18 @@
 
 One stage, one code path; a variant is a config section ``isr.<variant>``:
 
-=============  =======  ====  ============  =========================================
-variant        method   unet  vae_encoder   what trains
-=============  =======  ====  ============  =========================================
-TVT            tvt      ce    frozen        LoRA + CE-UNet's 2x ends, conv_in, conv_out
-S4 (ablation)  tvt      full  frozen        UNet LoRA + conv_in, the UNet at 2x latents
-OSEDiff (=S1)  osediff  full  lora          UNet LoRA + conv_in, VAE-D8 encoder LoRA
-=============  =======  ====  ============  =========================================
+=============  =======  ======  ==========  =========================================
+variant        method   unet    vae_encoder what trains
+=============  =======  ======  ==========  =========================================
+TVT            tvt      ce      frozen      LoRA + CE-UNet's 2x ends, conv_in, conv_out
+S4 (ablation)  tvt      full    frozen      UNet LoRA + conv_in, the UNet at 2x latents
+OSEDiff (=S1)  osediff  full    lora        UNet LoRA + conv_in, VAE-D8 encoder LoRA
+S5 (ablation)  tvt      pruned  frozen      LoRA + conv_in of SD's UNet, 25 % pruned
+=============  =======  ======  ==========  =========================================
+
+``vae: <name>`` (method tvt) reads the VAE-D4 of a ``vae_variants`` entry (V1, V2, T1, T2)
+instead of the main one; the stage registry (:func:`tvt.stages.isr_vae_stage`) says which.
+S5's UNet is :class:`~tvt.models.pruned_unet.PrunedUNet` (how it prunes: its docstring).
 
 LoRA is the official three adapters (encoder / decoder / others) on every targeted layer,
 replicas included, all active (:func:`tvt.models.lora.add_official_unet_lora`); TVT keeps
@@ -75,6 +80,7 @@ from tvt.models.lora import (
     set_trainable,
 )
 from tvt.models.prompts import OFFICIAL_NEGATIVE_PROMPTS, NullPrompt, load_text_encoder, make_tagger, training_prompt
+from tvt.models.pruned_unet import PRUNED_UNET_TRAINABLE, PrunedUNet
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.models.vae_d4 import VAED4
@@ -132,6 +138,9 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
         trainable = TVT_UNET_TRAINABLE
+    elif section["unet"] == "pruned":  # S5: a pruned copy, initialised from the kept prior weights
+        unet = PrunedUNet.from_unet(teacher)
+        trainable = PRUNED_UNET_TRAINABLE
     else:
         unet = unet_sharing_weights(teacher, own=("conv_in.",))
         trainable = OSEDIFF_UNET_TRAINABLE
@@ -295,12 +304,14 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
             hr, lr, lr_up = batch["hr"], batch["lr"], batch["lr_up"]
         else:
             (hr, lr), lr_up = random_crop_flip(batch["hr"], batch["lr"], size=section.get("crop_size")), None
-        tagged = None
+        tagged, batch_tags = None, None
         if tag_batch is not None:
             with forked_rng(device), torch.no_grad():  # a frozen tagger must not shift the random stream
-                tags = dict(zip(batch["pair_id"], tag_batch((hr + 1) / 2), strict=True))
-        if tags is not None:  # this batch's prompts through the frozen text encoder, as the official loops
-            tagged = encode_text([training_prompt(tags[i], section["method"]) for i in batch["pair_id"]])
+                batch_tags = list(tag_batch((hr + 1) / 2))
+        elif tags is not None:
+            batch_tags = [tags[i] for i in batch["pair_id"]]
+        if batch_tags is not None:  # this batch's prompts through the frozen text encoder, as the official loops
+            tagged = encode_text([training_prompt(t, section["method"]) for t in batch_tags])
         sr, z_h = models["generator"](lr, lr_up, tagged)
         lr = (lr + 1) / 2  # the generator's prompt, for the scores too
         prompt_embeds = restorer.prompt(lr) if tagged is None else tagged

@@ -9,6 +9,10 @@
   learnt from E8(up2(x)): SD's latent space, so SD's UNet keeps working on it.
 * **Ablation T1** (``transfer: false``): VAE-D4 trained from scratch end to end (KL + the
   same reconstruction and GAN terms), with no link to SD's latent space.
+* **Ablation T2** (``transfer: false, latent_l2: w``): T1's end-to-end training plus
+  w·MSE(μ_E4(x), μ_E8(up2(x))), an L2 that pulls VAE-D4's latent (posterior mean) onto the
+  frozen VAE-D8's latent of the ×2 image — the same target the two-stage transfer decodes, here
+  imposed on the encoder instead of learnt through a frozen decoder (docs/ablations.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from tvt.models.sd_configs import MINI_VAE_D4, VAE_D4_PAPER, VAE_D4_V1, VAE_D4_V2
+from tvt.models.sd_configs import (
+    MINI_VAE_D4,
+    MINI_VAE_D4_V1,
+    MINI_VAE_D4_V2,
+    VAE_D4_PAPER,
+    VAE_D4_V1,
+    VAE_D4_V2,
+)
 from tvt.models.vae_d4 import VAED4
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
@@ -37,7 +48,8 @@ from tvt.training.losses import (
 )
 
 #: VAE-D4 variants by config name (paper's model, its V1/V2 ablations, mini mode's toy size)
-ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini": MINI_VAE_D4}
+ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini": MINI_VAE_D4,
+                 "mini_v1": MINI_VAE_D4_V1, "mini_v2": MINI_VAE_D4_V2}
 #: Adam betas of LDM/taming's autoencoder and discriminator optimisers
 ADAM_BETAS = (0.5, 0.9)
 PREVIEW_IMAGES = 2
@@ -81,14 +93,16 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
     section = cfg["decoder_transfer"]
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     transfer = section["transfer"]
+    latent_l2 = section.get("latent_l2", 0.0)  # ablation T2 (end to end only; the config checks it)
     trainer = Trainer(TrainConfig.from_section(section), name="decoder_transfer", seed=cfg["seed"],
                       ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**section, "inputs": files_digest(pairs_dir / PAIRS_FILE, sd_dir / "vae")})
     device = trainer.device
     e8 = AutoencoderKL.from_pretrained(sd_dir / "vae").to(device).eval().requires_grad_(False)
     vae = VAED4(**{**ARCHITECTURES[section["architecture"]], "scaling_factor": e8.config.scaling_factor})
-    if transfer:
+    if transfer or latent_l2:
         check_factors(e8, vae)
+    if transfer:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     discriminator = PatchDiscriminator(base_channels=section["disc_channels"], n_layers=section["disc_layers"])
@@ -115,6 +129,11 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
         if not transfer:
             terms["kl"] = kl_loss(posterior, x)
             loss = loss + section["kl_weight"] * terms["kl"]
+        if latent_l2:
+            with torch.no_grad():
+                target = transfer_latents(e8, x).mean
+            terms["latent_l2"] = F.mse_loss(posterior.mean, target)
+            loss = loss + latent_l2 * terms["latent_l2"]
         adversarial = trainer.step > section["disc_start"]
         if adversarial:
             with frozen(disc):
