@@ -5,9 +5,11 @@ found without environment variables, and a README whose cheap commands run as wr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -275,15 +277,118 @@ def test_dvc_yaml_is_one_file_per_config_whatever_its_spelling(tmp_path, monkeyp
     for name in ("config.yaml", "paper.yaml"):
         (tmp_path / "config" / name).write_text((ROOT / "config" / name).read_text())
     monkeypatch.chdir(tmp_path)
-    write_dvc_yaml("config/config.yaml", tmp_path / "a.yaml")
-    write_dvc_yaml(tmp_path / "config" / "config.yaml", tmp_path / "b.yaml")
-    write_dvc_yaml("./config/../config/config.yaml", tmp_path / "c.yaml")
-    assert (tmp_path / "a.yaml").read_text() == (tmp_path / "b.yaml").read_text() == (tmp_path / "c.yaml").read_text()
-    write_dvc_yaml("config/paper.yaml", tmp_path / "paper.yaml")
-    paper = yaml.safe_load((tmp_path / "paper.yaml").read_text())["stages"]
+    written = []
+    for spelling, out in [("config/config.yaml", "a"), (tmp_path / "config" / "config.yaml", "b"),
+                          ("./config/../config/config.yaml", "c")]:
+        (tmp_path / out).mkdir()
+        write_dvc_yaml(spelling, tmp_path / out / "dvc.yaml")
+        written.append(((tmp_path / out / "dvc.yaml").read_text(), (tmp_path / out / "params.yaml").read_text()))
+    assert written[0] == written[1] == written[2]
+    (tmp_path / "paper").mkdir()
+    write_dvc_yaml("config/paper.yaml", tmp_path / "paper" / "dvc.yaml")
+    assert config.load(tmp_path / "paper" / "params.yaml") == PAPER  # what DVC's stages read
+    paper = yaml.safe_load((tmp_path / "paper" / "dvc.yaml").read_text())["stages"]
     assert {f"download_{d}" for d in PAPER["data"]["datasets"]} <= set(paper)  # the paper stages, not mini's
-    assert all(st["cmd"].startswith("python -m tvt stage ") for st in paper.values())
-    assert all(next(iter(st["params"][0])) == "config/paper.yaml" for st in paper.values())
+    registry = {st.name: st for st in stages.build_stages(PAPER)}
+    for name, st in paper.items():
+        assert st["cmd"] == f"python -m tvt stage {name} --config params.yaml --view"
+        assert st["params"] == ["mode", "seed", *([registry[name].section] if registry[name].section else [])]
+        assert set(registry[name].code) <= set(st["deps"])  # DVC reruns a stage whose code changed
+
+
+def test_dvc_yaml_carries_no_key_so_dvc_can_change_a_parameter():
+    """`dvc exp run -S isr.tvt.lr=1e-4` edits params.yaml only: dvc.yaml must stay valid for the new
+    value, while the stage's keyed folder (resolved when it runs) is a new one."""
+    tuned = config.load_with_overrides(ROOT / "config" / "ci.yaml", {"isr.tvt.lr": 1e-4, "degrade.scale": 4})
+    assert stages.dvc_yaml(tuned) == stages.dvc_yaml(CI)
+    assert stages.stage_by_name(tuned, "isr_tvt").key != stages.stage_by_name(CI, "isr_tvt").key
+    text = yaml.safe_dump(stages.dvc_yaml(CI))
+    assert not any(st.key in text for st in stages.build_stages(CI))
+
+
+def test_params_yaml_rewritten_by_dvc_reads_back_as_the_config(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml in YAML 1.2 (ruamel): the string 'no' unquoted, small
+    floats as 1e-07, which YAML 1.1 would read as False and as a string."""
+    from dvc.utils.serialize import modify_yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(stages.render_dvc_params(CI, "config/ci.yaml"))
+    with modify_yaml(params) as doc:  # what `-S isr.tvt.lr=1e-7` does
+        doc["isr"]["tvt"]["lr"] = 1e-7
+    assert ": no\n" in params.read_text()  # DVC's writer leaves the string unquoted
+    expected = copy.deepcopy(CI)
+    expected["isr"]["tvt"]["lr"] = 1e-7
+    assert config.load(params) == expected
+
+
+def _built_stage(root: Path, key: str, payload: bytes) -> stages.Stage:
+    st = dataclasses.replace(stages.stage_by_name(CI, "data"), key=key)
+    (root / st.folder / "photos").mkdir(parents=True)
+    (root / st.folder / "photos" / "a.png").write_bytes(payload)
+    (root / st.folder / "manifest.csv").write_bytes(payload[::-1])
+    return st
+
+
+def test_a_view_links_the_keyed_files_and_whatever_happens_to_it_spares_the_store(tmp_path):
+    a, b = _built_stage(tmp_path, "a" * 16, b"config A"), _built_stage(tmp_path, "b" * 16, b"config B")
+    a_file = tmp_path / a.folder / "photos" / "a.png"
+    before = (a_file.stat().st_mtime_ns, a_file.read_bytes())
+    stages.publish_view(a, tmp_path)
+    view = tmp_path / a.view
+    assert a.view == "resources/dvc/data" and b.view == a.view  # one path for every key
+    assert (view / "photos" / "a.png").stat().st_ino == a_file.stat().st_ino  # a link, no copy
+    stages.publish_view(b, tmp_path)  # the next experiment: the view now shows B
+    assert (view / "photos" / "a.png").read_bytes() == b"config B"
+    assert (view / "manifest.csv").read_bytes() == b"config B"[::-1]
+    stages.publish_view(a, tmp_path)
+    shutil.rmtree(view)  # what DVC does to an output before it reruns its stage
+    assert (a_file.stat().st_mtime_ns, a_file.read_bytes()) == before
+    assert sorted(p.name for p in view.parent.iterdir()) == []  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="is not built"):
+        stages.publish_view(dataclasses.replace(a, key="c" * 16), tmp_path)
+
+
+def test_after_dvc_pull_a_missing_keyed_folder_is_rebuilt_from_its_view(tmp_path):
+    """Another clone has DVC's views (`dvc pull`) but an empty store: the stage's folder comes back
+    from the view with the same bytes; a built folder is left alone."""
+    a = _built_stage(tmp_path, "a" * 16, b"config A")
+    evaluate = dataclasses.replace(stages.stage_by_name(CI, "evaluate"), key="e" * 16)
+    for product in evaluate.products:
+        path = tmp_path / product
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if product.endswith("/tables"):
+            path.mkdir()
+        else:
+            path.write_text(product)
+    (tmp_path / evaluate.folder / "tables" / "metrics.md").write_text("| psnr |")
+    for st in (a, evaluate):
+        stages.publish_view(st, tmp_path)
+    files = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert not stages.adopt_view(a, tmp_path)  # built: nothing to do
+    for st in (a, evaluate):
+        shutil.rmtree(tmp_path / st.folder)
+        assert stages.adopt_view(st, tmp_path) and st.is_built(tmp_path)
+    assert {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    shutil.rmtree(tmp_path / a.view)
+    shutil.rmtree(tmp_path / a.folder)
+    assert not stages.adopt_view(a, tmp_path)  # no view, no folder: the stage must run
+
+
+def test_a_dvc_stage_refuses_a_dvc_yaml_that_no_longer_declares_its_code(tmp_path, monkeypatch):
+    from tvt.runner import StageError, _check_dvc_entry, write_dvc_yaml
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "ci.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    write_dvc_yaml("config/config.yaml")
+    degrade = stages.stage_by_name(CI, "degrade")
+    _check_dvc_entry(CI, degrade, "params.yaml")  # as written: fine
+    doc = yaml.safe_load(Path("dvc.yaml").read_text())
+    doc["stages"]["degrade"]["deps"].remove("tvt/degradation.py")  # written before that import existed
+    Path("dvc.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(StageError, match=r"stage degrade: dvc.yaml does not declare .* regenerate it with "
+                                         r"`tvt workflow dvc --config params.yaml`"):
+        _check_dvc_entry(CI, degrade, "params.yaml")
 
 
 # ---- set-up facts ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ project, the way the README runs them (no activated environment, no TVT_WEIGHTS_
 checks what a user relies on: the same config is a no-op however it is named and through
 either engine; an evaluation-only change reruns only evaluation; a failed invocation of another
 config destroys nothing; switching configs A -> B -> A reruns nothing; every stage is an MLflow
-run nested under the pipeline run.
+run nested under the pipeline run; `dvc exp run -S` trains a new key beside the committed
+baseline, `dvc exp show` compares both, and the baseline's folders keep their bytes and mtimes.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import yaml
 from tvt import config, stages
 
 ROOT = config.REPO_ROOT
+CI_CFG = config.load(ROOT / "config" / "ci.yaml")
 BIN = Path(sys.executable).parent
 #: the engines as the README runs them after `source .venv/bin/activate`, but with nothing of the
 #: environment on PATH: the rules must find the project's interpreter themselves
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TVT = [sys.executable, "-m", "tvt"]
+DVC = str(BIN / "dvc")
 
 
 def _env(**extra) -> dict:
@@ -90,11 +93,13 @@ def test_snakemake_and_dvc_build_the_same_dag(tmp_path, cfg_name):
     assert _snakemake_edges(project, "config/config.yaml") == expected
     _run([*TVT, "workflow", "dvc"], project)
     assert _dvc_edges(project) == expected
-    # the commands agree too: each DVC cmd is what the Snakemake rule runs, on the project's interpreter
+    # the commands agree too: DVC's stage reads params.yaml, the config itself, so it computes the key
+    # that Snakemake's rule carries, and runs it on the project's interpreter
+    assert config.load(project / "params.yaml") == cfg
     dry = _run([*SNAKEMAKE, "-n", "-p", "--forceall", "all"], project).stdout
     for name, st in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
-        assert st["cmd"].startswith(f"python -m tvt stage {name} --config config/config.yaml --key ")
-        key = st["cmd"].rsplit(" ", 1)[1]
+        assert st["cmd"] == f"python -m tvt stage {name} --config params.yaml --view"
+        key = stages.stage_by_name(cfg, name).key
         assert f'exec "$TVT_PYTHON" -m tvt stage {name} --config "$TVT_CONFIG_SNAPSHOT" --key {key} ' in dry, \
             f"{name}: key {key} not among Snakemake's commands"
     if cfg_name == "paper.yaml":  # every paper dataset gets its own verified download stage
@@ -126,6 +131,19 @@ def _tree_state(project: Path) -> dict[str, tuple[float, int]]:
     """mtime and size of every file of the store: what must not change when nothing reruns."""
     return {str(p.relative_to(project)): (p.stat().st_mtime, p.stat().st_size)
             for base in ("resources/store", "results/store") for p in (project / base).rglob("*") if p.is_file()}
+
+
+def _experiments(shown: list[dict]) -> list[tuple[float, dict]]:
+    """(``isr.tvt.lr``, evaluation metrics) of the baseline commit and of each experiment in
+    ``dvc exp show --json``."""
+    revs = [row for row in shown if row["rev"] != "workspace"]
+    revs += [rev for row in revs for exp in row.get("experiments") or [] for rev in exp["revs"]]
+    out = []
+    for rev in revs:
+        data = rev["data"]
+        metrics = data["metrics"][stages.stage_by_name(CI_CFG, "evaluate").view + "/metrics.json"]["data"]
+        out.append((data["params"]["params.yaml"]["data"]["isr"]["tvt"]["lr"], metrics))
+    return out
 
 
 def _timed(cmd, project, **env) -> tuple[float, subprocess.CompletedProcess]:
@@ -200,17 +218,21 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
                        ("tvt pipeline", [*TVT, "pipeline", "--config", str(project / "config" / "config.yaml")])]:
         seconds[label], proc = _timed(cmd, project)
         assert "Nothing to be done" in proc.stdout + proc.stderr, label
-    # DVC: adopting Snakemake's outputs leaves it nothing to do (same deps, params and outs), and
-    # `tvt pipeline --engine dvc` with any spelling rewrites the same dvc.yaml
-    _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], project)
-    _run([*TVT, "workflow", "dvc"], project)
-    _run([str(BIN / "dvc"), "commit", "--force", "--quiet"], project)
+    # DVC, in a git repository (its experiments are commits): the first run adopts Snakemake's
+    # outputs (every stage finds its keyed folder built and only publishes its view); after that
+    # `tvt pipeline --engine dvc` with any spelling writes the same dvc.yaml and params.yaml and
+    # leaves DVC nothing to do
+    shutil.copy2(ROOT / ".gitignore", project / ".gitignore")
+    _run(["git", "init", "-q"], project)
+    _run([DVC, "init", "-q"], project)
+    seconds["dvc adopts"], proc = _timed([*TVT, "pipeline", "--engine", "dvc"], project)
+    assert all(f"{name}: up to date" in proc.stderr for name in registry), proc.stderr[-3000:]
     for label, path in [("dvc", "config/config.yaml"), ("dvc absolute", str(project / "config" / "config.yaml"))]:
         seconds[label], proc = _timed([*TVT, "pipeline", "--engine", "dvc", "--config", path], project)
         assert "Running stage" not in proc.stdout and "up to date" in proc.stdout, proc.stdout[-2000:]
     assert _tree_state(project) == finished
     print("no-op seconds:", json.dumps({k: round(v, 2) for k, v in seconds.items()}))
-    shown = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], project).stdout)
+    shown = json.loads(_run([DVC, "metrics", "show", "--json"], project).stdout)
     assert json.dumps(shown).count(str(round(bicubic["psnr_y"], 4))[:6]) >= 1  # `dvc metrics show` reads it
 
     # an evaluation-only change (config B) reruns only evaluation ...
@@ -249,3 +271,27 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
         downstream |= grown
     assert {"prior", "evaluate"} <= downstream and "data" not in downstream
     assert _job_stats(_run([*SNAKEMAKE, "-n", "all"], project).stdout) == downstream
+
+    # finding 5, DVC's own idiom: `dvc exp run -S` retrains one model under a new key beside the
+    # committed baseline A, `dvc exp show` compares them, A's folders keep their bytes and mtimes,
+    # and setting the value back (B -> A) trains nothing
+    cfg_file.write_text(a_text)
+    _run([*TVT, "pipeline", "--engine", "dvc"], project)  # params.yaml and the views back to A: nothing runs
+    baseline = _tree_state(project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-q", "-m", "baseline: config A"], project)
+    activated = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # `source .venv/bin/activate`
+    exp = _run([DVC, "exp", "run", "-S", "isr.tvt.lr=2e-4"], project, **activated)
+    assert "Running stage 'isr_tvt'" in exp.stdout and "Running stage 'degrade'" not in exp.stdout, exp.stdout[-3000:]
+    tuned = {st.name: st for st in stages.build_stages(config.load_with_overrides(cfg_file, {"isr.tvt.lr": 2e-4}))}
+    assert tuned["isr_tvt"].key != registry["isr_tvt"].key and tuned["isr_tvt"].is_built(project)
+    assert {k: v for k, v in _tree_state(project).items() if k in baseline} == baseline  # A untouched
+    rows = _experiments(json.loads(_run([DVC, "exp", "show", "--json"], project).stdout))
+    psnr = {lr: m["subsets"]["all"]["tvt"]["psnr_y"] for lr, m in rows}
+    assert set(psnr) == {cfg["isr"]["tvt"]["lr"], 2e-4}, rows
+    for lr, folder in ((cfg["isr"]["tvt"]["lr"], results), (2e-4, project / tuned["evaluate"].folder)):
+        assert psnr[lr] == json.loads((folder / "metrics.json").read_text())["subsets"]["all"]["tvt"]["psnr_y"]
+    assert psnr[2e-4] != psnr[cfg["isr"]["tvt"]["lr"]]  # another model, other outputs
+    tuned_state = _tree_state(project)
+    back = _run([DVC, "exp", "run", "-S", f"isr.tvt.lr={cfg['isr']['tvt']['lr']!r}"], project, **activated)
+    assert "Running stage 'degrade'" not in back.stdout and _tree_state(project) == tuned_state, back.stdout[-3000:]

@@ -19,7 +19,8 @@ def _cmd_stage(args) -> int:
     from tvt.runner import run_stage
 
     try:
-        run_stage(args.name, args.config, expected_key=args.key, trust_new_hashes=args.trust_new_hashes)
+        run_stage(args.name, args.config, expected_key=args.key, view=args.view,
+                  trust_new_hashes=args.trust_new_hashes)
     except LaunchError as exc:  # the training processes' status is the stage's (143: terminated)
         print(f"error: {exc}", file=sys.stderr)
         return exc.returncode
@@ -42,7 +43,7 @@ def _cmd_workflow_dvc(args) -> int:
     from tvt.runner import write_dvc_yaml
 
     _, name = write_dvc_yaml(args.config, Path(args.output))
-    print(f"wrote {args.output} for {name}")
+    print(f"wrote {args.output} and {Path(args.output).parent / 'params.yaml'} for {name}")
     return 0
 
 
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="stage name (see `tvt workflow stages`)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: mini)")
     p.add_argument("--key", help="the stage key the workflow file expects; refuse to run if the config's differs")
+    p.add_argument("--view", action="store_true",
+                   help="then show the keyed folder at the stage's stable path, resources/dvc/<stage> (what "
+                        "dvc.yaml tracks)")
     p.add_argument("--trust-new-hashes", action="store_true",
                    help="accept downloads without a pinned sha256 and record their hash")
     p.set_defaults(func=_cmd_stage)
@@ -183,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("workflow", help="workflow definition tools")
     wsub = p.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
-    q = wsub.add_parser("dvc", help="write dvc.yaml for a config (then `dvc repro`)")
+    q = wsub.add_parser("dvc", help="write dvc.yaml and params.yaml for a config (then `dvc repro`, "
+                                    "`dvc exp run -S key=value`)")
     q.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     q.add_argument("--output", default="dvc.yaml")
     q.set_defaults(func=_cmd_workflow_dvc)

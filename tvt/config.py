@@ -31,6 +31,28 @@ class ConfigError(ValueError):
     """A config value is wrong; the message is one line naming the offending key."""
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans and floats.
+
+    DVC rewrites params.yaml (``dvc exp run -S``) with ruamel.yaml in YAML 1.2, which writes the
+    string ``'no'`` (``mixed_precision``) unquoted and small floats as ``1e-07``; YAML 1.1, PyYAML's,
+    would read those as ``False`` and the string ``'1e-07'``. Only ``true``/``false`` are booleans and
+    ``1e-07`` is a number here, whichever tool wrote the file.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
     with open(SCHEMA_PATH, encoding="utf-8") as fh:
@@ -217,7 +239,7 @@ def load(path: str | Path | None = None) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8") as fh:
-            cfg = yaml.safe_load(fh)
+            cfg = yaml.load(fh, Loader=_Yaml12Loader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

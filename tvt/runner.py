@@ -211,7 +211,8 @@ def _handler(stage: stages_mod.Stage) -> Callable[[StageContext], None]:
     return handler
 
 
-def run_stage(name: str, config_path: str | Path, expected_key: str | None = None, **opts) -> None:
+def run_stage(name: str, config_path: str | Path, expected_key: str | None = None, view: bool = False,
+              **opts) -> None:
     """Run one stage of the pipeline described by ``config_path``.
 
     Nothing is rebuilt: a stage whose folder exists (published atomically, so complete) returns at
@@ -219,6 +220,12 @@ def run_stage(name: str, config_path: str | Path, expected_key: str | None = Non
     parent (no orphan trainer when Snakemake or the job's shell is killed) and runs its handler.
     A training stage runs on every GPU the job may use (or ``$TVT_NUM_PROCESSES`` processes): it
     re-executes itself under ``accelerate launch`` (:mod:`tvt.launch`).
+
+    ``expected_key`` (Snakemake's rules) refuses a config or code that no longer gives the key the
+    workflow was built for; ``view`` (DVC's stages) publishes the keyed folder at the stage's stable
+    path afterwards (:func:`tvt.stages.publish_view`), after checking that dvc.yaml still declares
+    what the registry says this stage reads and writes, and takes inputs missing from the store
+    from their views (:func:`tvt.stages.adopt_view`).
     """
     cfg = config_mod.load(config_path)
     try:
@@ -230,8 +237,36 @@ def run_stage(name: str, config_path: str | Path, expected_key: str | None = Non
             f"stage {name}: {config_path} or the code changed since the workflow file was written (key "
             f"{stage.key}, workflow expects {expected_key}): regenerate it (`tvt workflow dvc --config "
             f"{config_path}`, or run `tvt pipeline`), so that the new result gets its own folder")
-    handler = _handler(stage)
     launched = launch.inside_distributed_launch(os.environ)
+    if view and not launched:
+        _check_dvc_entry(cfg, stage, config_path)
+        registry = {s.name: s for s in stages_mod.build_stages(cfg)}
+        for need in stage.needs:  # after `dvc pull`: this clone's store starts from DVC's views
+            if stages_mod.adopt_view(registry[need]):
+                log.info("%s: adopted %s from its DVC view", name, registry[need].folder)
+    _build(stage, cfg, config_path, launched, opts)
+    if view and not launched:
+        stages_mod.publish_view(stage)
+
+
+def _check_dvc_entry(cfg: Mapping, stage: stages_mod.Stage, config_path: str | Path,
+                     dvc_file: Path = Path("dvc.yaml")) -> None:
+    """A DVC stage runs only if dvc.yaml declares what the registry says it reads and writes: a new
+    import (a code dependency DVC would not watch) or a config whose stages changed must regenerate it."""
+    import yaml
+
+    declared = yaml.safe_load(dvc_file.read_text())["stages"].get(stage.name) if dvc_file.is_file() else None
+    if declared != stages_mod.dvc_yaml(cfg)["stages"][stage.name]:
+        raise StageError(
+            f"stage {stage.name}: {dvc_file} does not declare this stage's current inputs, code and outputs "
+            f"(the code or the stages of {config_path} changed since it was written): regenerate it with "
+            f"`tvt workflow dvc --config {config_path}`")
+
+
+def _build(stage: stages_mod.Stage, cfg: Mapping, config_path: str | Path, launched: bool, opts: Mapping) -> None:
+    """Build the stage's keyed folder unless it is built (see :func:`run_stage`)."""
+    name = stage.name
+    handler = _handler(stage)
     quiet_progress_bars()
     if not launched:
         launch.die_with_parent()
@@ -296,17 +331,20 @@ def interpreter_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def write_dvc_yaml(config_path: str | Path, output: Path = Path("dvc.yaml")) -> tuple[dict, str]:
-    """Write the dvc.yaml of a config (named relative to the project when it lies inside it, so
-    that every spelling of one config writes the same file); return the config and that name."""
+    """Write the dvc.yaml of a config and, beside it, params.yaml (the config, which DVC's stages
+    read and ``dvc exp run -S`` edits); return the config and its name, relative to the project
+    when it lies inside it, so that every spelling of one config writes the same files. A file
+    whose text would not change is not touched."""
     cfg = config_mod.load(config_path)
     path = Path(config_path).resolve()
     root = Path.cwd().resolve()
     name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    text = stages_mod.render_dvc_yaml(cfg, name)
-    if not output.is_file() or output.read_text() != text:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, output)
+    for target, text in ((output, stages_mod.render_dvc_yaml(cfg, name)),
+                         (output.parent / stages_mod.DVC_PARAMS, stages_mod.render_dvc_params(cfg, name))):
+        if not target.is_file() or target.read_text() != text:
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
     return cfg, name
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -49,6 +50,11 @@ CKPT_DIR = f"{RESOURCES}/checkpoints"
 LOCKS_DIR = f"{RESOURCES}/locks"
 #: links to the outputs of the newest pipeline run: ``tvt sr``'s default weights, README paths
 MODELS_DIR = f"{RESOURCES}/models"
+#: DVC's stable paths, <resources|results>/dvc/<stage>/: hard-linked views of the keyed folders
+#: of the config in params.yaml (:func:`publish_view`)
+VIEWS = "dvc"
+#: the params file DVC reads and `dvc exp run -S` edits: the config, written by `tvt workflow dvc`
+DVC_PARAMS = "params.yaml"
 LATEST_RESULTS = f"{RESULTS}/latest"
 METRICS_FILE = "metrics.json"
 COMPLEXITY_FILE = "complexity.json"
@@ -116,8 +122,9 @@ class Stage:
             raise ValueError(f"stage {self.name!r} has no key yet (use build_stages)")
         return f"{self.store}/{self.name}/{self.key}"
 
-    def _paths(self, rel: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(f"{self.folder}/{r}" if r else self.folder for r in rel)
+    def _paths(self, rel: tuple[str, ...], base: str | None = None) -> tuple[str, ...]:
+        base = self.folder if base is None else base
+        return tuple(f"{base}/{r}" if r else base for r in rel)
 
     @property
     def out_paths(self) -> tuple[str, ...]:
@@ -136,6 +143,20 @@ class Stage:
         """Every path the stage publishes; a downstream stage depends on all of them."""
         return self.out_paths + self.metric_paths + self.plot_paths
 
+    @property
+    def view(self) -> str:
+        """``<resources|results>/dvc/<stage>``: where DVC finds this stage's current products, a path
+        that does not move when a parameter changes (``dvc exp run -S``); see :func:`publish_view`."""
+        return f"{PurePosixPath(self.store).parent}/{VIEWS}/{self.name}"
+
+    def view_paths(self, rel: tuple[str, ...]) -> tuple[str, ...]:
+        return self._paths(rel, self.view)
+
+    @property
+    def view_products(self) -> tuple[str, ...]:
+        """The products under the view, in the order of :attr:`products`."""
+        return self.view_paths(self.outs + self.metrics + self.plots)
+
     def is_built(self, root: Path = Path()) -> bool:
         """Whether every product exists. Outputs are published atomically, so existing means complete
         (the folder alone is not enough: Snakemake creates the parent folder of a file output)."""
@@ -149,10 +170,11 @@ class Stage:
     def lock_file(self) -> str:
         return f"{LOCKS_DIR}/{self.name}-{self.key}.lock"
 
-    def command(self, config_path: str, python: str = "python") -> str:
-        """The shell command both engines run. It carries the key it expects, so a stage whose
-        config no longer matches the workflow file refuses to run instead of writing elsewhere."""
-        return f"{python} -m tvt stage {self.name} --config {config_path} --key {self.key}"
+    @property
+    def dvc_command(self) -> str:
+        """DVC's command: no frozen key (Snakemake's rules carry one), the stage computes its key
+        from params.yaml when it runs and publishes its :attr:`view`."""
+        return f"python -m tvt stage {self.name} --config {DVC_PARAMS} --view"
 
     def params(self, cfg: Mapping) -> dict:
         """What the stage reads. A variant's section is its base section with the variant's values
@@ -483,38 +505,119 @@ def update_current_links(cfg: Mapping, root: Path = Path()) -> list[str]:
     return made
 
 
-# ---- dvc.yaml ----------------------------------------------------------------------------------
+# ---- DVC: stable views of the keyed folders -------------------------------------------------------
 
 
-def dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> dict:
-    """The dvc.yaml document for this config, generated from the registry."""
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links (or another device): copy
+        shutil.copy2(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def publish_view(stage: Stage, root: Path = Path()) -> None:
+    """Make ``stage.view`` show the stage's keyed folder: every product is replaced, atomically and
+    one at a time, by hard links to the keyed files (no data is copied).
+
+    DVC tracks these stable paths, not the keyed folders, so ``dvc exp run -S`` can change a
+    parameter: the stage resolves its key from params.yaml when it runs, builds that keyed folder
+    if it is new (a finished one is never rebuilt), and republishes its view; DVC sees the view
+    change and runs what depends on it. Whatever DVC does to a view (delete it before a run, check
+    another experiment out into it) unlinks or replaces entries of the view; the store's files keep
+    their own names and contents.
+    """
+    if not stage.is_built(root):
+        raise FileNotFoundError(f"stage {stage.name}: {stage.folder} is not built, there is nothing to publish")
+    for src, dst in zip(stage.products, stage.view_products, strict=True):
+        src, dst = root / src, root / dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = (dst.with_name(f".{dst.name}.{os.getpid()}.{suffix}") for suffix in ("tmp", "old"))
+        _remove(tmp)
+        if src.is_dir():
+            shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, tmp)
+        if dst.is_dir() and not dst.is_symlink():  # a folder cannot be renamed over another
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+
+
+def adopt_view(stage: Stage, root: Path = Path()) -> bool:
+    """Rebuild a missing keyed folder from the stage's view (hard links again); return whether it did.
+
+    After ``dvc pull`` on another clone, DVC has the views but this clone's store is empty, and a
+    stage that DVC then runs needs its inputs' keyed folders. Sound only under DVC: a DVC stage
+    runs after DVC found its inputs' views up to date with params.yaml and the code files, exactly
+    what their keys hash, so each view holds the folder of the key computed now.
+    """
+    views = [root / p for p in stage.view_products]
+    if stage.is_built(root) or not all(p.exists() for p in views):
+        return False
+    folder = root / stage.folder
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.adopt")
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    for rel, view in zip(stage.outs + stage.metrics + stage.plots, views, strict=True):
+        target = tmp / rel if rel else tmp
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if view.is_dir():
+            shutil.copytree(view, target, copy_function=_link_or_copy, dirs_exist_ok=not rel)
+        else:
+            _link_or_copy(str(view), str(target))
+    os.replace(tmp, folder)
+    return True
+
+
+def dvc_yaml(cfg: Mapping) -> dict:
+    """The dvc.yaml document for this config, generated from the registry.
+
+    Every stage reads params.yaml (its own section and the global keys: DVC's ``params``), the
+    views of the stages it needs and the source files in its key (``deps``), and writes its view
+    (``outs``, ``metrics``, ``plots``). No path carries a key, so ``dvc exp run -S isr.tvt.lr=1e-4``
+    works in DVC's own idiom and the file changes only when the registry does (stages, code files).
+    Metrics and plots are cached like any output: ``dvc exp show`` reads every experiment's
+    metrics from the cache, with no results file committed to git.
+    """
     out: dict = {"stages": {}}
     stages = {st.name: st for st in build_stages(cfg)}
     for st in stages.values():
-        entry: dict = {"cmd": st.command(config_path), "desc": st.description}
-        deps = inputs_of(st, stages)
-        if deps:
-            entry["deps"] = list(deps)
-        entry["params"] = [{config_path: st.config_keys}]
-        # persist: DVC must never delete a keyed folder before running its stage (a finished key
-        # is "up to date" at once; an unfinished one has nothing to delete)
-        if st.outs:
-            entry["outs"] = [{o: {"persist": True}} for o in st.out_paths]
-        if st.metrics:
-            entry["metrics"] = [{m: {"cache": False, "persist": True}} for m in st.metric_paths]
-        if st.plots:
-            entry["plots"] = [{p: {"cache": False, "persist": True}} for p in st.plot_paths]
+        entry: dict = {"cmd": st.dvc_command, "desc": st.description,
+                       "deps": [*(p for n in st.needs for p in stages[n].view_products), *st.external, *st.code],
+                       "params": st.config_keys}
+        for field_name, rel in (("outs", st.outs), ("metrics", st.metrics), ("plots", st.plots)):
+            if rel:
+                entry[field_name] = list(st.view_paths(rel))
         out["stages"][st.name] = entry
     # how `dvc plots show` draws the OCR curves: one line per method, HR as the upper bound
     columns = ["HR", *cfg["evaluate"]["methods"], *cfg["evaluate"].get("external", {})]
     out["plots"] = [{p: {"x": "text_px", "y": list(columns), "title": PurePosixPath(p).stem.replace("_", " ")}}
-                    for p in stages["evaluate"].plot_paths]
+                    for p in stages["evaluate"].view_paths(stages["evaluate"].plots)]
     return out
 
 
-def render_dvc_yaml(cfg: Mapping, config_path: str = "config/config.yaml") -> str:
+def render_dvc_yaml(cfg: Mapping, source: str = "config/config.yaml") -> str:
     import yaml
 
-    header = (f"# GENERATED from tvt/stages.py for {config_path} by `tvt workflow dvc --config {config_path}`.\n"
-              "# Not committed: output folders are keyed by parameters and code (README, section Running).\n")
-    return header + yaml.safe_dump(dvc_yaml(cfg, config_path), sort_keys=False, width=100)
+    header = (f"# GENERATED from tvt/stages.py for {source} by `tvt workflow dvc --config {source}`, together\n"
+              f"# with {DVC_PARAMS} (that config; `dvc exp run -S key=value` edits it). Stages resolve their\n"
+              "# keyed folders from the params when they run; DVC tracks their views (README, section Running).\n")
+    return header + yaml.safe_dump(dvc_yaml(cfg), sort_keys=False, width=100)
+
+
+def render_dvc_params(cfg: Mapping, source: str = "config/config.yaml") -> str:
+    import yaml
+
+    header = (f"# GENERATED from {source} by `tvt workflow dvc --config {source}`: the config that DVC's\n"
+              "# stages read. Change values with `dvc exp run -S isr.tvt.lr=1e-4`, or edit the config and\n"
+              "# regenerate. Validated by every stage (workflow/schemas/config.schema.yaml).\n")
+    return header + yaml.safe_dump(dict(cfg), sort_keys=False, width=100)
