@@ -57,6 +57,8 @@ def _error(mutate) -> str:
         (lambda c: c["data"].pop("photos"), "data.photos: required when data.source is 'mini'"),
         (lambda c: c["degrade"].__setitem__("kernel_prob", [1.0]), "degrade.kernel_prob: 1 probabilities for 6 kernels"),
         (lambda c: c["degrade"]["first"].__setitem__("gray_noise_prob", 1.5), "degrade.first.gray_noise_prob: 1.5 must be <= 1"),
+        (lambda c: c["prior"]["vae"].__setitem__("lr_decay", "exp"), "prior.vae.lr_decay: 'exp' is not one of"),
+        (lambda c: c["isr"]["tvt"].__setitem__("lr_warmup", -1), "isr.tvt.lr_warmup: -1 must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(mutate, expected):

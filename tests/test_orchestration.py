@@ -59,6 +59,11 @@ def test_more_steps_resume_from_the_checkpoints_but_publish_a_new_key():
     assert after.key != before.key and after.ckpt_dir == before.ckpt_dir
     more["isr"]["tvt"]["lr"] = 1e-4  # a different run: its own checkpoints
     assert stages.stage_by_name(more, "isr_tvt").ckpt_dir != before.ckpt_dir
+    decaying = copy.deepcopy(CI)  # under a decaying rate, more steps change every update: new checkpoints
+    decaying["isr"]["tvt"]["lr_decay"] = "cosine"
+    first = stages.stage_by_name(decaying, "isr_tvt")
+    decaying["isr"]["tvt"]["steps"] += 10
+    assert stages.stage_by_name(decaying, "isr_tvt").ckpt_dir != first.ckpt_dir
 
 
 def test_editing_an_imported_module_changes_the_key(tmp_path, monkeypatch):

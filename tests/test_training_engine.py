@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from tvt.training.engine import (
     frozen_parameter_names,
     image_grid,
     latest_checkpoint,
+    lr_factor,
     mean_psnr,
     psnr,
     write_dir_atomically,
@@ -92,9 +95,10 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     steps = [s for s, _ in run.metrics]
     assert steps == [5, 10, 15, 20]
     logged = run.metrics[-1][1]
-    assert {"toy/loss", "toy/critic", "toy/lr/model", "toy/lr/critic", "toy/samples_per_s"} <= set(logged)
+    assert {"toy/loss", "toy/critic", "toy/lr/model", "toy/lr/critic", "toy/samples_per_s",
+            "toy/cpu_s_per_step"} <= set(logged)
     assert logged["toy/lr/model"] == pytest.approx(0.05)
-    assert logged["toy/samples_per_s"] > 0
+    assert logged["toy/samples_per_s"] > 0 and logged["toy/cpu_s_per_step"] > 0
 
 
 @pytest.fixture
@@ -139,6 +143,56 @@ def test_resumed_run_ends_with_identical_weights(tmp_path):
         assert torch.equal(ref[key], res[key]), key
     # and the interrupted run really had diverged from the reference before resuming
     assert not all(torch.equal(ref[k], v) for k, v in weights(interrupted).items())
+
+
+def test_lr_factor_warms_up_then_decays_to_zero_one_update_after_the_last():
+    assert [lr_factor(s, 10, warmup=4) for s in range(1, 11)] == [0.25, 0.5, 0.75] + [1.0] * 7
+    # decays start at 1 on the first update after warm-up and end above 0 on the last
+    assert lr_factor(5, 10, 4, "cosine") == 1.0 and lr_factor(5, 10, 4, "linear") == 1.0
+    assert lr_factor(10, 10, 4, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert lr_factor(10, 10, 4, "linear") == pytest.approx(1 / 6)
+    assert lr_factor(7, 10, 4, "cosine") == pytest.approx(0.75)  # half way through the decay: 0.5 (1 + cos π/3)
+    cosine = [lr_factor(s, 100, 0, "cosine") for s in range(1, 101)]
+    assert all(a > b for a, b in itertools.pairwise(cosine)) and cosine[-1] > 0
+    with pytest.raises(ValueError, match="'step' is not one of"):
+        lr_factor(1, 10, 0, "step")
+    with pytest.raises(ValueError, match="lr_decay 'exp'"):
+        TrainConfig(steps=1, batch_size=1, lr_decay="exp")
+
+
+def test_scheduled_lr_is_applied_logged_and_resumed_exactly(tmp_path):
+    schedule = {"lr_warmup": 2, "lr_decay": "cosine"}
+    run = RecordingRun()
+    reference = make_trainer(tmp_path / "a", run, **schedule)
+    reference.fit(ToyPairs(), toy_step(reference))
+    # every optimiser follows the schedule from its own base rate (logged after each window's last update)
+    assert [step for step, _ in run.metrics] == [2, 4, 6]
+    for step, logged in run.metrics:
+        assert logged["toy/lr/model"] == pytest.approx(0.05 * lr_factor(step, 6, 2, "cosine"))
+        assert logged["toy/lr/critic"] == pytest.approx(0.01 * lr_factor(step, 6, 2, "cosine"))
+    constant = make_trainer(tmp_path / "c")
+    constant.fit(ToyPairs(), toy_step(constant))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(reference).values(), weights(constant).values()))
+
+    interrupted = make_trainer(tmp_path / "b", **schedule)
+    with pytest.raises(KeyboardInterrupt):  # killed during step 5, after checkpoint-4
+        interrupted.fit(ToyPairs(), toy_step(interrupted, fail_at=5))
+    resumed = make_trainer(tmp_path / "b", **schedule)
+    resumed.fit(ToyPairs(), toy_step(resumed))
+    assert resumed.history[0][0] == 6  # only steps 5-6 were trained
+    ref, res = weights(reference), weights(resumed)
+    for key in ref:
+        assert torch.equal(ref[key], res[key]), key
+
+
+def test_a_decaying_schedule_makes_steps_part_of_the_trajectory(tmp_path):
+    """With a decay the rate at step 4 depends on the total, so more steps cannot resume (constant can:
+    test_tmp_checkpoints_are_never_resumed_and_old_ones_pruned)."""
+    first = make_trainer(tmp_path, lr_decay="linear")
+    first.fit(ToyPairs(), toy_step(first))
+    longer = make_trainer(tmp_path, steps=8, lr_decay="linear")
+    longer.fit(ToyPairs(), toy_step(longer))
+    assert [s for s, _ in longer.history] == [2, 4, 6, 8]  # trained from scratch
 
 
 def test_batch_stream_resumes_mid_epoch(tmp_path):

@@ -442,6 +442,15 @@ def _declare(cfg: Mapping) -> list[Stage]:
     return stages
 
 
+def _checkpoint_params(section):
+    """A section without its :data:`RESUMABLE_KEYS`, except ``steps`` under a decaying learning rate
+    (``lr_decay``): the rate at every update depends on the total, so more steps is another run."""
+    if not isinstance(section, dict):
+        return section
+    decays = section.get("lr_decay", "constant") != "constant"
+    return {k: v for k, v in section.items() if k not in RESUMABLE_KEYS or (k == "steps" and decays)}
+
+
 def build_stages(cfg: Mapping) -> list[Stage]:
     """All stages of the pipeline for this config, in topological order, keyed (see the module doc)."""
     keyed: dict[str, Stage] = {}
@@ -450,8 +459,7 @@ def build_stages(cfg: Mapping) -> list[Stage]:
         params = st.params(cfg)
         document = {"stage": st.name, "params": params, "needs": {n: keyed[n].key for n in st.needs},
                     "external": list(st.external), "code": code_digest(code)}
-        resumable = {k: v for k, v in (params.get(st.section) or {}).items() if k not in RESUMABLE_KEYS} \
-            if st.section and isinstance(params.get(st.section), dict) else params.get(st.section)
+        resumable = _checkpoint_params(params.get(st.section)) if st.section else None
         ckpt = {**document, "params": {**params, st.section: resumable} if st.section else params}
         keyed[st.name] = dataclasses.replace(st, key=_hash(document), ckpt_key=_hash(ckpt), code=code)
     return list(keyed.values())

@@ -22,6 +22,9 @@ every stage needs and nobody should rewrite:
   ``checkpoint-<step>``; a half-written checkpoint is never picked up;
 * a **non-finite guard**: a NaN/Inf loss or gradient norm stops the run with an error naming
   the step and the loss, before it can reach a checkpoint;
+* a **learning-rate schedule** (:func:`lr_factor`: linear warm-up, then constant, cosine or
+  linear decay) that is a pure function of the update number, so it needs no state of its
+  own to resume exactly;
 * tqdm progress, per-window metrics and image grids logged to the stage's MLflow run.
 """
 
@@ -69,6 +72,7 @@ BOOKKEEPING_KEYS = frozenset(
 
 StepFn = Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor | float]]
 SampleFn = Callable[[], Mapping[str, torch.Tensor]]
+LR_DECAYS = ("constant", "cosine", "linear")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -94,11 +98,38 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # 0 = no image grids
     num_workers: int = 0
+    lr_warmup: int = 0  # updates of linear warm-up from lr / lr_warmup to lr
+    lr_decay: str = "constant"  # after warm-up: "constant" | "cosine" | "linear" (to 0 after the last update)
+
+    def __post_init__(self):
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay {self.lr_decay!r} is not one of {LR_DECAYS}")
+        if self.lr_warmup < 0:
+            raise ValueError(f"lr_warmup must be >= 0, got {self.lr_warmup}")
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], **overrides: Any) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in {**section, **overrides}.items() if k in names})
+
+
+def lr_factor(step: int, steps: int, warmup: int = 0, decay: str = "constant") -> float:
+    """The multiplier of the base learning rate for update ``step`` (1-based) of ``steps``.
+
+    Linear warm-up ``step / warmup`` over the first ``warmup`` updates (Goyal et al. 2017;
+    the usual cure for Adam's large early steps), then ``constant`` 1, or a ``cosine``
+    (Loshchilov & Hutter, SGDR) or ``linear`` decay that would reach 0 one update after the
+    last, so no update is wasted at learning rate 0. A pure function of the step: resuming
+    needs nothing but the step, which every checkpoint stores.
+    """
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay {decay!r} is not one of {LR_DECAYS}")
+    if warmup and step <= warmup:
+        return step / warmup
+    if decay == "constant":
+        return 1.0
+    progress = (step - warmup - 1) / max(steps - warmup, 1)  # 0 at the first decayed update
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -243,6 +274,8 @@ class Trainer:
         self.ckpt_dir = Path(ckpt_dir)
         self.run = run
         trajectory = {k: v for k, v in (fingerprint or {}).items() if k not in BOOKKEEPING_KEYS}
+        if config.lr_decay != "constant":  # a decay is a function of the total: steps shape the trajectory
+            trajectory["steps"] = config.steps
         self.fingerprint = params_hash({"seed": seed, "train": trajectory})
         # an update is exactly `grad_accum` micro-batches, epoch boundaries included (the batch
         # stream runs across epochs), so accumulation must not re-synchronise at a loader's end
@@ -290,6 +323,9 @@ class Trainer:
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.models = dict(zip(models, prepared[: len(models)]))
         self.optimizers = dict(zip(optimizers, prepared[len(models):]))
+        for optimizer in self.optimizers.values():  # the schedule's base (kept in the optimiser's state)
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
         return dict(self.models)
 
     def unwrap(self, name: str) -> nn.Module:
@@ -306,6 +342,9 @@ class Trainer:
         """
         self._check_finite(f"loss '{name}'", loss)
         optimizer = self.optimizers[name]
+        factor = lr_factor(self.step, self.config.steps, self.config.lr_warmup, self.config.lr_decay)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.config.grad_clip:
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -366,7 +405,7 @@ class Trainer:
                progress) -> dict[str, float]:
         cfg = self.config
         window: dict[str, tuple[torch.Tensor, int]] = {}  # key -> (sum, number of micro-batches)
-        window_steps, window_start, last_metrics = 0, time.perf_counter(), {}
+        window_steps, window_start, window_cpu, last_metrics = 0, time.perf_counter(), time.process_time(), {}
         for self.step in range(start + 1, cfg.steps + 1):
             for _ in range(cfg.grad_accum):
                 with self.accelerator.accumulate(*self.models.values()):
@@ -378,9 +417,9 @@ class Trainer:
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                last_metrics = self._log_window(window, window_steps, elapsed)
+                last_metrics = self._log_window(window, window_steps, elapsed, time.process_time() - window_cpu)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items() if "/" not in k})
-                window, window_steps, window_start = {}, 0, time.perf_counter()
+                window, window_steps, window_start, window_cpu = {}, 0, time.perf_counter(), time.process_time()
             if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._log_samples(sample_fn)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
@@ -434,11 +473,14 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def _log_window(self, window: Mapping[str, tuple[torch.Tensor, int]], steps: int,
-                    elapsed: float) -> dict[str, float]:
+                    elapsed: float, cpu_seconds: float = 0.0) -> dict[str, float]:
+        """Window means of the step metrics, the learning rates, throughput and this process's CPU
+        seconds per update (all threads; on a shared machine the cost that wall time hides)."""
         metrics = {k: float(total) / count for k, (total, count) in window.items()}
         metrics.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
         samples = steps * self.config.batch_size * self.config.grad_accum * self.accelerator.num_processes
         metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
+        metrics["cpu_s_per_step"] = cpu_seconds / max(steps, 1)
         self.history.append((self.step, metrics))
         if self.run is not None and self.is_main_process:
             self.run.log_metrics({f"{self.name}/{k}": v for k, v in metrics.items()}, step=self.step)

@@ -94,7 +94,11 @@ def _preview(dataset: Dataset, device: torch.device) -> torch.Tensor:
     return torch.stack([dataset[i]["hr"] for i in range(min(2, len(dataset)))]).to(device)
 
 
-def _train_vae(section: dict, seed: int, train: Dataset, val: Dataset, ckpt_dir: Path, run, inputs: str):
+def train_vae(section: dict, seed: int, train: Dataset, val: Dataset, ckpt_dir: Path, run, inputs: str):
+    """Train the mini VAE-D8 from ``section["vae"]``; return it (eval mode), its trainer and its val PSNR.
+
+    Public so that ``bench/bench_mini_vae.py`` compares recipes with exactly the stage's training.
+    """
     vae_cfg = section["vae"]
     trainer = Trainer(TrainConfig.from_section(vae_cfg, mixed_precision=section["mixed_precision"]),
                       name="prior_vae", seed=seed, ckpt_dir=ckpt_dir, run=run,
@@ -183,7 +187,7 @@ def run_prior(cfg: dict, pairs_dir: Path, out_dir: Path, ckpt_dir: Path, run) ->
     val = PairDataset(pairs_dir, "val", with_lr=False)
     data_digest = files_digest(pairs_dir / PAIRS_FILE)
 
-    vae, vae_trainer, vae_psnr = _train_vae(section, cfg["seed"], train, val, ckpt_dir / "vae", run, data_digest)
+    vae, vae_trainer, vae_psnr = train_vae(section, cfg["seed"], train, val, ckpt_dir / "vae", run, data_digest)
     device = vae_trainer.device
     vae.requires_grad_(False)
     std = latent_std(vae, train, batch_size=vae_trainer.config.batch_size, device=device)

@@ -1,0 +1,83 @@
+"""The mini prior's VAE-D8 under several training recipes, side by side: s/step and held-out PSNR-Y.
+
+Every later stage inherits this autoencoder (issue 12: the claims need D8 ≥ 22 dB on held-out
+256² photo windows), so its recipe is the first lever of mini mode. Each row trains the VAE
+exactly as the ``prior`` stage does (:func:`tvt.training.prior.train_vae`) on the pairs of a
+finished ``degrade`` stage, with some keys of ``prior.vae`` overridden, then scores it as the
+claims table does (:func:`tvt.claims.vae_psnr` on the test photos' 256² windows). Rows run
+one after another in one process, so their seconds are comparable with each other (on a
+shared machine, as upper bounds).
+
+    python bench/bench_mini_vae.py '{}' '{"lr_warmup": 10, "lr_decay": "cosine"}' \\
+        '{"steps": 200, "crop_size": 64, "batch_size": 8}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not progress bars
+
+import torch
+
+from tvt import claims, config
+from tvt.stages import stage_by_name
+from tvt.training.data import PairDataset
+from tvt.training.engine import files_digest
+from tvt.training.prior import train_vae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", default=["{}"], help="JSON objects overriding prior.vae keys")
+    parser.add_argument("--config", default="config/config.yaml", help="the config whose data/degrade stages ran")
+    parser.add_argument("--root", type=Path, default=Path("."), help="repository root holding resources/")
+    parser.add_argument("--heldout-photos", type=Path, help="also score on a folder of never-used photographs")
+    args = parser.parse_args()
+
+    cfg = config.load(args.config)
+    pairs_dir = args.root / stage_by_name(cfg, "degrade").folder
+    data_dir = args.root / stage_by_name(cfg, "data").folder
+    train = PairDataset(pairs_dir, "train", with_lr=False)
+    val = PairDataset(pairs_dir, "val", with_lr=False)
+    crops = claims.test_photo_crops(data_dir)
+    heldout = []
+    if args.heldout_photos:
+        photos = claims.folder_photos(args.heldout_photos, cfg["data"]["photos"]["max_side"])
+        heldout = [w for p in photos for w in claims.windows(p, claims.VAE_CROP, claims.VAE_CROPS_PER_PHOTO)]
+    digest = files_digest(pairs_dir / "pairs.csv")
+    print(
+        f"{len(train)} training crops, {len(crops)} test windows of {claims.VAE_CROP}², {len(heldout)} held-out; "
+        f"{torch.get_num_threads()} threads"
+    )
+
+    header = "| overrides | steps | batch | crop | s/step | train s | val PSNR | test PSNR-Y | held-out PSNR-Y |"
+    rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for text in args.variants:
+        overrides = json.loads(text)
+        section = copy.deepcopy(cfg["prior"])
+        section["vae"].update(overrides)
+        vae_cfg = section["vae"]
+        with tempfile.TemporaryDirectory() as ckpt:
+            start = time.perf_counter()
+            vae, trainer, val_psnr = train_vae(section, cfg["seed"], train, val, Path(ckpt), None, digest)
+            seconds = time.perf_counter() - start
+        test = claims.vae_psnr(vae, crops, trainer.device)
+        held = claims.vae_psnr(vae, heldout, trainer.device) if heldout else float("nan")
+        rows.append(
+            f"| `{json.dumps(overrides)}` | {vae_cfg['steps']} | {vae_cfg['batch_size']} | "
+            f"{vae_cfg.get('crop_size', '—')} | {seconds / vae_cfg['steps']:.2f} | {seconds:.0f} | {val_psnr:.2f} | "
+            f"{test:.2f} | {held:.2f} |"
+        )
+        print(rows[-1], flush=True)
+    print("\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
