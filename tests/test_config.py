@@ -98,3 +98,43 @@ def test_stage_params_are_isolated():
     assert config.params_hash(config.stage_params(changed, "degrade")) == config.params_hash(
         config.stage_params(MINI, "degrade"))
     assert config.params_hash(config.stage_params(changed, "evaluate")) != config.params_hash(p)
+
+
+def test_extends_merges_sections_and_replaces_values(tmp_path):
+    """A config that ``extends`` another is the base with its own values merged over it: sections key by
+    key (new entries allowed), lists and values replaced whole; the chain follows relative paths."""
+    (tmp_path / "sub").mkdir()
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config.load()))
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../base.yaml\nseed: 99\nisr:\n  tvt:\n    lr: 1.0e-4\n"
+                     "evaluate:\n  methods: [bicubic, tvt]\n")
+    merged, plain = config.load(child), config.load(base)
+    assert merged["seed"] == 99 and merged["isr"]["tvt"]["lr"] == 1e-4
+    # everything else of the section is the base's, and other sections are untouched
+    assert {k: v for k, v in merged["isr"]["tvt"].items() if k != "lr"} == \
+        {k: v for k, v in plain["isr"]["tvt"].items() if k != "lr"}
+    assert merged["isr"]["osediff"] == plain["isr"]["osediff"] and merged["prior"] == plain["prior"]
+    assert merged["evaluate"]["methods"] == ["bicubic", "tvt"]  # a list is replaced, not appended to
+    assert "extends" not in merged
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("extends: nowhere.yaml\n", "nowhere.yaml not found"),
+    ("extends: me.yaml\n", "extends itself"),
+    ("extends: [a.yaml]\n", "expected the path of a config file"),
+])
+def test_extends_errors_name_the_problem(tmp_path, text, expected):
+    path = tmp_path / "me.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        config.load(path)
+
+
+def test_extends_result_is_validated(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config.load()))
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nisr:\n  tvt:\n    lr: fast\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: isr.tvt.lr"):
+        config.load(child)

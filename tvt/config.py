@@ -233,18 +233,51 @@ def validate(cfg: Any, source: str = "config") -> dict:
 
 
 def load(path: str | Path | None = None) -> dict:
-    """Read and validate a config file (default: the mini config)."""
+    """Read and validate a config file (default: the mini config), its ``extends`` chain resolved."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    return validate(_resolve_extends(path, ()), source=str(path))
+
+
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8") as fh:
-            cfg = yaml.load(fh, Loader=_Yaml12Loader)  # a SafeLoader subclass
+            return yaml.load(fh, Loader=_Yaml12Loader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return validate(cfg, source=str(path))
+
+
+def _resolve_extends(path: Path, chain: tuple[Path, ...]) -> Any:
+    """A config file with ``extends: <file>`` is that file (path relative to this one) with this
+    file's values merged over it (:func:`merge_config`), so a variant of a config (e.g. the
+    ablation configs) states only what it adds and follows every later edit of its base."""
+    cfg = _read_yaml(path)
+    if not isinstance(cfg, dict) or "extends" not in cfg:
+        return cfg
+    base = cfg.pop("extends")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends: expected the path of a config file, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        raise ConfigError(f"{path}: extends: {base} extends itself ({' -> '.join(map(str, (*chain, path, base_path)))})")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends: {base_path} not found (the path is relative to {path.parent})")
+    return merge_config(_resolve_extends(base_path, (*chain, path)), cfg)
+
+
+def merge_config(base: Mapping, overlay: Mapping) -> dict:
+    """``base`` with ``overlay`` merged in: mappings key by key (new keys allowed), anything else
+    (lists, values) replaced whole. The result is validated like any config."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def get_section(cfg: dict, section: str):
