@@ -41,8 +41,18 @@ def make_manifest(folder: Path, count: int) -> Path:
             image = image.convert("RGB").resize((SOURCE_SIDE, SOURCE_SIDE), Image.Resampling.BICUBIC)
         path = folder / "images" / f"src{i:03d}.png"
         image.save(path)
-        rows.append({"id": path.stem, "path": f"images/{path.name}", "width": SOURCE_SIDE, "height": SOURCE_SIDE,
-                     "sha256": sha256_file(path), "split": "train", "source": "bench", "kind": "photo"})
+        rows.append(
+            {
+                "id": path.stem,
+                "path": f"images/{path.name}",
+                "width": SOURCE_SIDE,
+                "height": SOURCE_SIDE,
+                "sha256": sha256_file(path),
+                "split": "train",
+                "source": "bench",
+                "kind": "photo",
+            }
+        )
     return write_manifest(rows, folder / "manifest.csv", columns=tuple(rows[0]))
 
 
@@ -81,13 +91,18 @@ def main() -> None:
                     best[workers] = max(best[workers], pairs_per_second(data, workers, epoch=repeat))
             for workers, rate in best.items():
                 per_worker = rate / workers
-                print(f"{name:<20} {workers:>7} {rate:>8.2f} {per_worker:>10.2f} {1000 / per_worker:>12.0f} "
-                      f"{rate / best[args.workers[0]]:>6.2f}")
-        print("\nOne worker is one CPU core (the degradation runs single-threaded). Loader workers per GPU to keep "
-              "it fed: GPU steps/s x batch per GPU / (pairs/s per worker).")
+                print(
+                    f"{name:<20} {workers:>7} {rate:>8.2f} {per_worker:>10.2f} {1000 / per_worker:>12.0f} "
+                    f"{rate / best[args.workers[0]]:>6.2f}"
+                )
+        print(
+            "\nOne worker is one CPU core (the degradation runs single-threaded). Loader workers per GPU to keep "
+            "it fed: GPU steps/s x batch per GPU / (pairs/s per worker)."
+        )
         if torch.cuda.is_available():  # the GPU path: the loader only crops, the training process degrades
-            deferred = OnlinePairDataset(manifest, {**blocks["osediff/tvt degrade"], "hr_size": 512}, seed=0,
-                                         degrade=False)
+            deferred = OnlinePairDataset(
+                manifest, {**blocks["osediff/tvt degrade"], "hr_size": 512}, seed=0, degrade=False
+            )
             batch = default_collate([deferred[i] for i in range(min(8, len(deferred)))])
             degrade_batch(batch, "cuda")  # warm-up: kernels, DiffJPEG on the device
             torch.cuda.synchronize()

@@ -212,6 +212,7 @@ def test_generate_encodes_the_resized_back_lr_when_given():
     assert (other - inside).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_online_data_trains_from_the_manifest_with_fresh_draws(workdir, tmp_path):
     """`data: online`: the training set is the data manifest's photos, degraded per draw with the
     `degrade` section; two steps train, the fixed pairs still validate; no manifest is a named error."""

@@ -33,9 +33,15 @@ def cfg() -> dict:
 def manifest(tmp_path_factory) -> Path:
     """Three training photos (one cut in windows, one resized, one cropped at random) and one
     validation photo that training must ignore."""
-    return make_manifest(tmp_path_factory.mktemp("online"), [
-        ("astronaut", (80, 48), "lsdir", "train"), ("chelsea", (60, 40), "ffhq", "train"),
-        ("coffee", (50, 45), "mini", "train"), ("rocket", (64, 64), "mini", "val")])
+    return make_manifest(
+        tmp_path_factory.mktemp("online"),
+        [
+            ("astronaut", (80, 48), "lsdir", "train"),
+            ("chelsea", (60, 40), "ffhq", "train"),
+            ("coffee", (50, 45), "mini", "train"),
+            ("rocket", (64, 64), "mini", "val"),
+        ],
+    )
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -143,8 +149,16 @@ def test_bad_crop_mode_is_named(manifest, cfg):
 
 
 def make_trainer(root: Path, workers: int, steps: int = 8) -> Trainer:
-    config = TrainConfig.from_section({"steps": steps, "batch_size": 2, "checkpoint_every": 3, "keep_checkpoints": 2,
-                                       "log_every": 4, "num_workers": workers})
+    config = TrainConfig.from_section(
+        {
+            "steps": steps,
+            "batch_size": 2,
+            "checkpoint_every": 3,
+            "keep_checkpoints": 2,
+            "log_every": 4,
+            "num_workers": workers,
+        }
+    )
     trainer = Trainer(config, name="online", seed=SEED, ckpt_dir=root / "ckpt", fingerprint={})
     model = nn.Conv2d(3, 3, 3, padding=1)
     trainer.register({"model": model}, {"model": torch.optim.Adam(model.parameters(), lr=1e-2)})

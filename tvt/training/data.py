@@ -135,9 +135,9 @@ class OnlinePairDataset(Dataset):
     Item ``index`` of epoch ``e`` (set by the engine through :meth:`set_epoch`) is
     ``{"hr", "lr", "lr_up", "pair_id", "recipe"}``: the HR crop in [-1, 1], its LR at 1/scale and
     the LR brought back to the HR size (``resize_bak``, what the official generator is fed), and
-    the JSON recipe that :meth:`replay` turns into the same tensors. With ``degrade=False`` the LR
-    is left to :func:`degrade_batch` in the training process (blur/JPEG on its GPU); the item then
-    carries the uint8 HR (``hr_u8``) that the recipe applies to.
+    the JSON recipe that :meth:`replay` turns into the same tensors. With ``degrade=False`` the
+    loader only crops and flips: the item carries the uint8 crop (``hr_u8``) in place of ``hr``, and
+    :func:`degrade_batch` applies the recipe (USM, blur, noise, JPEG) on the training process's GPU.
 
     ``crops`` maps a manifest ``source`` (a dataset name in paper mode) to its
     ``{"mode": ONLINE_CROPS, "stride": int}``; unnamed sources crop at random.
