@@ -7,6 +7,7 @@ an independent computation, layout errors named."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -87,7 +88,7 @@ def _realce_like(root: Path) -> list[list[int]]:
 
 
 DATASETS = {
-    "lsdir": {"role": "train", "archives": [{"url": "file:///lsdir.tar", "sha256": None}]},
+    "lsdir": {"role": "train", "val_images": 1, "archives": [{"url": "file:///lsdir.tar", "sha256": None}]},
     "div2k_val": {"role": "test", "pairing": "synthetic", "archives": [{"url": "file:///div2k.zip", "sha256": None}]},
     "realsr": {"role": "test", "pairing": "paired", "archives": [{"url": "file:///realsr.zip", "sha256": None}],
                "pairs": {"lr": "**/test_LR/*", "hr": "**/test_HR/*", "scale": SCALE}},
@@ -106,7 +107,8 @@ def _downloads(root: Path) -> dict:
                    lr_name=lambda s: f"{s}_x4")  # LR named <stem>_x4: matched through lr_stem
     for name in ("china", "flower"):
         _save(_photo(name, 128), _downloaded(root / "div2k_val") / "DIV2K_valid_HR" / f"{name}.png")
-    _save(_photo("motorcycle_left", 128), _downloaded(root / "lsdir") / "shard-00" / "0000001.png")
+    for number, name in enumerate(("motorcycle_left", "coffee"), start=1):
+        _save(_photo(name, 128), _downloaded(root / "lsdir") / "shard-00" / f"000000{number}.png")
     return {"realce_boxes": _realce_like(_downloaded(root / "realce"))}
 
 
@@ -160,9 +162,13 @@ def paper(tmp_path_factory):
 
 def test_real_pairs_bypass_the_manifest_and_synthetic_sets_are_degraded(paper):
     manifest = read_manifest(paper["manifest"])
-    assert {(r["source"], r["split"]) for r in manifest} == {("lsdir", "train"), ("div2k_val", "test")}
-    assert {r["id"] for r in manifest} == {"lsdir-shard-00__0000001", "div2k_val-DIV2K_valid_HR__china",
-                                           "div2k_val-DIV2K_valid_HR__flower"}
+    # one LSDIR image held out as the trainers' validation split: the one whose id hashes lowest
+    lsdir = {r["id"]: r["split"] for r in manifest if r["source"] == "lsdir"}
+    held = min(lsdir, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
+    assert lsdir == {i: "val" if i == held else "train" for i in ("lsdir-shard-00__0000001", "lsdir-shard-00__0000002")}
+    assert {r["id"] for r in manifest if r["source"] == "div2k_val"} == {
+        "div2k_val-DIV2K_valid_HR__china", "div2k_val-DIV2K_valid_HR__flower"}
+    assert {r["split"] for r in manifest if r["source"] == "div2k_val"} == {"test"}
     real = verify_manifest(paper["data"] / REAL_PAIRS_FILE)  # every LR/HR exists with its sha256
     assert sorted((r["source"], r["pair_id"], r["kind"]) for r in real) == [
         ("drealsr", "drealsr-coffee", "photo"), ("drealsr", "drealsr-rocket", "photo"),
@@ -360,6 +366,8 @@ def test_image_ids_are_file_names():
      r"data.datasets.drealsr.pairs.lr_stem: '\(' is not a regular expression"),
     (lambda d: d["realsr"]["pairs"].__setitem__("lr_glob", "x"), "data.datasets.realsr.pairs.lr_glob: unknown key"),
     (lambda d: d["realsr"].__setitem__("pairing", "real"), "data.datasets.realsr.pairing: 'real' is not one of"),
+    (lambda d: d["lsdir"].pop("val_images"), "data.datasets.lsdir.val_images: the training stages validate on"),
+    (lambda d: d["realsr"].__setitem__("val_images", 2), "data.datasets.realsr.val_images: holds out validation"),
 ])
 def test_config_errors_name_the_key(tmp_path, edit, message):
     cfg = _config(tmp_path)

@@ -107,6 +107,8 @@ def _check_datasets(datasets: dict, scale: int) -> None:
     for name, spec in datasets.items():
         key = f"data.datasets.{name}"
         paired = spec.get("pairing", "synthetic") == "paired"
+        if "val_images" in spec and spec["role"] != "train":
+            raise ConfigError(f"{key}.val_images: holds out validation images of a training set (role is {spec['role']!r})")
         if paired and spec["role"] != "test":
             raise ConfigError(f"{key}.pairing: 'paired' is for test sets (role is {spec['role']!r})")
         if paired != ("pairs" in spec):
@@ -152,6 +154,10 @@ def _semantic_checks(cfg: dict) -> None:
         if "datasets" not in data:
             raise ConfigError("data.datasets: required when data.source is 'download'")
         _check_datasets(data["datasets"], deg["scale"])
+        train_sets = [n for n, spec in data["datasets"].items() if spec["role"] == "train"]
+        if train_sets and not any("val_images" in data["datasets"][n] for n in train_sets):
+            raise ConfigError(f"data.datasets.{train_sets[0]}.val_images: the training stages validate on a `val` split; "
+                              "hold out some training images for it (e.g. val_images: 32)")
     prior = cfg.get("prior")
     if prior is not None:
         need = ("vae", "unet") if prior["source"] == "train" else ("repo_id", "revision")

@@ -36,6 +36,7 @@ written, under ``real/<dataset>/``.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -253,7 +254,18 @@ def _manifest_rows(name: str, spec: Mapping, root: Path, out_dir: Path) -> list[
             "source": name, "licence": spec.get("licence", "see dataset page"), "kind": "photo",
             "text": "", "text_px": None, "font": "", "lang": "", "background": "",
         })
+    for row in held_out(rows, spec.get("val_images", 0)):
+        row["split"] = "val"
     return rows
+
+
+def held_out(rows: list[dict], count: int) -> list[dict]:
+    """The ``count`` rows whose ids hash lowest: a validation set that neither the listing order
+    nor later additions to the dataset reshuffle (the official training loops validate on none;
+    our trainers track a held-out PSNR/LPIPS, docs/training-recipe.md)."""
+    if count > len(rows):
+        raise DatasetLayoutError(f"val_images: {count} requested, the dataset has only {len(rows)} images")
+    return sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())[:count]
 
 
 def assemble_paper_dataset(data_cfg: Mapping, out_dir: Path, datasets_dir: Path) -> Path:
