@@ -51,6 +51,8 @@ def _error(mutate) -> str:
         (lambda c: c["isr"]["tvt"].__setitem__("t_vsd", [750, 250]), "isr.tvt.t_vsd: [750, 250] is not an increasing"),
         (lambda c: c["isr"]["tvt"].__setitem__("lambda_vsd", -1), "isr.tvt.lambda_vsd: -1 must be >= 0"),
         (lambda c: c["isr"]["tvt"].__setitem__("lamda_vsd", 1), "isr.tvt.lamda_vsd: unknown key (allowed:"),
+        (lambda c: c["isr"]["tvt"].__setitem__("prompt", "blip"), "isr.tvt.prompt: 'blip' is not one of [None, 'colour'"),
+        (lambda c: c["isr"]["tvt"].__setitem__("prompt", "ram"), "isr.tvt: missing required key 'ram_weights'"),
         (lambda c: c["decoder_transfer"].__setitem__("stepz", 1), "decoder_transfer.stepz: unknown key"),
         (lambda c: c.pop("encoder_transfer"), "isr.tvt: method 'tvt' needs the 'encoder_transfer' section"),
         (lambda c: c["prior"].pop("vae"), "prior.vae: required when prior.source is 'train'"),

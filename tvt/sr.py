@@ -721,8 +721,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--prompt", metavar="TEXT",
                          help="positive prompt after the tags (default: TVT's 'clean, high-resolution, 8k')")
     prompts.add_argument("--text-encoder", type=Path, metavar="DIR",
-                         help="folder with SD's tokenizer/ and text_encoder/ (default: --weights, else the SD "
-                              "snapshot: `tvt where prior --config config/paper.yaml`)")
+                         help="folder with SD's tokenizer/ and text_encoder/, e.g. the SD snapshot: `tvt where "
+                              "prior --config config/paper.yaml` (default: the --weights folder)")
     prompts.add_argument("--ram-weights", type=Path, metavar="PTH", help="ram_swin_large_14m.pth (ram, dape)")
     prompts.add_argument("--dape-weights", type=Path, metavar="PTH", help="OSEDiff's DAPE.pth (dape)")
     sampling = parser.add_argument_group("multi-step restorers (StableSR); defaults: the restorer's own")
