@@ -54,6 +54,28 @@ def screenshot(browser: str, page: Path, png: Path, size=(1400, 900)) -> float:
     return time.perf_counter() - start
 
 
+def opened(browser: str, page: Path, mime: str) -> bool:
+    """Whether the rendered page shows the result in the report's viewer: an <img> (images) or an
+    <iframe> (HTML) whose source is an embedded data URI (``--dump-dom``: the DOM after the scripts ran)."""
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    tag = "<iframe" if mime == "text/html" else "<img"
+    return any(part.split(">", 1)[0].find('src="data:') >= 0 for part in dom.split(tag)[1:])
+
+
 def ink(png: Path) -> float:
     """Share of pixels that differ from the most common colour (the background)."""
     pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
@@ -90,17 +112,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, category, path) in enumerate(views):
             page = Path(tmp) / f"view{index}.html"
-            page.write_text(
-                text
-                if path is None
-                else text.replace(
-                    "</body>", OPEN_RESULT.format(category=json.dumps(category), path=json.dumps(path)), 1
-                )
-            )
+            if path is not None:  # the last </body>: the embedded libraries hold the string too
+                head, _, tail = text.rpartition("</body>")
+                opener = OPEN_RESULT.format(category=json.dumps(category), path=json.dumps(path))
+                page.write_text(head + opener + tail)
+            else:
+                page.write_text(text)
             png = args.out / f"{index:02d}-{name.lower().replace(' ', '-')}.png"
             seconds = screenshot(browser, page, png)
             share = ink(png)
-            failed += share < args.min_ink
+            shown = path is None or opened(browser, page, results[path]["mime_type"])
+            ok = share >= args.min_ink and shown
+            failed += not ok
             rows.append(
                 (
                     name,
@@ -108,7 +131,7 @@ def main() -> int:
                     results[path]["mime_type"] if path else "-",
                     f"{share:.3f}",
                     f"{seconds:.1f}",
-                    "ok" if share >= args.min_ink else "BLANK",
+                    "ok" if ok else ("BLANK" if shown else "NOT SHOWN"),
                 )
             )
     header = ("view", "result", "type", "ink", "seconds", "status")
