@@ -256,3 +256,44 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptu
     keys = {r.data.tags.get("tvt.stage"): r.data.tags.get("tvt.key") for r in runs if r.info.status == "FINISHED"}
     for method in ("v1", "v2", "t1", "t2", "s4", "s5"):
         assert keys[f"isr_{method}"] == registry[f"isr_{method}"].key
+
+
+def test_s5_trains_lora_and_conv_in_of_the_pruned_unet_and_saves_a_restorer_that_reloads(tmp_path):
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import UNet2DConditionModel
+    from test_isr import isr_cfg
+
+    from tvt.models.pruned_unet import PrunedUNet
+    from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D4
+    from tvt.models.vae_d4 import VAED4
+    from tvt.training import isr
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg("tvt")["isr"]["tvt"], "unet": "pruned", "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    restorer = isr.build_generator("s5", section, VAED4(**MINI_VAE_D4), teacher, sd_noise_scheduler(), prompt, 4)
+    assert isinstance(restorer.unet, PrunedUNet)
+    trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
+    conv_in = {n for n in trainable if n.startswith("unet.unet.conv_in.") and ".lora_" not in n}
+    assert {n.rsplit(".", 1)[1] for n in conv_in} == {"weight", "bias"}  # conv_in in full, as S4
+    assert trainable - conv_in and all(".lora_" in n for n in trainable - conv_in)
+    assert not any(n.startswith("vae.") for n in trainable)
+    with torch.no_grad():  # LoRA B starts at zero: nudge it so the merged save must carry it
+        for name, param in restorer.named_parameters():
+            if ".lora_B" in name:
+                param.normal_(std=0.05)
+    restorer.eval()
+    lr = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = restorer(lr)
+        restorer.save_pretrained_dir(tmp_path / "s5")
+        again = OneStepRestorer.from_pretrained_dir(tmp_path / "s5").eval()
+        assert isinstance(again.unet, PrunedUNet)
+        reloaded = again(lr)
+        # LoRA merged into its base weights: the same function up to float rounding of the merge
+        assert (reloaded - expected).abs().max() < 1e-4, (reloaded - expected).abs().max()

@@ -116,3 +116,21 @@ def test_stablesr_rows(rows):
     assert restorer["gmacs"] > 35 * rows["OSEDiff restorer (E8 + UNet + D8)"]["gmacs"]
     # every method the reports look up has its row
     assert set(ARCHITECTURES.values()) <= set(rows)
+
+
+def test_the_ablation_rows_order_as_the_papers_flops_and_every_report_row_exists(rows):
+    """Tables 5 and 7's FLOPs order V1 > V2 > TVT and S4 > S5 > TVT (docs/ablations.md); so must our MACs.
+    Every architecture the reports name is a row here (a renamed row would leave a blank cell)."""
+    from tvt.reports import ARCHITECTURES
+
+    def macs(name):
+        return rows[name]["gmacs"]
+
+    tvt, v1, v2 = (f"{v} restorer (E4{s} + CE-UNet + D4{s})" for v, s in (("TVT", ""), ("V1", "-V1"), ("V2", "-V2")))
+    s4, s5 = "S4 restorer (E4 + UNet @ 128² + D4)", "S5 restorer (E4 + 25%-pruned UNet @ 128² + D4)"
+    assert macs(v1) > macs(v2) > macs(tvt)
+    assert macs(s4) > macs(s5) > macs(tvt)
+    assert rows[s5]["params_M"] < 0.85 * rows[s4]["params_M"]
+    assert rows[s4]["gmacs"] == pytest.approx(sum(rows[n]["gmacs"] for n in (
+        "VAE-D4 encoder", "SD UNet @ 128² (S4)", "VAE-D4 decoder")), abs=0.05)
+    assert set(ARCHITECTURES.values()) <= set(rows)

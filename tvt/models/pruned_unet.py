@@ -68,7 +68,9 @@ def _shrink_resnet(block: ResnetBlock2D, keep: float) -> None:
 def _shrink_feed_forward(ff: FeedForward, keep: float) -> None:
     proj, out = ff.net[0].proj, ff.net[2]
     inner = _kept(out.in_features, keep)
-    ff.net[0].proj = nn.Linear(proj.in_features, proj.out_features // out.in_features * inner, bias=proj.bias is not None)
+    ff.net[0].proj = nn.Linear(
+        proj.in_features, proj.out_features // out.in_features * inner, bias=proj.bias is not None
+    )
     ff.net[2] = nn.Linear(inner, out.out_features, bias=out.bias is not None)
 
 
@@ -118,12 +120,18 @@ class PrunedUNet(ModelMixin, ConfigMixin):
                 reads = original.conv2.weight.abs().sum(dim=(0, 2, 3)).view(norm.num_groups, per_group).sum(1)
                 groups = reads.topk(module.norm2.num_groups).indices.sort().values
                 index = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).flatten()
-                updates = {"conv1.weight": original.conv1.weight[index], "conv1.bias": original.conv1.bias[index],
-                           "norm2.weight": norm.weight[index], "norm2.bias": norm.bias[index],
-                           "conv2.weight": original.conv2.weight[:, index]}
+                updates = {
+                    "conv1.weight": original.conv1.weight[index],
+                    "conv1.bias": original.conv1.bias[index],
+                    "norm2.weight": norm.weight[index],
+                    "norm2.bias": norm.bias[index],
+                    "conv2.weight": original.conv2.weight[:, index],
+                }
                 if original.time_emb_proj is not None:
-                    updates |= {"time_emb_proj.weight": original.time_emb_proj.weight[index],
-                                "time_emb_proj.bias": original.time_emb_proj.bias[index]}
+                    updates |= {
+                        "time_emb_proj.weight": original.time_emb_proj.weight[index],
+                        "time_emb_proj.bias": original.time_emb_proj.bias[index],
+                    }
             else:
                 out = original.net[2]
                 inner = out.in_features
