@@ -60,10 +60,8 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
     assert {"decoder_transfer", "decoder_transfer_v1", "encoder_transfer_v1", "isr_v1"} <= changed
     assert not changed & {"decoder_transfer_t1", "isr_t1"}
     # dvc.yaml tracks both sections a variant reads
-    dvc = stages.dvc_yaml(cfg, "config/x.yaml")["stages"]["decoder_transfer_v1"]
-    assert dvc["params"] == [
-        {"config/x.yaml": ["mode", "seed", "decoder_transfer", "vae_variants.v1.decoder_transfer"]}
-    ]
+    dvc = stages.dvc_yaml(cfg)["stages"]["decoder_transfer_v1"]
+    assert dvc["params"] == ["mode", "seed", "decoder_transfer", "vae_variants.v1.decoder_transfer"]
 
 
 @pytest.mark.parametrize(
@@ -74,8 +72,8 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
             "vae_variants.x.decoder_transfer.architecture: 'v9' is not one of",
         ),
         (
-            lambda c: c["vae_variants"].update(x={"decoder_transfer": {"lr_decay": 1}}),
-            "vae_variants.x.decoder_transfer.lr_decay: unknown key",
+            lambda c: c["vae_variants"].update(x={"decoder_transfer": {"lr_schedule": 1}}),
+            "vae_variants.x.decoder_transfer.lr_schedule: unknown key",
         ),
         (lambda c: c["vae_variants"].update(x={"decoder": {}}), "vae_variants.x.decoder: unknown key"),
         (lambda c: c["isr"]["tvt"].update(vae="v3"), "isr.tvt.vae: unknown VAE variant 'v3' (vae_variants: t2)"),
@@ -204,7 +202,10 @@ ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s4", "s5"]
 
 @pytest.mark.parametrize(("name", "base"), ABLATION_CONFIGS.items())
 def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
-    """One source of truth: everything but the ablation entries is the base config's, value for value."""
+    """One source of truth: the file `extends` its base and states only the ablations; resolved, everything
+    but the ablation entries is the base config's, value for value, and each entry is TVT's with one change."""
+    raw = yaml.safe_load((config.REPO_ROOT / "config" / name).read_text())
+    assert raw["extends"] == base and set(raw) == {"extends", "vae_variants", "isr", "evaluate"}
     cfg, reference = config.load(config.REPO_ROOT / "config" / name), config.load(config.REPO_ROOT / "config" / base)
     assert cfg["evaluate"]["methods"] == reference["evaluate"]["methods"] + ABLATION_METHODS
     assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2"}

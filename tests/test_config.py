@@ -140,3 +140,26 @@ def test_extends_result_is_validated(tmp_path):
     child.write_text("extends: base.yaml\nisr:\n  tvt:\n    lr: fast\n")
     with pytest.raises(ConfigError, match=r"child.yaml: isr.tvt.lr"):
         config.load(child)
+
+
+def test_isr_like_is_the_named_entry_with_its_own_values_over_it(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config.load()))
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nisr:\n  s4: {like: tvt, unet: full}\n  s4b: {like: s4, lr: 1.0e-4}\n")
+    cfg = config.load(child)
+    assert cfg["isr"]["s4"] == {**cfg["isr"]["tvt"], "unet": "full"}
+    assert cfg["isr"]["s4b"] == {**cfg["isr"]["tvt"], "unet": "full", "lr": 1e-4}  # a chain resolves in order
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ("  s4: {like: tvtt, unet: full}\n", r"isr.s4.like: no isr entry 'tvtt' \(entries: "),
+    ("  a: {like: b}\n  b: {like: a}\n", r"isr.a.like: a -> b -> a is a cycle"),
+])
+def test_isr_like_errors_name_the_entry(tmp_path, entries, expected):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config.load()))
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nisr:\n" + entries)
+    with pytest.raises(ConfigError, match=expected):
+        config.load(child)

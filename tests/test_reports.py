@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tvt import reports
+from tvt import config, reports
 from tvt.config import REPO_ROOT
 from tvt.stats import Mark
 
@@ -214,7 +214,7 @@ def test_non_numbers_are_not_ranked(value):
 
 def _paper_mode_summary(config_name: str = "paper.yaml") -> dict:
     """What the evaluation of a paper-mode config writes, with made-up numbers: its methods, test sets, metrics."""
-    cfg = yaml.safe_load((REPO_ROOT / "config" / config_name).read_text())
+    cfg = config.load(REPO_ROOT / "config" / config_name)
     ev, datasets = cfg["evaluate"], cfg["data"]["datasets"]
     rng = np.random.default_rng(0)
     return {

@@ -241,7 +241,34 @@ def validate(cfg: Any, source: str = "config") -> dict:
 def load(path: str | Path | None = None) -> dict:
     """Read and validate a config file (default: the mini config), its ``extends`` chain resolved."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    return validate(_resolve_extends(path, ()), source=str(path))
+    cfg = _resolve_extends(path, ())
+    try:
+        cfg = resolve_isr_like(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return validate(cfg, source=str(path))
+
+
+def resolve_isr_like(cfg: Any) -> Any:
+    """``isr.<name>: {like: <other>, ...}`` is the entry ``<other>`` with these values over it: an
+    ablation states the one thing it changes (``{like: tvt, unet: pruned}``) and follows every later
+    edit of the recipe it varies. Resolved before validation; the stage keys hash the result."""
+    isr = cfg.get("isr") if isinstance(cfg, dict) else None
+    if not isinstance(isr, dict) or not any(isinstance(e, dict) and "like" in e for e in isr.values()):
+        return cfg
+
+    def entry(name: str, chain: tuple[str, ...]) -> dict:
+        own = isr[name]
+        if not isinstance(own, dict) or "like" not in own:
+            return own
+        like = own["like"]
+        if like not in isr:
+            raise ConfigError(f"isr.{name}.like: no isr entry {like!r} (entries: {', '.join(isr)})")
+        if like in chain:
+            raise ConfigError(f"isr.{chain[0]}.like: {' -> '.join((*chain, like))} is a cycle")
+        return {**copy.deepcopy(entry(like, (*chain, like))), **{k: v for k, v in own.items() if k != "like"}}
+
+    return {**cfg, "isr": {name: entry(name, (name,)) for name in isr}}
 
 
 def _read_yaml(path: Path) -> Any:
