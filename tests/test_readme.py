@@ -65,6 +65,7 @@ def _dry(command: str) -> str:
     return shlex.join([words[0], "-n", *words[1:]]) if words[0] == "snakemake" else command
 
 
+@pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
     project = _project_copy(tmp_path)
     (project / "README.md").write_text((ROOT / "README.md").read_text())
