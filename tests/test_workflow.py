@@ -203,6 +203,8 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
     # leaves DVC nothing to do
     shutil.copy2(ROOT / ".gitignore", project / ".gitignore")
     _run(["git", "init", "-q"], project)
+    for key, value in (("user.name", "tvt tests"), ("user.email", "tests@tvt.invalid")):  # DVC commits experiments
+        _run(["git", "config", key, value], project)
     _run([DVC, "init", "-q"], project)
     seconds["dvc adopts"], proc = _timed([*TVT, "pipeline", "--engine", "dvc"], project)
     assert all(f"{name}: up to date" in proc.stderr for name in registry), proc.stderr[-3000:]
