@@ -94,6 +94,7 @@ def trained(workdir):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tvt", "osediff"])
 def test_loss_falls_and_the_saved_restorer_reproduces_the_metrics(workdir, trained, variant):
     metrics, run = trained[variant]
@@ -127,6 +128,7 @@ def changed_weights(workdir: Path, variant: str, initial: dict[str, torch.Tensor
     return {k for k, v in trained.items() if not torch.equal(v, initial[k])}
 
 
+@pytest.mark.slow
 def test_tvt_trains_the_ce_unet_ends_and_inner_lora_only(workdir, trained):
     sd_unet = UNet2DConditionModel.from_pretrained(workdir / "sd" / "unet")
     initial = {**{f"vae.{k}": v for k, v in load_file(workdir / "d4" / "diffusion_pytorch_model.safetensors").items()},
@@ -138,6 +140,7 @@ def test_tvt_trains_the_ce_unet_ends_and_inner_lora_only(workdir, trained):
     assert inner and all(k.startswith("unet.unet.") and k.endswith(".weight") for k in inner)
 
 
+@pytest.mark.slow
 def test_osediff_trains_encoder_lora_unet_lora_and_conv_in_only(workdir, trained):
     initial = {f"{part}.{k}": v for part in ("vae", "unet")
                for k, v in load_file(workdir / "sd" / part / "diffusion_pytorch_model.safetensors").items()}
@@ -149,6 +152,7 @@ def test_osediff_trains_encoder_lora_unet_lora_and_conv_in_only(workdir, trained
     assert all(k.endswith(".weight") for k in unet - {"unet.conv_in.bias"})  # elsewhere: merged LoRA
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(workdir, trained):
     """A run killed after step 2 and restarted ends with the uninterrupted run's weights."""
     killed = workdir / "ckpt-killed"
@@ -158,6 +162,7 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(workdir, trained
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+@pytest.mark.slow
 def test_a_new_colour_fix_republishes_without_retraining(workdir, trained):
     shutil.copytree(workdir / "ckpt-tvt", workdir / "ckpt-refix")  # the finished run's checkpoints
     metrics = train(workdir, "tvt", "refix", steps=STEPS, color_fix="wavelet")

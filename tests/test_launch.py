@@ -220,6 +220,7 @@ def test_two_processes_survive_sigterm_resume_and_publish_once(project):
     assert all(torch.equal(VAED4.from_pretrained(out).state_dict()[k], v) for k, v in decoder.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_failure_in_the_ranks_fails_the_launch(tmp_path, monkeypatch, capfd):
     """The ranks' exit status comes back through accelerate launch (torchrun)."""
     monkeypatch.chdir(tmp_path)

@@ -90,6 +90,7 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
+@pytest.mark.slow
 def test_server_keeps_every_run_and_metric_of_parallel_stages(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)

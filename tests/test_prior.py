@@ -56,6 +56,7 @@ def test_scaling_factor_rule():
     assert scaling_factor_for(2.0) == 0.5  # far off: measured 1 / std
 
 
+@pytest.mark.slow
 def test_prior_trains_and_is_saved_like_an_sd_snapshot(tmp_path):
     pairs = make_pairs_dir(tmp_path / "pairs", 64, {"train": 12, "val": 4}, seed=1, n_photos=6)
     run = RecordingRun()

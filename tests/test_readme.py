@@ -32,6 +32,8 @@ COVERED_ELSEWHERE = {
     "make test": "this suite",
     "tvt sr ": "tests/test_sr.py (--tagger: tests/test_sr_tagger.py)",
     "tvt pipeline --engine dvc": "tests/test_workflow.py (end to end, both engines)",
+    "git add dvc.yaml ": "tests/test_workflow.py::test_pipeline_end_to_end_keyed_cached_and_tracked (DVC baseline)",
+    "dvc exp ": "tests/test_workflow.py::test_pipeline_end_to_end_keyed_cached_and_tracked (exp run -S, exp show)",
     "mlflow ui ": "tests/test_mlflow_server.py",
     "snakemake --profile profiles/slurm": "tests/test_slurm.py (real one-node cluster; paper dry run)",
     "tvt import ": "tests/test_official_{tvt,osediff,stablesr}.py (mini-size files laid out like the releases)",
@@ -65,6 +67,7 @@ def _dry(command: str) -> str:
     return shlex.join([words[0], "-n", *words[1:]]) if words[0] == "snakemake" else command
 
 
+@pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
     project = _project_copy(tmp_path)
     (project / "README.md").write_text((ROOT / "README.md").read_text())

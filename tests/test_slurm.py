@@ -140,6 +140,7 @@ def _dry_run_requests(output: str) -> dict[str, dict[str, str]]:
     return requests
 
 
+@pytest.mark.slow
 def test_paper_dry_run_plans_every_stage_with_registry_resources(tmp_path):
     project = _project_copy(tmp_path)  # no datasets, no weights: planning only
     cfg = config.load(ROOT / "config" / "paper.yaml")

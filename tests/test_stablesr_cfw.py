@@ -83,6 +83,7 @@ def test_latents_file_and_dataset(workdir, tmp_path):
         write_latents({"a": torch.zeros(1, 4, 2, 2)}, tmp_path / "batched.safetensors")
 
 
+@pytest.mark.slow
 def test_stage_trains_cfw_towards_the_lr_image(workdir):
     run = RecordingRun()
     metrics = run_stage(workdir, stage_cfg(sample_every=15), "cfw", run)
@@ -107,6 +108,7 @@ def test_stage_trains_cfw_towards_the_lr_image(workdir):
         assert torch.equal(CFWAutoencoder(vae, cfw)(latents, image, 0.0), vae.decode(latents).sample)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(workdir):
     cfg = stage_cfg(steps=6, disc_start=2, lpips_weight=0.0, checkpoint_every=2)
     run_stage(workdir, cfg, "full")
@@ -118,6 +120,7 @@ def test_resume_matches_uninterrupted(workdir):
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+@pytest.mark.slow
 def test_fixed_gan_weight_is_disc_weight(workdir):
     """StableSR's effective recipe: λ = disc_weight (0.025) at every adversarial step."""
     run = RecordingRun()

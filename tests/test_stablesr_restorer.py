@@ -146,6 +146,7 @@ def stage_b(tmp_path_factory):
     return root, run
 
 
+@pytest.mark.slow
 def test_stage_b_publishes_a_restorer_and_reruns_without_resampling(stage_b):
     root, run = stage_b
     metrics, recorder = run()

@@ -59,6 +59,7 @@ def trained(workdir):
     return train(workdir, "full", run, sample_every=STEPS), run
 
 
+@pytest.mark.slow
 def test_the_conditioner_learns_to_denoise_better_than_the_prior(trained):
     metrics, run = trained
     loss = run.series(f"{NAME}/loss")  # means over windows of 4 steps (random t: single steps are noisy)
@@ -71,6 +72,7 @@ def test_the_conditioner_learns_to_denoise_better_than_the_prior(trained):
     assert run.figures == [f"{NAME}/samples/step_{STEPS:06d}.png"]
 
 
+@pytest.mark.slow
 def test_the_published_conditioner_loads_and_reproduces_the_metrics(workdir, trained):
     metrics, _ = trained
     out = workdir / "out-full"
@@ -87,6 +89,7 @@ def test_the_published_conditioner_loads_and_reproduces_the_metrics(workdir, tra
     assert sr.shape == (1, 3, HR, HR) and sr.abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(workdir, trained):
     run = RecordingRun()
     train(workdir, "resumed", steps=STEPS // 2)

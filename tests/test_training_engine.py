@@ -405,6 +405,7 @@ def _killable(tmp_path, root: str, out: str, every: int = 2):
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
     """A real SIGKILL at an arbitrary moment after some checkpoints: the rerun resumes from
     the newest complete checkpoint and ends bit-identical to an uninterrupted run."""
@@ -437,6 +438,7 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(ref[key], res[key]), key
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_resumes_identically(tmp_path):
     """SIGTERM (a SLURM time limit) between two periodic checkpoints: the update in flight is
     finished and checkpointed, the process exits 143, and the rerun ends bit-identical to an

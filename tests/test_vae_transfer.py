@@ -137,6 +137,7 @@ def test_transfer_latents_are_quarter_size():
 # ---- the stages -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_decoder_then_encoder_transfer(workdir):
     cfg = stage_cfg()
     run = RecordingRun()
@@ -169,6 +170,7 @@ def test_decoder_then_encoder_transfer(workdir):
     assert not all(torch.equal(before[k], initial[k]) for k in frozen)
 
 
+@pytest.mark.slow
 def test_decoder_stage_resume_matches_uninterrupted(workdir):
     cfg = stage_cfg(steps=6, disc_start=2, lpips_weight=0.0)
     run_decoder_transfer(cfg, workdir / "pairs", workdir / "sd", workdir / "full", workdir / "ckpt-full", None)
@@ -180,6 +182,7 @@ def test_decoder_stage_resume_matches_uninterrupted(workdir):
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # ... and resumed to the same weights
 
 
+@pytest.mark.slow
 def test_ablation_t1_trains_the_whole_vae_from_scratch(workdir):
     cfg = stage_cfg(transfer=False, steps=4, disc_start=100, lpips_weight=0.0)
     run = RecordingRun()

@@ -84,6 +84,7 @@ def _dvc_edges(project: Path) -> set[tuple[str, str]]:
     return {(producers[d], name) for name, st in doc.items() for d in st.get("deps", []) if d in producers}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_name", ["config.yaml", "paper.yaml"])
 def test_snakemake_and_dvc_build_the_same_dag(tmp_path, cfg_name):
     project = _project_copy(tmp_path, cfg_name)
@@ -107,6 +108,7 @@ def test_snakemake_and_dvc_build_the_same_dag(tmp_path, cfg_name):
         assert {f"download_{d}" for d in cfg["data"]["datasets"]} <= names
 
 
+@pytest.mark.slow
 def test_config_overrides_are_snakemakes_own_idiom(tmp_path):
     """`--config` enters the keys (finding 5: it used to be silently ignored), merged into its section."""
     project = _project_copy(tmp_path)
@@ -224,6 +226,8 @@ def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weigh
     # leaves DVC nothing to do
     shutil.copy2(ROOT / ".gitignore", project / ".gitignore")
     _run(["git", "init", "-q"], project)
+    for key, value in (("user.name", "tvt tests"), ("user.email", "tests@tvt.invalid")):  # DVC commits experiments
+        _run(["git", "config", key, value], project)
     _run([DVC, "init", "-q"], project)
     seconds["dvc adopts"], proc = _timed([*TVT, "pipeline", "--engine", "dvc"], project)
     assert all(f"{name}: up to date" in proc.stderr for name in registry), proc.stderr[-3000:]
