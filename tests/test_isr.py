@@ -180,14 +180,19 @@ def test_invalid_combinations_name_the_problem(workdir):
         train(workdir, "osediff", "bad", unet="ce")
 
 
-def test_training_forward_samples_the_posterior_and_clamps_the_output():
-    """As the official training forwards: a posterior sample enters the UNet, the losses see SR in [-1, 1]."""
+def _random_tvt_generator():
+    """A mini TVT generator with random weights (seed 0) and one random 16² LR in [-1, 1]."""
     torch.manual_seed(0)
     teacher = UNet2DConditionModel(**MINI_UNET)
     section = {**isr_cfg("tvt")["isr"]["tvt"], "lora_rank": 2}
     prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
     restorer = isr.build_generator("tvt", section, VAED4(**MINI_VAE_D4), teacher, sd_noise_scheduler(), prompt, 4)
-    lr = torch.rand(1, 3, 16, 16) * 2 - 1
+    return restorer, torch.rand(1, 3, 16, 16) * 2 - 1
+
+
+def test_training_forward_samples_the_posterior_and_clamps_the_output():
+    """As the official training forwards: a posterior sample enters the UNet, the losses see SR in [-1, 1]."""
+    restorer, lr = _random_tvt_generator()
     with torch.no_grad():
         restorer.vae.decoder.conv_out.bias.fill_(3.0)  # push the raw output beyond [-1, 1]
         sampled = [isr.generate(restorer, lr, sample_posterior=True) for _ in range(2)]
@@ -201,12 +206,7 @@ def test_training_forward_samples_the_posterior_and_clamps_the_output():
 def test_generate_encodes_the_resized_back_lr_when_given():
     """Online data feeds the LR the dataset brought back to the HR size (resize_bak) instead of the
     bicubic upsampling: the same image through either path gives the same output, another one another."""
-    torch.manual_seed(0)
-    teacher = UNet2DConditionModel(**MINI_UNET)
-    section = {**isr_cfg("tvt")["isr"]["tvt"], "lora_rank": 2}
-    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
-    restorer = isr.build_generator("tvt", section, VAED4(**MINI_VAE_D4), teacher, sd_noise_scheduler(), prompt, 4)
-    lr = torch.rand(1, 3, 16, 16) * 2 - 1
+    restorer, lr = _random_tvt_generator()
     with torch.no_grad():
         bicubic = restorer.upsample_lr((lr + 1) / 2) * 2 - 1
         inside, _ = isr.generate(restorer, lr, sample_posterior=False)
