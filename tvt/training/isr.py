@@ -40,8 +40,7 @@ teacher and fake score on the SD snapshot's fixed embedding, with its stored neg
 CFG. A tagger name (``ram`` as the official scripts, or the weight-free ``colour``) tags every
 training HR once (:func:`training_tags`, cached in the checkpoint folder; with ``data: online``
 every draw is a new crop, so each batch is tagged at its step, as the official loops do), and each
-step encodes
-the batch's prompts (:func:`tvt.models.prompts.training_prompt`) and the negative prompt
+step encodes the batch's prompts (:func:`tvt.models.prompts.training_prompt`) and the negative prompt
 (``negative_prompt``, default the official one of ``method``) with the snapshot's CLIP text
 encoder, as the official training loops do (Joyies/TVT ``train.py``, cswry/OSEDiff
 ``train_osediff.py``).
@@ -266,15 +265,15 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
         encode_text = load_text_encoder(sd_dir, device)
         negative = encode_text([section.get("negative_prompt", OFFICIAL_NEGATIVE_PROMPTS[section["method"]])])
         weights = {"ram_weights": section["ram_weights"]} if "ram_weights" in section else {}
-        identity = {"tagger": tagger_name, **weights, "pairs": files_digest(pairs_dir / PAIRS_FILE)}
-        cache = Path(ckpt_dir) / TAGS_FILE
         if online:  # every draw is a new crop: tag it at each step, as the official loops do
             tag_batch = make_tagger(tagger_name, **weights, device=device)
-        elif trainer.is_main_process:
-            training_tags(PairDataset(pairs_dir, "train", with_lr=False),
-                          lambda: make_tagger(tagger_name, **weights, device=device), cache, identity,
-                          batch_size=trainer.config.batch_size, device=device)
-        if not online:
+        else:  # fixed crops: tag each training HR once, cached beside the checkpoints
+            identity = {"tagger": tagger_name, **weights, "pairs": files_digest(pairs_dir / PAIRS_FILE)}
+            cache = Path(ckpt_dir) / TAGS_FILE
+            if trainer.is_main_process:
+                training_tags(PairDataset(pairs_dir, "train", with_lr=False),
+                              lambda: make_tagger(tagger_name, **weights, device=device), cache, identity,
+                              batch_size=trainer.config.batch_size, device=device)
             trainer.accelerator.wait_for_everyone()
             tags = json.loads(cache.read_text(encoding="utf-8"))["tags"]
 
