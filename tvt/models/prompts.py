@@ -17,7 +17,11 @@ Pieces:
   :class:`ColourTagger` (weight-free, offline).
 * :class:`TaggedPrompt` — a tagger + SD's text encoder (:func:`load_text_encoder`) as the
   restorer's prompt provider; it keeps each call's tags so that ``tvt sr`` writes them beside
-  every output (:func:`write_tags`).
+  every output and the evaluation under its tables (:func:`write_last_tags`).
+* :func:`tag_restorer` — the one way a restorer gets a :class:`TaggedPrompt`: ``tvt sr --tagger``
+  and the evaluation's ``evaluate.tagger`` both call it.
+* :class:`PromptRecipe` — how a restorer was trained to be prompted (``restorer.json``'s ``prompt``),
+  which ``tvt sr`` follows when no ``--tagger`` is given.
 
 RAM and DAPE need the ``ram`` package, which is not on PyPI, and hub weights. Cluster install::
 
