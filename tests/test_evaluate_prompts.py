@@ -51,7 +51,9 @@ def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate-prompts")
     torch.manual_seed(0)
     restorer = tmp / "restorer"
-    build_osediff_restorer(AutoencoderKL(**MINI_VAE_D8), UNet2DConditionModel(**MINI_UNET)).save_pretrained_dir(restorer)
+    build_osediff_restorer(AutoencoderKL(**MINI_VAE_D8), UNet2DConditionModel(**MINI_UNET)).save_pretrained_dir(
+        restorer
+    )
     save_tiny_text_encoder(tmp / "sd")
     rows = []
     for name in PHOTOS:
@@ -59,26 +61,60 @@ def evaluated(tmp_path_factory):
         for kind, image in (("hr", hr), ("lr", hr.resize((16, 16), Image.BICUBIC))):
             (tmp / "pairs" / kind).mkdir(parents=True, exist_ok=True)
             image.save(tmp / "pairs" / kind / f"{name}.png")
-        rows.append({"pair_id": name, "source_id": name, "split": "test", "kind": "photo",
-                     "hr_path": f"hr/{name}.png", "lr_path": f"lr/{name}.png",
-                     "hr_sha256": sha256_file(tmp / "pairs" / "hr" / f"{name}.png"),
-                     "lr_sha256": sha256_file(tmp / "pairs" / "lr" / f"{name}.png"),
-                     "crop_x": 0, "crop_y": 0, "text": "", "text_px": None, "lang": "", "font": "", "params": "{}"})
+        rows.append(
+            {
+                "pair_id": name,
+                "source_id": name,
+                "split": "test",
+                "kind": "photo",
+                "hr_path": f"hr/{name}.png",
+                "lr_path": f"lr/{name}.png",
+                "hr_sha256": sha256_file(tmp / "pairs" / "hr" / f"{name}.png"),
+                "lr_sha256": sha256_file(tmp / "pairs" / "lr" / f"{name}.png"),
+                "crop_x": 0,
+                "crop_y": 0,
+                "text": "",
+                "text_px": None,
+                "lang": "",
+                "font": "",
+                "params": "{}",
+            }
+        )
     pairs = write_manifest(rows, tmp / "pairs" / "pairs.csv", PAIR_COLUMNS)
-    cfg = {"mode": "mini", "seed": 1, "degrade": {"scale": 4}, "isr": {"plain": {}, "tagged": {}},
-           "evaluate": {"methods": ["plain", "tagged"], "crop_border": 0, "metrics": ["psnr_y"], "ocr": False,
-                        "figure_pairs": 0, "register_models": False, "tagger": {"tagged": "colour"}}}
+    cfg = {
+        "mode": "mini",
+        "seed": 1,
+        "degrade": {"scale": 4},
+        "isr": {"plain": {}, "tagged": {}},
+        "evaluate": {
+            "methods": ["plain", "tagged"],
+            "crop_border": 0,
+            "metrics": ["psnr_y"],
+            "ocr": False,
+            "figure_pairs": 0,
+            "register_models": False,
+            "tagger": {"tagged": "colour"},
+        },
+    }
     tables = tmp / "results" / "tables"
     tables.mkdir(parents=True)
-    summary = ev.evaluate(cfg, pairs, tables, tmp / "results" / "metrics.json", Run(),
-                          model_dirs={"plain": restorer, "tagged": restorer}, text_encoder=tmp / "sd")
+    summary = ev.evaluate(
+        cfg,
+        pairs,
+        tables,
+        tmp / "results" / "metrics.json",
+        Run(),
+        model_dirs={"plain": restorer, "tagged": restorer},
+        text_encoder=tmp / "sd",
+    )
     return {"summary": summary, "tmp": tmp, "tables": tables, "pairs": pairs}
 
 
 def test_tags_of_each_upsampled_lr_are_written_for_every_output(evaluated):
     tags_dir = evaluated["tables"] / "tags"
     assert sorted(p.relative_to(tags_dir).as_posix() for p in tags_dir.rglob("*.json")) == [
-        f"tagged/{name}.png.tags.json" for name in sorted(PHOTOS)]  # the null prompt has none to write
+        f"tagged/{name}.png.tags.json" for name in sorted(PHOTOS)
+    ]  # the null prompt has none to write
     written = {}
     for name in PHOTOS:
         lr = ev.load_image(evaluated["pairs"].parent / "lr" / f"{name}.png")
@@ -92,10 +128,14 @@ def test_tags_of_each_upsampled_lr_are_written_for_every_output(evaluated):
 
 def test_the_prompt_changes_the_scores_and_is_recorded(evaluated):
     summary = evaluated["summary"]
-    assert summary["prompts"] == {"plain": {"prompt": "null"},
-                                  "tagged": {"prompt": "tags", "tagger": "colour", "format": "<tags>, ,"}}
+    assert summary["prompts"] == {
+        "plain": {"prompt": "null"},
+        "tagged": {"prompt": "tags", "tagger": "colour", "format": "<tags>, ,"},
+    }
     assert json.loads((evaluated["tmp"] / "results" / "metrics.json").read_text())["prompts"] == summary["prompts"]
-    assert 'Prompts: plain: null; tagged: colour tags, "<tags>, ,".' in (evaluated["tables"] / "table2_all.md").read_text()
+    assert (
+        'Prompts: plain: null; tagged: colour tags, "<tags>, ,".' in (evaluated["tables"] / "table2_all.md").read_text()
+    )
     with open(evaluated["tables"] / "per_image.csv", newline="") as fh:
         psnr = {(r["method"], r["pair_id"]): float(r["psnr_y"]) for r in csv.DictReader(fh)}
     for name in PHOTOS:  # the same weights, another prompt: another output
@@ -103,8 +143,11 @@ def test_the_prompt_changes_the_scores_and_is_recorded(evaluated):
 
 
 def test_a_tagger_that_cannot_run_names_the_method_and_what_is_missing(evaluated, tmp_path):
-    cfg = {"degrade": {"scale": 4}, "isr": {"tvt": {}},
-           "evaluate": {"methods": ["tvt"], "tagger": {"default": "ram"}, "ram_weights": str(tmp_path / "ram.pth")}}
+    cfg = {
+        "degrade": {"scale": 4},
+        "isr": {"tvt": {}},
+        "evaluate": {"methods": ["tvt"], "tagger": {"default": "ram"}, "ram_weights": str(tmp_path / "ram.pth")},
+    }
     restorer = evaluated["tmp"] / "restorer"
     with pytest.raises(RuntimeError, match=r"evaluate.tagger: method 'tvt' with ram tags: .*ram_swin_large_14m\.pth"):
         ev.build_method("tvt", cfg, model_dir=restorer, text_encoder=evaluated["tmp"] / "sd")
