@@ -184,7 +184,7 @@ def tag_method(method: Method, tagger: str, ev: Mapping, text_encoder: Path) -> 
     try:
         prompt = tag_restorer(method.model, tagger, text_encoder=text_encoder, ram_weights=ev.get("ram_weights"),
                               dape_weights=ev.get("dape_weights"))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (TypeError, FileNotFoundError, RuntimeError) as exc:
         raise RuntimeError(f"evaluate.tagger: method {method.name!r} with {tagger} tags: {exc}") from exc
     method.prompt = describe_prompt(prompt)
 

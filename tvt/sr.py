@@ -639,7 +639,7 @@ def attach_tagger(restorer: OneStepRestorer, weights: Path, tagger: str, *, text
     try:
         tag_restorer(restorer, tagger, text_encoder=text_encoder or weights, positive_prompt=positive_prompt,
                      ram_weights=ram_weights, dape_weights=dape_weights)
-    except ValueError as exc:
+    except TypeError as exc:
         raise UsageError(f"{source}: {weights} holds a multi-step (StableSR) restorer, which samples with the "
                          "empty prompt as the official code; use --tagger none") from exc
     except (FileNotFoundError, RuntimeError) as exc:

@@ -239,12 +239,12 @@ def tag_restorer(restorer: nn.Module, tagger: str, *, text_encoder: str | Path, 
     stored prompt: the one path of ``tvt sr --tagger`` and of the evaluation's ``evaluate.tagger``.
 
     The positive prompt: ``positive_prompt``, else the restorer's :class:`PromptRecipe`'s, else its
-    method's official one (:func:`default_positive_prompt`). Raises ValueError for a multi-step
+    method's official one (:func:`default_positive_prompt`). Raises TypeError for a multi-step
     (StableSR) restorer, FileNotFoundError / RuntimeError naming a missing text encoder, package or weights.
     """
     if not hasattr(restorer, "prompt") or not hasattr(restorer, "denoise"):
-        raise ValueError("a multi-step (StableSR) restorer samples with the empty prompt, as the official code; "
-                         "only one-step restorers take tags")
+        raise TypeError("a multi-step (StableSR) restorer samples with the empty prompt, as the official code; "
+                        "only one-step restorers take tags")
     device = next(restorer.parameters()).device
     encode = load_text_encoder(text_encoder, device)
     tag = make_tagger(tagger, ram_weights=ram_weights, dape_weights=dape_weights, device=device)
