@@ -61,10 +61,30 @@ def _error(mutate) -> str:
         (lambda c: c["degrade"]["first"].__setitem__("gray_noise_prob", 1.5), "degrade.first.gray_noise_prob: 1.5 must be <= 1"),
         (lambda c: c["prior"]["vae"].__setitem__("lr_decay", "exp"), "prior.vae.lr_decay: 'exp' is not one of"),
         (lambda c: c["isr"]["tvt"].__setitem__("lr_warmup", -1), "isr.tvt.lr_warmup: -1 must be >= 0"),
+        (lambda c: c["evaluate"].__setitem__("tagger", {"tvt": "blip"}), "evaluate.tagger.tvt: 'blip' is not one of"),
+        (lambda c: c["evaluate"].__setitem__("tagger", {"esrgan": "colour"}),
+         "evaluate.tagger.esrgan: 'esrgan' is not in evaluate.methods"),
+        (lambda c: c["evaluate"].__setitem__("tagger", {"stablesr": "colour"}),
+         "evaluate.tagger.stablesr: 'stablesr' takes no prompt; only one-step restorers do (osediff, tvt)"),
+        (lambda c: c["evaluate"].__setitem__("tagger", {"bicubic": "colour"}), "evaluate.tagger.bicubic: 'bicubic' takes no"),
+        (lambda c: c["evaluate"].__setitem__("tagger", {"default": "dape"}),
+         "evaluate.ram_weights: required when evaluate.tagger uses dape"),
+        (lambda c: c["evaluate"].update(tagger={"tvt": "dape"}, ram_weights="ram.pth"),
+         "evaluate.dape_weights: required when evaluate.tagger uses dape"),
     ],
 )
 def test_bad_values_name_the_key(mutate, expected):
     assert expected in _error(mutate)
+
+
+def test_evaluation_taggers_default_to_the_null_prompt_and_skip_methods_without_one():
+    assert config.evaluation_taggers(MINI) == {"osediff": "none", "tvt": "none"}  # bicubic, stablesr: no prompt
+    tagged = copy.deepcopy(MINI)
+    tagged["evaluate"].update(tagger={"default": "ram", "osediff": "colour"}, ram_weights="ram.pth")
+    assert config.evaluation_taggers(config.validate(tagged)) == {"osediff": "colour", "tvt": "ram"}
+    paper = config.load(config.REPO_ROOT / "config" / "paper.yaml")  # the official test scripts' DAPE prompts
+    assert config.evaluation_taggers(paper) == dict.fromkeys(["osediff", "tvt", "tvt_official", "osediff_official"],
+                                                             "dape")
 
 
 def test_missing_dataset_in_paper_mode_is_named():

@@ -151,3 +151,25 @@ def test_prompts_need_the_text_encoder_and_ram_names_its_package(workdir, tmp_pa
     with pytest.raises(RuntimeError, match=r"ram_swin_large_14m\.pth.*`ram` package \(pip install "
                                            r"git\+https://github\.com/xinyu1205/recognize-anything"):
         prompts.make_tagger("ram", ram_weights=tmp_path / "absent.pth")
+
+
+def test_the_saved_restorer_records_the_tagger_it_was_trained_with(tmp_path):
+    """``tvt sr`` prompts it with that tagger and its code base's test-time positive prompt by default."""
+    from diffusers import UNet2DConditionModel
+
+    from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET
+
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    null = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    for prompt, expected in (("colour", {"tagger": "colour", "positive": prompts.OFFICIAL_POSITIVE_PROMPT}),
+                             (None, None)):
+        restorer = isr.build_generator("tvt", section(prompt=prompt), VAED4(**MINI_VAE_D4), teacher,
+                                       sd_noise_scheduler(), null, 4)
+        folder = restorer.save_pretrained_dir(tmp_path / str(prompt))
+        assert json.loads((folder / "restorer.json").read_text())["prompt"] == expected
+        loaded = OneStepRestorer.from_pretrained_dir(folder)
+        assert loaded.prompt_recipe == (prompts.PromptRecipe(**expected) if expected else None)
+        assert torch.equal(loaded.prompt.embedding, null)  # the stored embedding stays the null prompt
+    assert prompts.default_positive_prompt("osediff") == ""  # OSEDiff's test script passes none
+    assert prompts.default_positive_prompt("s4") == prompts.OFFICIAL_POSITIVE_PROMPT  # TVT's recipe, varied

@@ -156,6 +156,7 @@ def test_save_load_round_trip_merges_lora(restorers, tmp_path):
         "scale": 4,
         "color_fix": "wavelet",
         "prompt_embedding": "prompt_embedding.safetensors",
+        "prompt": None,  # trained on no tags: `tvt sr` keeps the stored prompt
     }
     assert sorted(p.name for p in (tmp_path / "tvt").iterdir()) == [
         "prompt_embedding.safetensors",

@@ -208,6 +208,7 @@ def _semantic_checks(cfg: dict) -> None:
             raise ConfigError(f"evaluate.methods[{i}]: {method!r} is neither 'bicubic' nor a trained model "
                               f"(isr section: {', '.join(isr) or 'none configured'}; 'stablesr' with a stablesr "
                               "section; '<name>_official' with an official section)")
+    _check_evaluation_taggers(cfg)
     known = set(data.get("datasets", {}))
     for i, name in enumerate(cfg["evaluate"].get("test_sets", [])):
         if name not in known:
@@ -215,6 +216,41 @@ def _semantic_checks(cfg: dict) -> None:
                 f"evaluate.test_sets[{i}]: unknown dataset {name!r} (defined in data.datasets: "
                 f"{', '.join(sorted(known)) or 'none'})"
             )
+
+
+def one_step_methods(cfg: Mapping) -> list[str]:
+    """The methods that condition on a prompt: the one-step restorers (every ``isr`` entry and the official
+    TVT and OSEDiff releases). StableSR samples with the empty prompt, as its official code."""
+    return [*cfg.get("isr", {}), *(f"{n}_official" for n in cfg.get("official", {}) if n != "stablesr")]
+
+
+def evaluation_taggers(cfg: Mapping) -> dict[str, str]:
+    """The tagger each one-step method of ``evaluate.methods`` is scored with (``none``: its stored null
+    prompt): ``evaluate.tagger.<method>``, else ``evaluate.tagger.default``, else ``none``."""
+    taggers = cfg["evaluate"].get("tagger") or {}
+    one_step = set(one_step_methods(cfg))
+    return {name: taggers.get(name, taggers.get("default", "none"))
+            for name in cfg["evaluate"]["methods"] if name in one_step}
+
+
+def _check_evaluation_taggers(cfg: dict) -> None:
+    ev = cfg["evaluate"]
+    one_step = set(one_step_methods(cfg))
+    for name in ev.get("tagger") or {}:
+        if name == "default":
+            continue
+        if name not in ev["methods"]:
+            raise ConfigError(f"evaluate.tagger.{name}: {name!r} is not in evaluate.methods (a tagger is chosen per "
+                              "evaluated method, or for all of them as 'default')")
+        if name not in one_step:
+            raise ConfigError(f"evaluate.tagger.{name}: {name!r} takes no prompt; only one-step restorers do "
+                              f"({', '.join(sorted(one_step)) or 'none configured'}): bicubic has no network and "
+                              "StableSR samples with the empty prompt, as its official code")
+    used = set(evaluation_taggers(cfg).values())
+    for key, needed_by in (("ram_weights", {"ram", "dape"}), ("dape_weights", {"dape"})):
+        if used & needed_by and key not in ev:
+            raise ConfigError(f"evaluate.{key}: required when evaluate.tagger uses {' or '.join(sorted(used & needed_by))} "
+                              "(the weights are fetched on the cluster: docs/official-weights.md, Prompts)")
 
 
 def validate(cfg: Any, source: str = "config") -> dict:

@@ -30,6 +30,16 @@ logged in its method's first comparison run as an MLflow model (its folder as a 
 (``evaluate.register_models``, default true); ``metrics.json`` names each method's folder under
 ``restorers`` (``tvt push`` finds a restorer's metrics there).
 
+Prompts (``evaluate.tagger``, :func:`tvt.config.evaluation_taggers`): a one-step restorer runs with
+its stored null prompt, or with tags of every test image's upsampled LR encoded by the SD snapshot's
+CLIP text encoder — the one path of ``tvt sr --tagger`` (:func:`tvt.models.prompts.tag_restorer`).
+``dape`` is how the official test scripts prompt (Joyies/TVT ``TVT/inferences/inference.py``
+``get_validation_prompt``, cswry/OSEDiff ``test_osediff.py`` ``get_validation_prompt``; their
+``scripts/test`` give the positive prompt: TVT's ``clean, high-resolution, 8k``, none for OSEDiff).
+Each image's tags go to ``tables/tags/<method>/<pair_id>.png.tags.json`` (the name of its output,
+as ``tvt sr`` writes them beside it; the outputs themselves are not kept), and ``metrics.json``
+``prompts`` and the Table 2 notes say which prompt each restorer ran with.
+
 Statistics (:func:`table_statistics`, :mod:`tvt.stats`): per subset, a bootstrap over its images
 gives every mean an interval and every pair of methods a paired test; OCR the same over text
 lines. They are stored under ``statistics`` in ``metrics.json`` and drawn by the tables.
@@ -52,6 +62,7 @@ import torch
 from PIL import Image
 
 from tvt import reports, stats
+from tvt.config import evaluation_taggers
 from tvt.data.manifest import read_manifest
 from tvt.data.paper import MANIFEST_FILE, REAL_PAIRS_FILE
 from tvt.metrics import ocr
@@ -143,9 +154,12 @@ def external_method(name: str, folder: Path) -> Method:
     return Method(name, restore, steps=None, timed=False)
 
 
-def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu", model_dir: Path | None = None) -> Method:
+def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu", model_dir: Path | None = None,
+                 text_encoder: Path | None = None) -> Method:
     """The method called ``name`` in ``cfg['evaluate']``: bicubic, an external folder or a trained model
-    (from ``model_dir``, default: the newest pipeline run's ``resources/models/<name>``)."""
+    (from ``model_dir``, default: the newest pipeline run's ``resources/models/<name>``), prompted as
+    ``evaluate.tagger`` says (:func:`tag_method`; tags encoded by ``text_encoder``, an SD snapshot,
+    default the model's own folder)."""
     external = cfg["evaluate"].get("external") or {}
     if name == "bicubic":
         return bicubic_method(cfg["degrade"]["scale"])
@@ -155,7 +169,24 @@ def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu", mo
     if not model_dir.is_dir():
         raise FileNotFoundError(f"method {name!r}: no trained model at {model_dir} (train it first, "
                                 f"or list its outputs under evaluate.external)")
-    return trained_method(name, model_dir, torch.device(device))
+    method = trained_method(name, model_dir, torch.device(device))
+    tagger = evaluation_taggers(cfg).get(name, "none")
+    if tagger != "none":
+        tag_method(method, tagger, cfg["evaluate"], text_encoder or model_dir)
+    return method
+
+
+def tag_method(method: Method, tagger: str, ev: Mapping, text_encoder: Path) -> None:
+    """Prompt ``method``'s restorer with ``tagger``'s tags of each upsampled LR (:func:`tag_restorer`, as
+    ``tvt sr --tagger``), weights from ``evaluate.ram_weights`` / ``dape_weights``; errors name the method."""
+    from tvt.models.prompts import describe_prompt, tag_restorer
+
+    try:
+        prompt = tag_restorer(method.model, tagger, text_encoder=text_encoder, ram_weights=ev.get("ram_weights"),
+                              dape_weights=ev.get("dape_weights"))
+    except (TypeError, FileNotFoundError, RuntimeError) as exc:
+        raise RuntimeError(f"evaluate.tagger: method {method.name!r} with {tagger} tags: {exc}") from exc
+    method.prompt = describe_prompt(prompt)
 
 
 def method_names(cfg: Mapping) -> list[str]:
@@ -189,11 +220,14 @@ def _ocr_fields(image: np.ndarray, row: Mapping) -> dict:
 
 @torch.inference_mode()
 def score_method(method: Method, pairs: list[dict], root: Path, suite: MetricSuite, out_dir: Path,
-                 read_text: bool, device: torch.device) -> list[dict]:
+                 read_text: bool, device: torch.device, tags_dir: Path | None = None) -> list[dict]:
     """One record per pair: metrics, OCR fields, latency, MSE (plus one OCR record per annotated
-    text line); the 8-bit output is saved under ``out_dir``. Row paths are relative to ``root``
+    text line); the 8-bit output is saved under ``out_dir`` and, for a restorer prompted with tags,
+    its tags as ``<tags_dir>/<method>/<pair_id>.png.tags.json``. Row paths are relative to ``root``
     (or absolute)."""
     from tqdm import tqdm
+
+    from tvt.models.prompts import write_last_tags
 
     records = []
     for row in tqdm(pairs, desc=f"evaluate {method.name}", unit="img"):
@@ -207,6 +241,8 @@ def score_method(method: Method, pairs: list[dict], root: Path, suite: MetricSui
         path = out_dir / method.name / f"{row['pair_id']}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
+        if tags_dir is not None:
+            write_last_tags(getattr(method.model, "prompt", None), tags_dir / path.relative_to(out_dir))
         record = {"method": method.name, "pair_id": row["pair_id"], "kind": row["kind"], "text_px": row["text_px"],
                   **suite.score_images(sr, hr), "mse": float(((sr - hr) ** 2).mean())}
         if method.timed:
@@ -615,14 +651,16 @@ def _write_per_image(records: list[dict], path: Path) -> None:
 
 def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path, run,
              plots_dir: Path | None = None, complexity_file: Path | None = None,
-             data_dir: Path | None = None, model_dirs: Mapping[str, Path] | None = None) -> dict:
+             data_dir: Path | None = None, model_dirs: Mapping[str, Path] | None = None,
+             text_encoder: Path | None = None) -> dict:
     """Score every method of ``cfg['evaluate']`` on the test pairs (:func:`load_test_pairs`); see the module doc.
 
     ``plots_dir`` defaults to ``<metrics_file dir>/plots``; ``complexity_file`` (paper-size
     complexity rows of tvt.complexity) to ``<metrics_file dir>/complexity.json``; ``data_dir``
     (paper mode: the data stage's output with ``manifest.csv`` and ``real_pairs.csv``) is
     required with ``evaluate.test_sets``; ``model_dirs`` (method -> trained restorer, the pipeline's own) to
-    :func:`build_method`'s default.
+    :func:`build_method`'s default; ``text_encoder`` (an SD snapshot with ``tokenizer/`` and ``text_encoder/``,
+    the pipeline's prior) encodes the tagged prompts of ``evaluate.tagger``.
     """
     ev = cfg["evaluate"]
     results_dir = Path(metrics_file).parent
@@ -649,8 +687,8 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         restorers: dict[str, Path] = {}
         method_figures: dict[str, object] = {}
         for name in names:
-            method = build_method(name, cfg, device, (model_dirs or {}).get(name))
-            records += score_method(method, pairs, root, suite, outputs, read_text, device)
+            method = build_method(name, cfg, device, (model_dirs or {}).get(name), text_encoder)
+            records += score_method(method, pairs, root, suite, outputs, read_text, device, tables_dir / "tags")
             costs[name] = {"steps": method.steps, "params_M": method.params_M}
             if method.prompt is not None:
                 prompts[name] = method.prompt

@@ -199,7 +199,7 @@ def _stage_evaluate(ctx: StageContext) -> None:
         tables.mkdir()
         evaluate(ctx.cfg, ctx.input("degrade") / "pairs.csv", tables, out / stages_mod.METRICS_FILE,
                  ctx.run, plots_dir=out / "plots", complexity_file=ctx.input("complexity") / stages_mod.COMPLEXITY_FILE,
-                 data_dir=ctx.inputs.get("data"), model_dirs=models)
+                 data_dir=ctx.inputs.get("data"), model_dirs=models, text_encoder=ctx.inputs.get("prior"))
         write_html_tables(tables, tables / "html")
         write_training_curves(ctx.cfg, tables / "curves")
 

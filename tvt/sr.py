@@ -40,10 +40,13 @@ whose activation memory is fixed by the tile; only image-sized buffers (input, b
 upsample, output) still grow with the image, and ``--max-input-pixels`` bounds those. An
 explicit ``--tile`` tiles every image larger than one tile.
 
-**Prompts** (``--tagger``): by default the restorer conditions on the prompt stored with it (the
-null prompt). ``--tagger ram`` / ``dape`` (RAM, or RAM + OSEDiff's DAPE LoRA, as the official test
+**Prompts** (``--tagger``): by default the restorer conditions on the prompt stored with it: the
+null prompt, or, for a restorer trained on tags (``restorer.json``'s ``prompt``), tags of the same
+tagger with its positive prompt (one line on stderr says so; ``--tagger none`` forces the null
+prompt). ``--tagger ram`` / ``dape`` (RAM, or RAM + OSEDiff's DAPE LoRA, as the official test
 scripts) or ``colour`` (weight-free colour terms) tags each bicubic-upsampled LR; the prompt
-``"<tags>, <--prompt>,"`` is encoded by SD's CLIP text encoder (``--text-encoder``, default the
+``"<tags>, <--prompt>,"`` (default: the restorer's recipe, else its method's official positive
+prompt: TVT's, none for OSEDiff) is encoded by SD's CLIP text encoder (``--text-encoder``, default the
 weights folder when it holds ``tokenizer/`` and ``text_encoder/``), and ``<output name>.tags.json``
 (``{"tagger", "tags", "prompt"}``) is written beside each output. A tagger whose package or
 weights are missing is a usage error that says what to install.
@@ -474,7 +477,7 @@ class ImageResult:
 def restore_image(restorer: OneStepRestorer, item: BatchItem, options: BatchOptions) -> ImageResult:
     """Read, restore and write one image (and its tags, with a tagged prompt); a failure comes back as a
     "failed" result."""
-    from tvt.models.prompts import TaggedPrompt, write_tags
+    from tvt.models.prompts import write_last_tags
 
     start = time.perf_counter()
     input_size = tile = None
@@ -484,10 +487,8 @@ def restore_image(restorer: OneStepRestorer, item: BatchItem, options: BatchOpti
         tile = options.tiling.tile_for(input_size[0] * restorer.scale, input_size[1] * restorer.scale)
         restored = upscale(restorer, picture, tile, options.tiling.overlap)
         payload = encode_image(restored, item.output, quality=options.quality)
-        prompt = getattr(restorer, "prompt", None)
         try:
-            if isinstance(prompt, TaggedPrompt):  # first, so that an output never lacks its tags
-                write_tags(item.output, prompt.tagger_name, prompt.last_tags[0], prompt.last_prompts[0])
+            write_last_tags(getattr(restorer, "prompt", None), item.output)  # first: no output without its tags
             write_atomically(item.output, payload)
         except OSError as exc:
             raise ImageError(f"cannot write {item.output} ({_one_line(exc)})") from exc
@@ -628,24 +629,36 @@ def load_restorer(weights: Path, *, device: str | None = None, dtype: str = "fp3
 
 def attach_tagger(restorer: OneStepRestorer, weights: Path, tagger: str, *, text_encoder: Path | None = None,
                   positive_prompt: str | None = None, ram_weights: Path | None = None,
-                  dape_weights: Path | None = None) -> OneStepRestorer:
-    """Condition ``restorer`` on per-image tags of ``tagger`` (:mod:`tvt.models.prompts`) instead of its
-    stored prompt; :class:`UsageError` names what is missing (package, weights, text encoder)."""
-    from tvt.models.prompts import OFFICIAL_POSITIVE_PROMPT, TaggedPrompt, load_text_encoder, make_tagger
+                  dape_weights: Path | None = None, source: str | None = None) -> OneStepRestorer:
+    """Condition ``restorer`` on per-image tags of ``tagger`` instead of its stored prompt
+    (:func:`tvt.models.prompts.tag_restorer`); :class:`UsageError` names what is missing (package, weights,
+    text encoder). ``source``: where the tagger was chosen, for the error (default ``--tagger <name>``)."""
+    from tvt.models.prompts import tag_restorer
 
-    if not hasattr(restorer, "prompt") or not hasattr(restorer, "denoise"):
-        raise UsageError(f"--tagger {tagger}: {weights} holds a multi-step (StableSR) restorer, which samples with "
-                         "the empty prompt as the official code; use --tagger none")
-    device = next(restorer.parameters()).device
+    source = source or f"--tagger {tagger}"
     try:
-        encode = load_text_encoder(text_encoder or weights, device)
-        tag = make_tagger(tagger, ram_weights=ram_weights, dape_weights=dape_weights, device=device)
+        tag_restorer(restorer, tagger, text_encoder=text_encoder or weights, positive_prompt=positive_prompt,
+                     ram_weights=ram_weights, dape_weights=dape_weights)
+    except TypeError as exc:
+        raise UsageError(f"{source}: {weights} holds a multi-step (StableSR) restorer, which samples with the "
+                         "empty prompt as the official code; use --tagger none") from exc
     except (FileNotFoundError, RuntimeError) as exc:
         hint = "" if text_encoder else " (or pass --text-encoder DIR)"
-        raise UsageError(f"--tagger {tagger}: {_one_line(exc)}{hint}") from exc
-    positive = OFFICIAL_POSITIVE_PROMPT if positive_prompt is None else positive_prompt
-    restorer.prompt = TaggedPrompt(tag, encode, positive, scale=restorer.scale)
+        raise UsageError(f"{source}: {_one_line(exc)}{hint}") from exc
     return restorer
+
+
+def choose_tagger(restorer: OneStepRestorer, weights: Path, tagger: str | None) -> tuple[str, str | None]:
+    """(tagger, where it was chosen): ``--tagger`` when given, else the restorer's recipe (announced on
+    stderr), else ``none``."""
+    from tvt.models.prompts import inference_prompt
+
+    recipe = getattr(restorer, "prompt_recipe", None)
+    if tagger is not None or recipe is None:
+        return tagger or "none", None
+    print(f"tvt sr: {weights} was trained on {recipe.tagger} tags: prompting with "
+          f"{inference_prompt('<tags>', recipe.positive)!r} (--tagger none: its null prompt)", file=sys.stderr)
+    return recipe.tagger, f"{weights / RESTORER_CONFIG}'s prompt (tagger {recipe.tagger!r}; --tagger none: the null prompt)"
 
 
 def _unit_interval(text: str) -> float:
@@ -714,12 +727,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", type=_int_between(1, 100), default=DEFAULT_QUALITY, metavar="Q",
                         help="JPEG/WebP quality 1-100 (default: %(default)s)")
     prompts = parser.add_argument_group("prompts of one-step restorers (default: the restorer's stored prompt)")
-    prompts.add_argument("--tagger", choices=TAGGER_CHOICES, default="none",
+    prompts.add_argument("--tagger", choices=TAGGER_CHOICES,
                          help="tag each upsampled LR and condition on '<tags>, <prompt>,' as the official test "
                               "scripts (dape; ram: RAM alone; colour: weight-free colour terms); writes "
-                              "<output>.tags.json beside each output (default: %(default)s)")
+                              "<output>.tags.json beside each output (default: the tagger the restorer was "
+                              "trained with, none for the null prompt; none forces the null prompt)")
     prompts.add_argument("--prompt", metavar="TEXT",
-                         help="positive prompt after the tags (default: TVT's 'clean, high-resolution, 8k')")
+                         help="positive prompt after the tags (default: the restorer's own, else its method's "
+                              "official one: TVT's 'clean, high-resolution, 8k', none for OSEDiff)")
     prompts.add_argument("--text-encoder", type=Path, metavar="DIR",
                          help="folder with SD's tokenizer/ and text_encoder/, e.g. the SD snapshot: `tvt where "
                               "prior --config config/paper.yaml` (default: the --weights folder)")
@@ -755,10 +770,11 @@ def main(args: argparse.Namespace) -> int:
             restorer = load_restorer(weights, device=args.device, dtype=args.dtype, scale=args.scale,
                                      color_fix=args.color_fix, threads=args.threads, steps=args.steps, w=args.w,
                                      seed=args.seed)
-            if args.tagger != "none":
-                attach_tagger(restorer, weights, args.tagger, text_encoder=args.text_encoder,
+            tagger, source = choose_tagger(restorer, weights, args.tagger)
+            if tagger != "none":
+                attach_tagger(restorer, weights, tagger, text_encoder=args.text_encoder,
                               positive_prompt=args.prompt, ram_weights=args.ram_weights,
-                              dape_weights=args.dape_weights)
+                              dape_weights=args.dape_weights, source=source)
             options = BatchOptions(args.overwrite, args.min_side, args.max_input_pixels,
                                    _tiling_policy(args, restorer.pixel_multiple), args.quality)
     except UsageError as exc:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path, PurePosixPath
 
-from tvt.config import GLOBAL_KEYS, REPO_ROOT, params_hash, stage_params, variant_section
+from tvt.config import GLOBAL_KEYS, REPO_ROOT, evaluation_taggers, params_hash, stage_params, variant_section
 
 RESOURCES = "resources"
 RESULTS = "results"
@@ -434,6 +434,9 @@ def _declare(cfg: Mapping) -> list[Stage]:
              *(s for m in ev["methods"] if (s := method_stage(m)))]
     if ev.get("claims") and cfg["mode"] == "mini":  # the claims table reads the data and both VAEs too
         needs += [n for n in ("data", "prior", "encoder_transfer") if n in {st.name for st in stages} and n not in needs]
+    # tagged prompts (evaluate.tagger) go through the SD snapshot's CLIP text encoder
+    if any(t != "none" for t in evaluation_taggers(cfg).values()) and "prior" not in needs:
+        needs.append("prior")
     stages.append(Stage(
         "evaluate", "evaluate", "score every method on the test split; write tables and figures", "_stage_evaluate",
         needs=tuple(needs), external=tuple(ev.get("external", {}).values()), outs=(TABLES,),

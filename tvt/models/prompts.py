@@ -17,7 +17,11 @@ Pieces:
   :class:`ColourTagger` (weight-free, offline).
 * :class:`TaggedPrompt` — a tagger + SD's text encoder (:func:`load_text_encoder`) as the
   restorer's prompt provider; it keeps each call's tags so that ``tvt sr`` writes them beside
-  every output (:func:`write_tags`).
+  every output and the evaluation under its tables (:func:`write_last_tags`).
+* :func:`tag_restorer` — the one way a restorer gets a :class:`TaggedPrompt`: ``tvt sr --tagger``
+  and the evaluation's ``evaluate.tagger`` both call it.
+* :class:`PromptRecipe` — how a restorer was trained to be prompted (``restorer.json``'s ``prompt``),
+  which ``tvt sr`` follows when no ``--tagger`` is given.
 
 RAM and DAPE need the ``ram`` package, which is not on PyPI, and hub weights. Cluster install::
 
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -97,6 +102,8 @@ OFFICIAL_NEGATIVE_PROMPTS = {
     "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, "
     "deformed, lowres, over-smooth",
 }
+#: the positive prompt of each code base's official test script (:data:`OFFICIAL_POSITIVE_PROMPT`; OSEDiff's: none)
+OFFICIAL_POSITIVE_PROMPTS = {"tvt": OFFICIAL_POSITIVE_PROMPT, "osediff": ""}
 RAM_IMAGE_SIZE = 384
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 Tagger = Callable[[torch.Tensor], list[str]]
@@ -108,6 +115,12 @@ def inference_prompt(tags: str, positive: str = OFFICIAL_POSITIVE_PROMPT) -> str
     """``"<tags>, <positive>,"``: both official test scripts (Joyies/TVT ``TVT/inferences/inference.py``
     and cswry/OSEDiff ``test_osediff.py``, ``get_validation_prompt``)."""
     return f"{tags}, {positive},"
+
+
+def default_positive_prompt(method: str) -> str:
+    """The positive prompt of ``method``'s official test script (:data:`OFFICIAL_POSITIVE_PROMPTS`: ``osediff``
+    has none), TVT's for every other restorer (the ablations vary TVT's recipe)."""
+    return OFFICIAL_POSITIVE_PROMPTS.get(method, OFFICIAL_POSITIVE_PROMPT)
 
 
 def training_prompt(tags: str, codebase: str) -> str:
@@ -190,6 +203,58 @@ def describe_prompt(provider: nn.Module | None) -> dict:
     return {"prompt": "null"}
 
 
+@dataclass(frozen=True)
+class PromptRecipe:
+    """How a restorer was trained to be prompted: tags of ``tagger`` (:data:`TAGGERS`), and at test time
+    the prompt ``"<tags>, <positive>,"`` (:func:`inference_prompt`).
+
+    Saved in ``restorer.json`` as ``"prompt": {"tagger", "positive"}`` (``null``: the stored null prompt,
+    also what folders saved before the key mean), so that ``tvt sr`` prompts a restorer trained on tags
+    with tags by default. The stored embedding stays the null prompt, which ``--tagger none`` forces.
+    """
+
+    tagger: str
+    positive: str = OFFICIAL_POSITIVE_PROMPT
+
+    def __post_init__(self):
+        if self.tagger not in TAGGERS:
+            raise ValueError(f"unknown tagger {self.tagger!r}; known: {', '.join(TAGGERS)}")
+
+    def to_json(self) -> dict:
+        return {"tagger": self.tagger, "positive": self.positive}
+
+    @classmethod
+    def from_json(cls, record: Mapping | None) -> PromptRecipe | None:
+        """The recipe of a ``restorer.json`` ``prompt`` value; None for ``null`` or an absent key."""
+        if record is None:
+            return None
+        if not isinstance(record, Mapping) or set(record) != {"tagger", "positive"}:
+            raise ValueError(f"restorer.json 'prompt': expected null or {{\"tagger\", \"positive\"}}, got {record!r}")
+        return cls(record["tagger"], record["positive"])
+
+
+def tag_restorer(restorer: nn.Module, tagger: str, *, text_encoder: str | Path, positive_prompt: str | None = None,
+                 ram_weights: str | Path | None = None, dape_weights: str | Path | None = None) -> TaggedPrompt:
+    """Condition a one-step ``restorer`` on per-image tags of ``tagger`` (:func:`make_tagger`) instead of its
+    stored prompt: the one path of ``tvt sr --tagger`` and of the evaluation's ``evaluate.tagger``.
+
+    The positive prompt: ``positive_prompt``, else the restorer's :class:`PromptRecipe`'s, else its
+    method's official one (:func:`default_positive_prompt`). Raises TypeError for a multi-step
+    (StableSR) restorer, FileNotFoundError / RuntimeError naming a missing text encoder, package or weights.
+    """
+    if not hasattr(restorer, "prompt") or not hasattr(restorer, "denoise"):
+        raise TypeError("a multi-step (StableSR) restorer samples with the empty prompt, as the official code; "
+                        "only one-step restorers take tags")
+    device = next(restorer.parameters()).device
+    encode = load_text_encoder(text_encoder, device)
+    tag = make_tagger(tagger, ram_weights=ram_weights, dape_weights=dape_weights, device=device)
+    if positive_prompt is None:
+        recipe = getattr(restorer, "prompt_recipe", None)
+        positive_prompt = recipe.positive if recipe is not None else default_positive_prompt(restorer.method)
+    restorer.prompt = TaggedPrompt(tag, encode, positive_prompt, scale=restorer.scale)
+    return restorer.prompt
+
+
 TAGS_SUFFIX = ".tags.json"
 
 
@@ -204,6 +269,16 @@ def write_tags(output: Path, tagger: str, tags: str, prompt: str) -> Path:
     partial.write_text(payload, encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def write_last_tags(provider: nn.Module | None, output: Path) -> Path | None:
+    """:func:`write_tags` beside ``output`` for the image a :class:`TaggedPrompt` prompted last (one image
+    per call); None, and nothing written, for a fixed prompt."""
+    if not isinstance(provider, TaggedPrompt):
+        return None
+    if len(provider.last_tags) != 1:
+        raise ValueError(f"the last call tagged {len(provider.last_tags)} images; tags are written per image")
+    return write_tags(output, provider.tagger_name, provider.last_tags[0], provider.last_prompts[0])
 
 
 #: the eleven basic colour terms (Berlin & Kay) with sRGB prototypes in [0, 1]; ties go to the earlier term

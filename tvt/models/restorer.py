@@ -16,7 +16,8 @@ encoder and decoder run on pixel/latent tiles and the UNet on latent tiles (tili
 any image size fits in memory.
 
 A restorer is stored as a folder in diffusers' pipeline layout — ``vae/``, ``unet/``,
-``scheduler/`` (``save_pretrained``, safetensors) — plus ``restorer.json`` and, for a fixed
+``scheduler/`` (``save_pretrained``, safetensors) — plus ``restorer.json`` (its ``prompt``: the
+:class:`~tvt.models.prompts.PromptRecipe` of a restorer trained on tags, else null) and, for a fixed
 prompt, ``prompt_embedding.safetensors``. LoRA adapters are merged into the stored weights,
 so a saved restorer loads without peft.
 """
@@ -40,7 +41,7 @@ from torch import nn
 
 from tvt.models.ce_unet import CEUNet
 from tvt.models.color_fix import COLOR_FIX_MODES, apply_color_fix
-from tvt.models.prompts import NullPrompt, PromptProvider
+from tvt.models.prompts import NullPrompt, PromptProvider, PromptRecipe
 from tvt.models.pruned_unet import PrunedUNet
 from tvt.models.tiling import (
     NORM_STATS_MODES,
@@ -103,6 +104,7 @@ class OneStepRestorer(nn.Module):
         scale: int = 4,
         color_fix: str = "adain",
         prompt: PromptProvider | None = None,
+        prompt_recipe: PromptRecipe | None = None,
         scheduler: DDPMScheduler | None = None,
         tile: int | None = None,
         tile_overlap: int | None = None,
@@ -117,6 +119,8 @@ class OneStepRestorer(nn.Module):
             scale: super-resolution factor; the LR is bicubic-upsampled by it first.
             color_fix: "adain", "wavelet" or "none".
             prompt: text conditioning; default: zero embeddings (:meth:`NullPrompt.zeros`).
+            prompt_recipe: how it was trained to be prompted (tags of a tagger), saved as
+                ``restorer.json``'s ``prompt`` for ``tvt sr``'s default; None: the null prompt.
             scheduler: gives ᾱ_t; default: :func:`sd_noise_scheduler`.
             tile, tile_overlap: tile side (a multiple of :attr:`pixel_multiple`) and overlap in
                 *output* pixels (None: untiled; overlap defaults to a quarter tile). Latent
@@ -148,6 +152,7 @@ class OneStepRestorer(nn.Module):
         self.scale = scale
         self.color_fix = color_fix
         self.prompt = prompt if prompt is not None else NullPrompt.zeros(_unet_config(unet).cross_attention_dim)
+        self.prompt_recipe = prompt_recipe
         if tile is not None and tile % self.pixel_multiple:
             raise ValueError(f"tile must be a multiple of {self.pixel_multiple} px, got {tile}")
         self.tile = tile
@@ -254,6 +259,7 @@ class OneStepRestorer(nn.Module):
             "scale": self.scale,
             "color_fix": self.color_fix,
             "prompt_embedding": prompt_file,
+            "prompt": self.prompt_recipe.to_json() if self.prompt_recipe is not None else None,
         }
         (path / RESTORER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return path
@@ -279,10 +285,12 @@ class OneStepRestorer(nn.Module):
                 raise ValueError(f"{path / name}: unknown model class {class_name!r}; known: {sorted(_MODEL_CLASSES)}")
             models[name] = _MODEL_CLASSES[class_name].from_pretrained(path / name)
         embedding_file = config.pop("prompt_embedding")
+        recipe = PromptRecipe.from_json(config.pop("prompt", None))  # absent in folders saved before it: null
         if prompt is None and embedding_file is not None:
             prompt = NullPrompt(load_file(path / embedding_file)["embedding"])
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        return cls(models["vae"], models["unet"], prompt=prompt, scheduler=scheduler, **{**config, **options})
+        return cls(models["vae"], models["unet"], prompt=prompt, scheduler=scheduler,
+                   **{**config, "prompt_recipe": recipe, **options})
 
 
 def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -46,8 +46,10 @@ encoder, as the official training loops do (Joyies/TVT ``train.py``, cswry/OSEDi
 ``train_osediff.py``).
 
 Output: the trained restorer, LoRA merged (``OneStepRestorer.save_pretrained_dir``),
-which evaluation and ``tvt sr`` load with ``from_pretrained_dir``; it stores the null prompt,
-and ``tvt sr --tagger`` supplies tags at test time.
+which evaluation and ``tvt sr`` load with ``from_pretrained_dir``; it stores the null prompt and,
+trained on tags, its :class:`~tvt.models.prompts.PromptRecipe` (``restorer.json`` ``prompt``: the
+tagger and the code base's test-time positive prompt), which ``tvt sr`` follows by default; the
+evaluation prompts as ``evaluate.tagger`` says.
 """
 
 from __future__ import annotations
@@ -78,7 +80,15 @@ from tvt.models.lora import (
     add_vae_encoder_lora,
     set_trainable,
 )
-from tvt.models.prompts import OFFICIAL_NEGATIVE_PROMPTS, NullPrompt, load_text_encoder, make_tagger, training_prompt
+from tvt.models.prompts import (
+    OFFICIAL_NEGATIVE_PROMPTS,
+    NullPrompt,
+    PromptRecipe,
+    default_positive_prompt,
+    load_text_encoder,
+    make_tagger,
+    training_prompt,
+)
 from tvt.models.pruned_unet import PRUNED_UNET_TRAINABLE, PrunedUNet
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.sd_weights import PROMPT_EMBEDS
@@ -146,8 +156,14 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     # all three adapters active (TVT train.py / OSEDiff osediff.py OSEDiff_test.load_ckpt: set_adapter)
     add_official_unet_lora(unet, rank=rank, codebase=section["method"])
     set_trainable(unet, trainable)
+    # trained on tags: the saved restorer says so, and `tvt sr` prompts it with tags of the same tagger and its
+    # code base's official test-time positive prompt by default (tvt.models.prompts.PromptRecipe)
+    recipe = None
+    if section.get("prompt"):
+        recipe = PromptRecipe(section["prompt"], default_positive_prompt(section["method"]))
     return OneStepRestorer(vae, unet, method=variant, timestep=section["timestep"], scale=scale,
-                           color_fix=section["color_fix"], prompt=NullPrompt(prompt), scheduler=scheduler).train()
+                           color_fix=section["color_fix"], prompt=NullPrompt(prompt), prompt_recipe=recipe,
+                           scheduler=scheduler).train()
 
 
 def generate(restorer: OneStepRestorer, lr: torch.Tensor, lr_up: torch.Tensor | None = None,
