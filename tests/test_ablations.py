@@ -86,6 +86,8 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
             lambda c: c["vae_variants"]["t2"].update(encoder_transfer={"lr": 1e-4}),
             "vae_variants.t2.encoder_transfer: never read",
         ),
+        (lambda c: c["isr"]["tvt"].update(vae_skips=True), "isr.tvt.vae_skips: the skips are S2's, on SD's VAE-D8"),
+        (lambda c: c["isr"]["osediff"].update(vae_skips="yes"), "isr.osediff.vae_skips: expected boolean"),
     ],
 )
 def test_variant_errors_name_the_key(edit, message):
@@ -197,22 +199,25 @@ ABLATION_CONFIGS = {
     "ablations.yaml": "config.yaml",
     "paper-ablations.yaml": "paper.yaml",
 }
-ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s4", "s5"]
+ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s2", "s4", "s5"]
+#: what an ablation entry may change of the entry it is ``like``
+ABLATION_KEYS = {"vae", "unet", "vae_skips"}
 
 
 @pytest.mark.parametrize(("name", "base"), ABLATION_CONFIGS.items())
 def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
     """One source of truth: the file `extends` its base and states only the ablations; resolved, everything
-    but the ablation entries is the base config's, value for value, and each entry is TVT's with one change."""
+    but the ablation entries is the base config's, value for value, and each entry is TVT's or OSEDiff's (S1)
+    with one change."""
     raw = yaml.safe_load((config.REPO_ROOT / "config" / name).read_text())
     assert raw["extends"] == base and set(raw) == {"extends", "vae_variants", "isr", "evaluate"}
     cfg, reference = config.load(config.REPO_ROOT / "config" / name), config.load(config.REPO_ROOT / "config" / base)
     assert cfg["evaluate"]["methods"] == reference["evaluate"]["methods"] + ABLATION_METHODS
     assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2"}
     for method in ABLATION_METHODS:
-        entry = cfg["isr"].pop(method)
-        changed = {k: v for k, v in entry.items() if reference["isr"]["tvt"].get(k) != v}
-        assert len(changed) == 1 and set(changed) <= {"vae", "unet"}, (method, changed)  # TVT with one thing changed
+        entry, like = cfg["isr"].pop(method), raw["isr"][method]["like"]
+        changed = {k: v for k, v in entry.items() if reference["isr"][like].get(k) != v}
+        assert len(changed) == 1 and set(changed) <= ABLATION_KEYS, (method, changed)  # one thing changed
     del cfg["vae_variants"]
     cfg["evaluate"]["methods"] = reference["evaluate"]["methods"]
     assert cfg == reference
@@ -224,7 +229,7 @@ def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
 def test_the_paper_ablations_ask_for_gpus():
     registry = stages.build_stages(config.load(config.REPO_ROOT / "config" / "paper-ablations.yaml"))
     variants = [s for s in registry if s.name.endswith(tuple(f"_{m}" for m in ABLATION_METHODS))]
-    assert len(variants) == 6 + 6  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2
+    assert len(variants) == 7 + 6  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2
     assert all(s.resources.gpus == 8 and s.trains for s in variants)
 
 
@@ -245,7 +250,7 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptu
     expected = {
         "ablation_vae": ["v1", "v2", "tvt"],
         "ablation_transfer": ["t1", "t2", "tvt"],
-        "ablation_design": ["osediff", "s4", "s5", "tvt"],
+        "ablation_design": ["osediff", "s2", "s4", "s5", "tvt"],
     }
     for name, methods in expected.items():
         doc = json.loads((tables / f"{name}.json").read_text())
@@ -255,7 +260,7 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptu
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'results' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tvt-ci").experiment_id])
     keys = {r.data.tags.get("tvt.stage"): r.data.tags.get("tvt.key") for r in runs if r.info.status == "FINISHED"}
-    for method in ("v1", "v2", "t1", "t2", "s4", "s5"):
+    for method in ABLATION_METHODS:
         assert keys[f"isr_{method}"] == registry[f"isr_{method}"].key
 
 
@@ -298,3 +303,93 @@ def test_s5_trains_lora_and_conv_in_of_the_pruned_unet_and_saves_a_restorer_that
         reloaded = again(lr)
         # LoRA merged into its base weights: the same function up to float rounding of the merge
         assert (reloaded - expected).abs().max() < 1e-4, (reloaded - expected).abs().max()
+
+
+# ---- S2: VAE-D8 with skip connections -------------------------------------------------------
+
+
+def _mini_s1_s2(seed: int = 0):
+    """A mini OSEDiff (S1) restorer and the S2 restorer built from the very same weights."""
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from tvt.models.restorer import build_osediff_restorer
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.skip_vae import SkipAutoencoderKL
+
+    torch.manual_seed(seed)
+    vae, unet = AutoencoderKL(**MINI_VAE_D8).eval(), UNet2DConditionModel(**MINI_UNET).eval()
+    s1 = build_osediff_restorer(vae, unet).eval()
+    s2 = build_osediff_restorer(SkipAutoencoderKL.from_vae(vae), unet).eval()
+    return s1, s2
+
+
+def test_s2_with_zero_skips_is_s1_and_a_nonzero_skip_changes_it(tmp_path):
+    """Untrained (zero) skips leave SD's VAE exactly as it was, so S2 starts as S1, bit for bit; a skip with
+    weights changes the output, and the skip weights save and reload with the restorer."""
+    import torch
+
+    from tvt.models.restorer import OneStepRestorer
+    from tvt.models.skip_vae import SkipAutoencoderKL
+
+    s1, s2 = _mini_s1_s2()
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = s1(lr)
+        assert torch.equal(s2(lr), expected)
+        with pytest.raises(ValueError, match="2 skip features for 4 levels"):
+            s2.vae.decode(torch.zeros(1, 4, 8, 8), skips=[torch.zeros(1)] * 2)
+        for level, conv in enumerate(s2.vae.skips):
+            conv.weight.normal_(std=0.1, generator=torch.Generator().manual_seed(level))
+        changed = s2(lr)
+        assert (changed - expected).abs().mean() > 1e-3
+        s2.save_pretrained_dir(tmp_path / "s2")
+        again = OneStepRestorer.from_pretrained_dir(tmp_path / "s2").eval()
+        assert isinstance(again.vae, SkipAutoencoderKL)
+        assert torch.allclose(again(lr), changed, atol=1e-6)
+    with pytest.raises(ValueError, match="tile: a VAE with skip connections"):
+        OneStepRestorer(s2.vae, s2.unet, method="s2", timestep=999, tile=64)
+
+
+def test_s2_trains_its_skips_with_the_restorer_and_a_trained_skip_changes_the_output():
+    """build_generator with ``vae_skips``: OSEDiff's trainable set plus the skips; one optimiser step on the
+    training loss moves the skips off zero and the restorer's output with them."""
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from test_isr import isr_cfg
+
+    from tvt.models.restorer import sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.skip_vae import SkipAutoencoderKL
+    from tvt.training import isr
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg("osediff")["isr"]["osediff"], "vae_skips": True, "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    vae = SkipAutoencoderKL.from_vae(AutoencoderKL(**MINI_VAE_D8))
+    restorer = isr.build_generator("s2", section, vae, teacher, sd_noise_scheduler(), prompt, 4)
+    trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
+    skips = {n for n in trainable if n.startswith("vae.skips.")}
+    assert len(skips) == 2 * len(vae.skips)  # weight and bias of every level
+    assert {n for n in trainable - skips if n.startswith("vae.")} and all(
+        ".lora_" in n for n in trainable - skips if n.startswith("vae.")
+    )  # OSEDiff's encoder LoRA, as S1
+    lr, hr = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    restorer.eval()
+    with torch.no_grad():
+        before = restorer((lr + 1) / 2)
+    sr, _ = isr.generate(restorer, lr, sample_posterior=False)
+    torch.nn.functional.mse_loss(sr, hr).backward()
+    assert all(vae.skips[i].weight.grad.abs().sum() > 0 for i in range(len(vae.skips)))
+    torch.optim.SGD([p for p in restorer.parameters() if p.requires_grad], lr=1e-2).step()
+    with torch.no_grad():
+        assert (restorer((lr + 1) / 2) - before).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="isr.s2.vae_skips: the skips are S2's"):
+        isr.check_section("s2", {**section, "method": "tvt", "unet": "ce"}, Path("d4"))

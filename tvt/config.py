@@ -194,6 +194,8 @@ def _semantic_checks(cfg: dict) -> None:
             if variant["vae"] not in variants:
                 raise ConfigError(f"isr.{name}.vae: unknown VAE variant {variant['vae']!r} (vae_variants: "
                                   f"{', '.join(variants) or 'none configured'})")
+        if variant.get("vae_skips") and variant["method"] != "osediff":
+            raise ConfigError(f"isr.{name}.vae_skips: the skips are S2's, on SD's VAE-D8; they need method 'osediff'")
         if variant["unet"] == "ce" and variant["method"] != "tvt":
             raise ConfigError(f"isr.{name}.unet: 'ce' (CE-UNet) needs the VAE-D4 latents of method 'tvt'")
         if variant["t_vsd"][0] >= variant["t_vsd"][1]:

@@ -406,7 +406,8 @@ def _declare(cfg: Mapping) -> list[Stage]:
         vae = isr_vae_stage(cfg, name)
         stage = trainer(f"isr_{name}", f"isr.{name}",
                         f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, "
-                        f"t={variant['timestep']}{', VAE ' + variant['vae'] if 'vae' in variant else ''}) "
+                        f"t={variant['timestep']}{', VAE ' + variant['vae'] if 'vae' in variant else ''}"
+                        f"{', VAE-D8 skips' if variant.get('vae_skips') else ''}) "
                         "with L2 + LPIPS + VSD",
                         ("degrade", "prior") + ((vae,) if vae else ())
                         + (("data",) if variant.get("data") == "online" else ()), 2880)

@@ -9,11 +9,14 @@ TVT            tvt      ce      frozen      LoRA + CE-UNet's 2x ends, conv_in, c
 S4 (ablation)  tvt      full    frozen      UNet LoRA + conv_in, the UNet at 2x latents
 OSEDiff (=S1)  osediff  full    lora        UNet LoRA + conv_in, VAE-D8 encoder LoRA
 S5 (ablation)  tvt      pruned  frozen      LoRA + conv_in of SD's UNet, 25 % pruned
+S2 (ablation)  osediff  full    lora        OSEDiff's + the VAE-D8 skips (``vae_skips``)
 =============  =======  ======  ==========  =========================================
 
 ``vae: <name>`` (method tvt) reads the VAE-D4 of a ``vae_variants`` entry (V1, V2, T1, T2)
 instead of the main one; the stage registry (:func:`tvt.stages.isr_vae_stage`) says which.
 S5's UNet is :class:`~tvt.models.pruned_unet.PrunedUNet` (how it prunes: its docstring).
+``vae_skips: true`` (S2) gives SD's VAE-D8 zero-initialised encoder-to-decoder skips
+(:class:`~tvt.models.skip_vae.SkipAutoencoderKL`), trained with the restorer.
 
 LoRA is the official three adapters (encoder / decoder / others) on every targeted layer,
 replicas included, all active (:func:`tvt.models.lora.add_official_unet_lora`); TVT keeps
@@ -82,6 +85,7 @@ from tvt.models.prompts import OFFICIAL_NEGATIVE_PROMPTS, NullPrompt, load_text_
 from tvt.models.pruned_unet import PRUNED_UNET_TRAINABLE, PrunedUNet
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.sd_weights import PROMPT_EMBEDS
+from tvt.models.skip_vae import SkipAutoencoderKL
 from tvt.models.vae_d4 import VAED4
 from tvt.training.data import (
     PAIRS_FILE,
@@ -118,6 +122,8 @@ def check_section(variant: str, section: Mapping, vae_d4_dir: Path | None) -> No
     if section["method"] == "tvt" and vae_d4_dir is None:
         raise ValueError(f"isr.{variant}: method 'tvt' needs the VAE-D4 of the 'encoder_transfer' stage "
                          "(vae_d4_dir is None)")
+    if section.get("vae_skips") and section["method"] != "osediff":
+        raise ValueError(f"isr.{variant}.vae_skips: the skips are S2's, on SD's VAE-D8 (method 'osediff')")
     if section["unet"] == "ce" and section["method"] != "tvt":
         raise ValueError(f"isr.{variant}: unet 'ce' runs SD's UNet at half the latent resolution, which only "
                          "VAE-D4 latents (method 'tvt') have; use unet 'full' with method 'osediff'")
@@ -134,6 +140,8 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     if section["vae_encoder"] == "lora":
         # OSEDiff's name for its VAE adapter (osediff.py initialize_vae), so its state maps 1:1
         set_trainable(add_vae_encoder_lora(vae, rank=rank, adapter_name="default_encoder"), [LORA_PATTERN])
+    if isinstance(vae, SkipAutoencoderKL):  # S2: the skips train with the restorer
+        vae.skips.requires_grad_(True)
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
         trainable = TVT_UNET_TRAINABLE
@@ -167,9 +175,9 @@ def generate(restorer: OneStepRestorer, lr: torch.Tensor, lr_up: torch.Tensor | 
     """
     lr = (lr + 1) / 2
     lr_up = restorer.upsample_lr(lr) if lr_up is None else (lr_up + 1) / 2
-    z_l = restorer.encode_lr(lr_up, sample=sample_posterior)
+    z_l, skips = restorer.encode_lr_with_skips(lr_up, sample=sample_posterior)
     z_h = restorer.denoise(z_l, restorer.prompt(lr) if prompt_embeds is None else prompt_embeds)
-    return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
+    return (restorer.decode(z_h, skips) * 2 - 1).clamp(-1, 1), z_h
 
 
 def training_tags(dataset: PairDataset, make: Callable[[], Callable], cache: Path, identity: Mapping, *,
@@ -251,6 +259,8 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     prompt, negative = load_prompts(sd_dir)
     sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vae = VAED4.from_pretrained(vae_source) if section["method"] == "tvt" else AutoencoderKL.from_pretrained(vae_source)
+    if section.get("vae_skips"):
+        vae = SkipAutoencoderKL.from_vae(vae)
     restorer = build_generator(variant, section, vae.to(device), teacher, scheduler, prompt, scale)
     crop = (section["crop_size"],) * 2 if section.get("crop_size") and not online else hr_side
     if crop[0] % restorer.pixel_multiple or crop[1] % restorer.pixel_multiple:
