@@ -64,6 +64,9 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
     assert dvc["params"] == ["mode", "seed", "decoder_transfer", "vae_variants.v1.decoder_transfer"]
 
 
+S3_VAE = {"decoder_transfer": {"architecture": "d8_c8", "transfer": False}}
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -88,6 +91,18 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
         ),
         (lambda c: c["isr"]["tvt"].update(vae_skips=True), "isr.tvt.vae_skips: the skips are S2's, on SD's VAE-D8"),
         (lambda c: c["isr"]["osediff"].update(vae_skips="yes"), "isr.osediff.vae_skips: expected boolean"),
+        (
+            lambda c: c["vae_variants"].update(s3={"decoder_transfer": {"architecture": "d8_c8"}}),
+            "vae_variants.s3.decoder_transfer.architecture: 'd8_c8' (S3) widens the prior's VAE-D8",
+        ),
+        (
+            lambda c: (c["vae_variants"].update(s3=S3_VAE), c["isr"]["tvt"].update(vae="s3")),
+            "isr.tvt.vae: names a VAE-D8 variant (d8_c8), which only method 'osediff' reads",
+        ),
+        (
+            lambda c: (c["vae_variants"].update(s3=S3_VAE), c["isr"]["osediff"].update(vae="s3", unet="pruned")),
+            "isr.osediff.unet: the 8-channel VAE-D8 (d8_c8) goes with the full UNet",
+        ),
     ],
 )
 def test_variant_errors_name_the_key(edit, message):
@@ -199,7 +214,7 @@ ABLATION_CONFIGS = {
     "ablations.yaml": "config.yaml",
     "paper-ablations.yaml": "paper.yaml",
 }
-ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s2", "s4", "s5"]
+ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s2", "s3", "s4", "s5"]
 #: what an ablation entry may change of the entry it is ``like``
 ABLATION_KEYS = {"vae", "unet", "vae_skips"}
 
@@ -213,7 +228,7 @@ def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
     assert raw["extends"] == base and set(raw) == {"extends", "vae_variants", "isr", "evaluate"}
     cfg, reference = config.load(config.REPO_ROOT / "config" / name), config.load(config.REPO_ROOT / "config" / base)
     assert cfg["evaluate"]["methods"] == reference["evaluate"]["methods"] + ABLATION_METHODS
-    assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2"}
+    assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2", "s3"}
     for method in ABLATION_METHODS:
         entry, like = cfg["isr"].pop(method), raw["isr"][method]["like"]
         changed = {k: v for k, v in entry.items() if reference["isr"][like].get(k) != v}
@@ -229,7 +244,7 @@ def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
 def test_the_paper_ablations_ask_for_gpus():
     registry = stages.build_stages(config.load(config.REPO_ROOT / "config" / "paper-ablations.yaml"))
     variants = [s for s in registry if s.name.endswith(tuple(f"_{m}" for m in ABLATION_METHODS))]
-    assert len(variants) == 7 + 6  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2
+    assert len(variants) == 8 + 7  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2, s3
     assert all(s.resources.gpus == 8 and s.trains for s in variants)
 
 
@@ -250,7 +265,7 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptu
     expected = {
         "ablation_vae": ["v1", "v2", "tvt"],
         "ablation_transfer": ["t1", "t2", "tvt"],
-        "ablation_design": ["osediff", "s2", "s4", "s5", "tvt"],
+        "ablation_design": ["osediff", "s2", "s3", "s4", "s5", "tvt"],
     }
     for name, methods in expected.items():
         doc = json.loads((tables / f"{name}.json").read_text())
@@ -393,3 +408,75 @@ def test_s2_trains_its_skips_with_the_restorer_and_a_trained_skip_changes_the_ou
         assert (restorer((lr + 1) / 2) - before).abs().mean() > 1e-4
     with pytest.raises(ValueError, match="isr.s2.vae_skips: the skips are S2's"):
         isr.check_section("s2", {**section, "method": "tvt", "unet": "ce"}, Path("d4"))
+
+
+# ---- S3: VAE-D8 with 8 latent channels ------------------------------------------------------
+
+
+def test_s3_widened_by_channel_interpolation_reproduces_s1():
+    """The 8-channel VAE-D8 and the UNet with 8-channel ends, both widened by channel interpolation, give the
+    S1 restorer's output; each piece maps P z to what the 4-channel one maps z to. A latent widened otherwise
+    (zero-padded) is not read as z: the alignment is what makes the prior reusable."""
+    import copy
+
+    import torch
+
+    from tvt.models.restorer import build_osediff_restorer
+    from tvt.models.sd_configs import MINI_UNET
+    from tvt.models.wide_latent import channel_interpolation, narrow_latent, widen_latent, widen_unet, widen_vae
+
+    s1, _ = _mini_s1_s2()
+    s3 = build_osediff_restorer(widen_vae(s1.vae), widen_unet(copy.deepcopy(s1.unet))).eval()
+    p = channel_interpolation(4, 8)
+    assert torch.equal(p[[0, -1]], torch.eye(4, dtype=p.dtype)[[0, -1]]) and torch.allclose(p.sum(1), p.new_ones(8))
+    assert s3.vae.config.latent_channels == s3.unet.config.in_channels == s3.unet.config.out_channels == 8
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    context = torch.randn(2, 7, MINI_UNET["cross_attention_dim"], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        lr_up = s1.upsample_lr(lr)
+        z4, z8 = s1.encode_lr(lr_up), s3.encode_lr(lr_up)
+        torch.testing.assert_close(z8, widen_latent(z4, 8), atol=1e-5, rtol=1e-4)
+        eps4, eps8 = s1.unet(z4, 999, context).sample, s3.unet(z8, 999, context).sample
+        torch.testing.assert_close(eps8, widen_latent(eps4, 8), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(narrow_latent(eps8, 4), eps4, atol=1e-5, rtol=1e-4)  # what the teacher sees
+        expected = s1(lr)
+        torch.testing.assert_close(s3(lr), expected, atol=1e-4, rtol=1e-4)
+        padded = torch.cat([z4, torch.zeros_like(z4)], dim=1)
+        assert (s3.unet(padded, 999, context).sample[:, :4] - eps4).abs().max() > 1e-2
+
+
+def test_s3_trains_both_widened_unet_ends_leaves_the_teacher_alone_and_reloads(tmp_path):
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from test_isr import isr_cfg
+
+    from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.wide_latent import widen_vae
+    from tvt.training import isr
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg("osediff")["isr"]["osediff"], "vae": "s3", "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    vae = widen_vae(AutoencoderKL(**MINI_VAE_D8))
+    restorer = isr.build_generator("s3", section, vae, teacher, sd_noise_scheduler(), prompt, 4)
+    trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
+    ends = {n.replace(".base_layer", "") for n in trainable if ".lora_" not in n}  # LoRA wraps conv_out
+    assert ends == {f"unet.{layer}.{p}" for layer in ("conv_in", "conv_out") for p in ("weight", "bias")}
+    assert teacher.conv_in.in_channels == teacher.conv_out.out_channels == 4  # the VSD teacher keeps SD's ends
+    with torch.no_grad():
+        restorer.unet.conv_out.weight.normal_(std=0.05)  # as if trained: the save must carry it
+    restorer.eval()
+    lr = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = restorer(lr)
+        restorer.save_pretrained_dir(tmp_path / "s3")
+        again = OneStepRestorer.from_pretrained_dir(tmp_path / "s3").eval()
+        assert again.unet.config.in_channels == again.vae.config.latent_channels == 8
+        assert (again(lr) - expected).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="isr.s3.vae: needs the output of the VAE variant's stage"):
+        isr.check_section("s3", section, None)

@@ -138,4 +138,7 @@ def test_the_ablation_rows_order_as_the_papers_flops_and_every_report_row_exists
     skips = sum((512 // 2**level) ** 2 * width * width for level, width in enumerate((128, 256, 512, 512))) / 1e9
     assert s2["gmacs"] - s1["gmacs"] == pytest.approx(skips, abs=0.02)  # 13.96 G, +0.7 %
     assert s2["attn_gmacs"] == s1["attn_gmacs"]
+    # S3 = S1 with 8 latent channels: only the layers that read or write the latent grow (0.3 G of 2120 G)
+    s3 = rows["S3 restorer (E8 + UNet + D8, 8 latent channels)"]
+    assert 0 < s3["gmacs"] - s1["gmacs"] < 1 and s3["attn_gmacs"] == s1["attn_gmacs"]
     assert set(ARCHITECTURES.values()) <= set(rows)
