@@ -151,9 +151,6 @@ class OneStepRestorer(nn.Module):
         self.scale = scale
         self.color_fix = color_fix
         self.prompt = prompt if prompt is not None else NullPrompt.zeros(_unet_config(unet).cross_attention_dim)
-        if tile is not None and isinstance(vae, SkipAutoencoderKL):
-            raise ValueError("tile: a VAE with skip connections (S2) decodes with the encoder features of the "
-                             "whole image; run it untiled")
         if tile is not None and tile % self.pixel_multiple:
             raise ValueError(f"tile must be a multiple of {self.pixel_multiple} px, got {tile}")
         self.tile = tile
@@ -195,7 +192,10 @@ class OneStepRestorer(nn.Module):
         self, lr_up: torch.Tensor, *, sample: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """(z_L as :meth:`encode_lr`, the encoder features that a VAE with skip connections decodes with:
-        :class:`~tvt.models.skip_vae.SkipAutoencoderKL`, ablation S2; None for any other VAE)."""
+        :class:`~tvt.models.skip_vae.SkipAutoencoderKL`, ablation S2; None for any other VAE).
+
+        S2's VAE runs untiled whatever ``tile`` says (its decoder reads the encoder features of the
+        whole image); its UNet is tiled as any other."""
         x, skips = lr_up * 2 - 1, None
         if isinstance(self.vae, SkipAutoencoderKL):
             posterior, skips = self.vae.encode_with_skips(x)
