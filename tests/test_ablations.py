@@ -64,6 +64,9 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
     assert dvc["params"] == ["mode", "seed", "decoder_transfer", "vae_variants.v1.decoder_transfer"]
 
 
+S3_VAE = {"decoder_transfer": {"architecture": "d8_c8", "transfer": False}}
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -85,6 +88,20 @@ def test_variants_get_stages_of_their_own_and_leave_the_main_keys_alone():
         (
             lambda c: c["vae_variants"]["t2"].update(encoder_transfer={"lr": 1e-4}),
             "vae_variants.t2.encoder_transfer: never read",
+        ),
+        (lambda c: c["isr"]["tvt"].update(vae_skips=True), "isr.tvt.vae_skips: the skips are S2's, on SD's VAE-D8"),
+        (lambda c: c["isr"]["osediff"].update(vae_skips="yes"), "isr.osediff.vae_skips: expected boolean"),
+        (
+            lambda c: c["vae_variants"].update(s3={"decoder_transfer": {"architecture": "d8_c8"}}),
+            "vae_variants.s3.decoder_transfer.architecture: 'd8_c8' (S3) widens the prior's VAE-D8",
+        ),
+        (
+            lambda c: (c["vae_variants"].update(s3=S3_VAE), c["isr"]["tvt"].update(vae="s3")),
+            "isr.tvt.vae: names a VAE-D8 variant (d8_c8), which only method 'osediff' reads",
+        ),
+        (
+            lambda c: (c["vae_variants"].update(s3=S3_VAE), c["isr"]["osediff"].update(vae="s3", unet="pruned")),
+            "isr.osediff.unet: the 8-channel VAE-D8 (d8_c8) goes with the full UNet",
         ),
     ],
 )
@@ -197,22 +214,25 @@ ABLATION_CONFIGS = {
     "ablations.yaml": "config.yaml",
     "paper-ablations.yaml": "paper.yaml",
 }
-ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s4", "s5"]
+ABLATION_METHODS = ["v1", "v2", "t1", "t2", "s2", "s3", "s4", "s5"]
+#: what an ablation entry may change of the entry it is ``like``
+ABLATION_KEYS = {"vae", "unet", "vae_skips"}
 
 
 @pytest.mark.parametrize(("name", "base"), ABLATION_CONFIGS.items())
 def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
     """One source of truth: the file `extends` its base and states only the ablations; resolved, everything
-    but the ablation entries is the base config's, value for value, and each entry is TVT's with one change."""
+    but the ablation entries is the base config's, value for value, and each entry is TVT's or OSEDiff's (S1)
+    with one change."""
     raw = yaml.safe_load((config.REPO_ROOT / "config" / name).read_text())
     assert raw["extends"] == base and set(raw) == {"extends", "vae_variants", "isr", "evaluate"}
     cfg, reference = config.load(config.REPO_ROOT / "config" / name), config.load(config.REPO_ROOT / "config" / base)
     assert cfg["evaluate"]["methods"] == reference["evaluate"]["methods"] + ABLATION_METHODS
-    assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2"}
+    assert set(cfg["vae_variants"]) == {"v1", "v2", "t1", "t2", "s3"}
     for method in ABLATION_METHODS:
-        entry = cfg["isr"].pop(method)
-        changed = {k: v for k, v in entry.items() if reference["isr"]["tvt"].get(k) != v}
-        assert len(changed) == 1 and set(changed) <= {"vae", "unet"}, (method, changed)  # TVT with one thing changed
+        entry, like = cfg["isr"].pop(method), raw["isr"][method]["like"]
+        changed = {k: v for k, v in entry.items() if reference["isr"][like].get(k) != v}
+        assert len(changed) == 1 and set(changed) <= ABLATION_KEYS, (method, changed)  # one thing changed
     del cfg["vae_variants"]
     cfg["evaluate"]["methods"] = reference["evaluate"]["methods"]
     assert cfg == reference
@@ -224,7 +244,7 @@ def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
 def test_the_paper_ablations_ask_for_gpus():
     registry = stages.build_stages(config.load(config.REPO_ROOT / "config" / "paper-ablations.yaml"))
     variants = [s for s in registry if s.name.endswith(tuple(f"_{m}" for m in ABLATION_METHODS))]
-    assert len(variants) == 6 + 6  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2
+    assert len(variants) == 8 + 7  # isr_<m>, and the VAE stages of v1, v2 (two each), t1, t2, s3
     assert all(s.resources.gpus == 8 and s.trains for s in variants)
 
 
@@ -245,7 +265,7 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptu
     expected = {
         "ablation_vae": ["v1", "v2", "tvt"],
         "ablation_transfer": ["t1", "t2", "tvt"],
-        "ablation_design": ["osediff", "s4", "s5", "tvt"],
+        "ablation_design": ["osediff", "s2", "s3", "s4", "s5", "tvt"],
     }
     for name, methods in expected.items():
         doc = json.loads((tables / f"{name}.json").read_text())
@@ -255,7 +275,7 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptu
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'results' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tvt-ci").experiment_id])
     keys = {r.data.tags.get("tvt.stage"): r.data.tags.get("tvt.key") for r in runs if r.info.status == "FINISHED"}
-    for method in ("v1", "v2", "t1", "t2", "s4", "s5"):
+    for method in ABLATION_METHODS:
         assert keys[f"isr_{method}"] == registry[f"isr_{method}"].key
 
 
@@ -298,3 +318,165 @@ def test_s5_trains_lora_and_conv_in_of_the_pruned_unet_and_saves_a_restorer_that
         reloaded = again(lr)
         # LoRA merged into its base weights: the same function up to float rounding of the merge
         assert (reloaded - expected).abs().max() < 1e-4, (reloaded - expected).abs().max()
+
+
+# ---- S2: VAE-D8 with skip connections -------------------------------------------------------
+
+
+def _mini_s1_s2(seed: int = 0):
+    """A mini OSEDiff (S1) restorer and the S2 restorer built from the very same weights."""
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from tvt.models.restorer import build_osediff_restorer
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.skip_vae import SkipAutoencoderKL
+
+    torch.manual_seed(seed)
+    vae, unet = AutoencoderKL(**MINI_VAE_D8).eval(), UNet2DConditionModel(**MINI_UNET).eval()
+    s1 = build_osediff_restorer(vae, unet).eval()
+    s2 = build_osediff_restorer(SkipAutoencoderKL.from_vae(vae), unet).eval()
+    return s1, s2
+
+
+def test_s2_with_zero_skips_is_s1_and_a_nonzero_skip_changes_it(tmp_path):
+    """Untrained (zero) skips leave SD's VAE exactly as it was, so S2 starts as S1, bit for bit; a skip with
+    weights changes the output, and the skip weights save and reload with the restorer."""
+    import torch
+
+    from tvt.models.restorer import OneStepRestorer
+    from tvt.models.skip_vae import SkipAutoencoderKL
+
+    s1, s2 = _mini_s1_s2()
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = s1(lr)
+        assert torch.equal(s2(lr), expected)
+        with pytest.raises(ValueError, match="2 skip features for 4 levels"):
+            s2.vae.decode(torch.zeros(1, 4, 8, 8), skips=[torch.zeros(1)] * 2)
+        for level, conv in enumerate(s2.vae.skips):
+            conv.weight.normal_(std=0.1, generator=torch.Generator().manual_seed(level))
+        changed = s2(lr)
+        assert (changed - expected).abs().mean() > 1e-3
+        s2.save_pretrained_dir(tmp_path / "s2")
+        again = OneStepRestorer.from_pretrained_dir(tmp_path / "s2").eval()
+        assert isinstance(again.vae, SkipAutoencoderKL)
+        assert torch.allclose(again(lr), changed, atol=1e-6)
+        s2.tile = 32  # the UNet tiled, the VAE whole: what `tvt sr` does to a large image
+        assert s2(lr).shape == changed.shape
+
+
+def test_s2_trains_its_skips_with_the_restorer_and_a_trained_skip_changes_the_output():
+    """build_generator with ``vae_skips``: OSEDiff's trainable set plus the skips; one optimiser step on the
+    training loss moves the skips off zero and the restorer's output with them."""
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from test_isr import isr_cfg
+
+    from tvt.models.restorer import sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.skip_vae import SkipAutoencoderKL
+    from tvt.training import isr
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg("osediff")["isr"]["osediff"], "vae_skips": True, "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    vae = SkipAutoencoderKL.from_vae(AutoencoderKL(**MINI_VAE_D8))
+    restorer = isr.build_generator("s2", section, vae, teacher, sd_noise_scheduler(), prompt, 4)
+    trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
+    skips = {n for n in trainable if n.startswith("vae.skips.")}
+    assert len(skips) == 2 * len(vae.skips)  # weight and bias of every level
+    assert {n for n in trainable - skips if n.startswith("vae.")} and all(
+        ".lora_" in n for n in trainable - skips if n.startswith("vae.")
+    )  # OSEDiff's encoder LoRA, as S1
+    lr, hr = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    restorer.eval()
+    with torch.no_grad():
+        before = restorer((lr + 1) / 2)
+    sr, _ = isr.generate(restorer, lr, sample_posterior=False)
+    torch.nn.functional.mse_loss(sr, hr).backward()
+    assert all(vae.skips[i].weight.grad.abs().sum() > 0 for i in range(len(vae.skips)))
+    torch.optim.SGD([p for p in restorer.parameters() if p.requires_grad], lr=1e-2).step()
+    with torch.no_grad():
+        assert (restorer((lr + 1) / 2) - before).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="isr.s2.vae_skips: the skips are S2's"):
+        isr.check_section("s2", {**section, "method": "tvt", "unet": "ce"}, Path("d4"))
+
+
+# ---- S3: VAE-D8 with 8 latent channels ------------------------------------------------------
+
+
+def test_s3_widened_by_channel_interpolation_reproduces_s1():
+    """The 8-channel VAE-D8 and the UNet with 8-channel ends, both widened by channel interpolation, give the
+    S1 restorer's output; each piece maps P z to what the 4-channel one maps z to. A latent widened otherwise
+    (zero-padded) is not read as z: the alignment is what makes the prior reusable."""
+    import copy
+
+    import torch
+
+    from tvt.models.restorer import build_osediff_restorer
+    from tvt.models.sd_configs import MINI_UNET
+    from tvt.models.wide_latent import channel_interpolation, narrow_latent, widen_latent, widen_unet, widen_vae
+
+    s1, _ = _mini_s1_s2()
+    s3 = build_osediff_restorer(widen_vae(s1.vae), widen_unet(copy.deepcopy(s1.unet))).eval()
+    p = channel_interpolation(4, 8)
+    assert torch.equal(p[[0, -1]], torch.eye(4, dtype=p.dtype)[[0, -1]]) and torch.allclose(p.sum(1), p.new_ones(8))
+    assert s3.vae.config.latent_channels == s3.unet.config.in_channels == s3.unet.config.out_channels == 8
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    context = torch.randn(2, 7, MINI_UNET["cross_attention_dim"], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        lr_up = s1.upsample_lr(lr)
+        z4, z8 = s1.encode_lr(lr_up), s3.encode_lr(lr_up)
+        torch.testing.assert_close(z8, widen_latent(z4, 8), atol=1e-5, rtol=1e-4)
+        eps4, eps8 = s1.unet(z4, 999, context).sample, s3.unet(z8, 999, context).sample
+        torch.testing.assert_close(eps8, widen_latent(eps4, 8), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(narrow_latent(eps8, 4), eps4, atol=1e-5, rtol=1e-4)  # what the teacher sees
+        expected = s1(lr)
+        torch.testing.assert_close(s3(lr), expected, atol=1e-4, rtol=1e-4)
+        padded = torch.cat([z4, torch.zeros_like(z4)], dim=1)
+        assert (s3.unet(padded, 999, context).sample[:, :4] - eps4).abs().max() > 1e-2
+
+
+def test_s3_trains_both_widened_unet_ends_leaves_the_teacher_alone_and_reloads(tmp_path):
+    from tvt import compat
+
+    compat.apply()
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from test_isr import isr_cfg
+
+    from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.wide_latent import widen_vae
+    from tvt.training import isr
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg("osediff")["isr"]["osediff"], "vae": "s3", "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    vae = widen_vae(AutoencoderKL(**MINI_VAE_D8))
+    restorer = isr.build_generator("s3", section, vae, teacher, sd_noise_scheduler(), prompt, 4)
+    trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
+    ends = {n.replace(".base_layer", "") for n in trainable if ".lora_" not in n}  # LoRA wraps conv_out
+    assert ends == {f"unet.{layer}.{p}" for layer in ("conv_in", "conv_out") for p in ("weight", "bias")}
+    assert teacher.conv_in.in_channels == teacher.conv_out.out_channels == 4  # the VSD teacher keeps SD's ends
+    with torch.no_grad():
+        restorer.unet.conv_out.weight.normal_(std=0.05)  # as if trained: the save must carry it
+    restorer.eval()
+    lr = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = restorer(lr)
+        restorer.save_pretrained_dir(tmp_path / "s3")
+        again = OneStepRestorer.from_pretrained_dir(tmp_path / "s3").eval()
+        assert again.unet.config.in_channels == again.vae.config.latent_channels == 8
+        assert (again(lr) - expected).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="isr.s3.vae: needs the output of the VAE variant's stage"):
+        isr.check_section("s3", section, None)

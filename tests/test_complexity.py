@@ -119,7 +119,7 @@ def test_stablesr_rows(rows):
 
 
 def test_the_ablation_rows_order_as_the_papers_flops_and_every_report_row_exists(rows):
-    """Tables 5 and 7's FLOPs order V1 > V2 > TVT and S4 > S5 > TVT (docs/ablations.md); so must our MACs.
+    """Tables 5 and 7's FLOPs order V1 > V2 > TVT and S4 > S5 > TVT, S2 ≈ S1 (docs/ablations.md); so must our MACs.
     Every architecture the reports name is a row here (a renamed row would leave a blank cell)."""
     from tvt.reports import ARCHITECTURES
 
@@ -133,4 +133,12 @@ def test_the_ablation_rows_order_as_the_papers_flops_and_every_report_row_exists
     assert rows[s5]["params_M"] < 0.85 * rows[s4]["params_M"]
     assert rows[s4]["gmacs"] == pytest.approx(sum(rows[n]["gmacs"] for n in (
         "VAE-D4 encoder", "SD UNet @ 128² (S4)", "VAE-D4 decoder")), abs=0.05)
+    # S2 = S1 + one 1x1 conv (C -> C) per VAE level: the paper's 2.27 T for both; ours exactly those convs more
+    s1, s2 = rows["OSEDiff restorer (E8 + UNet + D8)"], rows["S2 restorer (E8 + UNet + D8 with E8 skips)"]
+    skips = sum((512 // 2**level) ** 2 * width * width for level, width in enumerate((128, 256, 512, 512))) / 1e9
+    assert s2["gmacs"] - s1["gmacs"] == pytest.approx(skips, abs=0.02)  # 13.96 G, +0.7 %
+    assert s2["attn_gmacs"] == s1["attn_gmacs"]
+    # S3 = S1 with 8 latent channels: only the layers that read or write the latent grow (0.3 G of 2120 G)
+    s3 = rows["S3 restorer (E8 + UNet + D8, 8 latent channels)"]
+    assert 0 < s3["gmacs"] - s1["gmacs"] < 1 and s3["attn_gmacs"] == s1["attn_gmacs"]
     assert set(ARCHITECTURES.values()) <= set(rows)

@@ -218,3 +218,25 @@ def test_ablation_t2_aligns_the_latent_with_vae_d8s(workdir):
                          workdir / "ckpt-t1-ref", None)
     t2, t1 = _latent_gap(workdir / "t2", workdir), _latent_gap(workdir / "t1-ref", workdir)
     assert t2 < 0.5 * t1, (t2, t1)
+
+
+def test_ablation_s3_fine_tunes_the_prior_vae_d8_widened_to_8_latent_channels(workdir):
+    """architecture d8_c8: the stage starts from the prior's VAE-D8 with its latent interpolated to 8 channels
+    (a zero-step run publishes that start: its posterior mean is P times the prior's), then trains all of it."""
+    from tvt.models.wide_latent import widen_latent
+
+    prior = AutoencoderKL.from_pretrained(workdir / "sd" / "vae").eval()
+    common = {"architecture": "d8_c8", "transfer": False, "disc_start": 100}
+    for steps in (0, 2):
+        run_decoder_transfer(stage_cfg(**common, steps=steps), workdir / "pairs", workdir / "sd",
+                             workdir / f"s3-{steps}", workdir / f"ckpt-s3-{steps}", None)
+    start, trained = (AutoencoderKL.from_pretrained(workdir / f"s3-{s}").eval() for s in (0, 2))
+    assert start.config.latent_channels == trained.config.latent_channels == 8
+    x = torch.rand(2, 3, HR, HR) * 2 - 1
+    with torch.no_grad():
+        aligned = widen_latent(prior.encode(x).latent_dist.mode(), 8)
+        torch.testing.assert_close(start.encode(x).latent_dist.mode(), aligned, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(start.decode(aligned).sample, prior.decode(prior.encode(x).latent_dist.mode()).sample,
+                                   atol=1e-4, rtol=1e-4)
+    moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)

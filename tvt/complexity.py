@@ -35,9 +35,11 @@ from tvt.models.sd_configs import (
     VAE_D4_V1,
     VAE_D4_V2,
 )
+from tvt.models.skip_vae import SkipAutoencoderKL
 from tvt.models.stablesr import SFTConditionedUNet, StableSRConditioner
 from tvt.models.stablesr_sampler import PAPER_SAMPLING_STEPS
 from tvt.models.vae_d4 import VAED4
+from tvt.models.wide_latent import S3_LATENT_CHANNELS
 
 _aten = torch.ops.aten
 _CONV_LINEAR_OPS = {_aten.convolution, _aten.mm, _aten.addmm}
@@ -91,6 +93,11 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
         ce_unet = CEUNet(unet_config=SD21_BASE_UNET)
         vae_v1, vae_v2 = VAED4(**VAE_D4_V1), VAED4(**VAE_D4_V2)
         pruned = PrunedUNet(unet_config=SD21_BASE_UNET, keep=PAPER_KEEP)
+        skip_vae8 = SkipAutoencoderKL(**SD21_BASE_VAE)
+        wide = {"latent_channels": S3_LATENT_CHANNELS}
+        wide_vae8 = AutoencoderKL(**{**SD21_BASE_VAE, **wide})
+        wide_unet = UNet2DConditionModel(**{**SD21_BASE_UNET, "in_channels": S3_LATENT_CHANNELS,
+                                            "out_channels": S3_LATENT_CHANNELS})
         image = torch.empty(1, 3, size, size)
         latent8, latent4 = torch.empty(1, 4, d8, d8), torch.empty(1, 4, d4, d4)
         prompt = torch.empty(1, _PROMPT_TOKENS, SD21_BASE_UNET["cross_attention_dim"])
@@ -98,6 +105,10 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
         def restore(encoder, denoiser, decoder):
             z = encoder.encode(image).latent_dist.mode()
             return decoder.decode(denoiser(z, 1, prompt).sample).sample
+
+        def restore_with_skips(vae, denoiser):
+            posterior, skips = vae.encode_with_skips(image)
+            return vae.decode(denoiser(posterior.latent_dist.mode(), 1, prompt).sample, skips=skips).sample
 
         lr = f"{_shape(1, 3, size, size)} (LR {size // scale}² ×{scale})"
         rows = [
@@ -140,6 +151,10 @@ def compute_complexity(output_size: int = 512, scale: int = 4) -> list[dict]:
             # the paper's ablations (Tables 5 and 7; docs/ablations.md): T1/T2 share TVT's architecture
             ("V1 restorer (E4-V1 + CE-UNet + D4-V1)", (vae_v1, ce_unet), lr, lambda: restore(vae_v1, ce_unet, vae_v1)),
             ("V2 restorer (E4-V2 + CE-UNet + D4-V2)", (vae_v2, ce_unet), lr, lambda: restore(vae_v2, ce_unet, vae_v2)),
+            ("S2 restorer (E8 + UNet + D8 with E8 skips)", (skip_vae8, unet), lr,
+             lambda: restore_with_skips(skip_vae8, unet)),
+            (f"S3 restorer (E8 + UNet + D8, {S3_LATENT_CHANNELS} latent channels)", (wide_vae8, wide_unet), lr,
+             lambda: restore(wide_vae8, wide_unet, wide_vae8)),
             (f"S4 restorer (E4 + UNet @ {d4}² + D4)", (vae4, unet), lr, lambda: restore(vae4, unet, vae4)),
             (f"S5 restorer (E4 + {1 - PAPER_KEEP:.0%}-pruned UNet @ {d4}² + D4)", (vae4, pruned), lr,
              lambda: restore(vae4, pruned, vae4)),

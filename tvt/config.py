@@ -23,6 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
 
+#: ``decoder_transfer.architecture`` of ablation S3's VAE: the prior's VAE-D8 with an 8-channel latent
+#: (tvt.training.vae_transfer.WIDE_D8; here too, so that loading a config imports no torch)
+WIDE_D8 = "d8_c8"
 #: keys every stage may read besides its own section (changing them reruns everything)
 GLOBAL_KEYS = ("mode", "seed")
 
@@ -173,6 +176,9 @@ def _semantic_checks(cfg: dict) -> None:
             if base not in cfg:
                 raise ConfigError(f"vae_variants.{name}: needs the '{base}' section (a variant overrides its values)")
         decoder = variant_section(cfg, "decoder_transfer", f"vae_variants.{name}.decoder_transfer")
+        if decoder["architecture"] == WIDE_D8 and (decoder["transfer"] or decoder.get("latent_l2")):
+            raise ConfigError(f"vae_variants.{name}.decoder_transfer.architecture: {WIDE_D8!r} (S3) widens the "
+                              "prior's VAE-D8 and fine-tunes it end to end; set transfer: false and no latent_l2")
         if decoder.get("latent_l2") and decoder["transfer"]:
             raise ConfigError(f"vae_variants.{name}.decoder_transfer.latent_l2: the latent alignment (T2) trains "
                               "the VAE end to end instead of the two-stage transfer; set transfer: false")
@@ -189,11 +195,20 @@ def _semantic_checks(cfg: dict) -> None:
         if variant["method"] == "tvt" and "encoder_transfer" not in cfg:
             raise ConfigError(f"isr.{name}: method 'tvt' needs the 'encoder_transfer' section (its VAE-D4)")
         if "vae" in variant:
-            if variant["method"] != "tvt":
-                raise ConfigError(f"isr.{name}.vae: names a VAE-D4 variant, which only method 'tvt' reads")
             if variant["vae"] not in variants:
                 raise ConfigError(f"isr.{name}.vae: unknown VAE variant {variant['vae']!r} (vae_variants: "
                                   f"{', '.join(variants) or 'none configured'})")
+            wide = variant_section(cfg, "decoder_transfer", f"vae_variants.{variant['vae']}.decoder_transfer")[
+                "architecture"] == WIDE_D8
+            if variant["method"] != ("osediff" if wide else "tvt"):
+                raise ConfigError(f"isr.{name}.vae: names a VAE-D8 variant ({WIDE_D8}), which only method "
+                                  "'osediff' reads" if wide else
+                                  f"isr.{name}.vae: names a VAE-D4 variant, which only method 'tvt' reads")
+            if wide and variant["unet"] != "full":
+                raise ConfigError(f"isr.{name}.unet: the 8-channel VAE-D8 ({WIDE_D8}) goes with the full UNet, "
+                                  "widened to 8 channels; set unet: full")
+        if variant.get("vae_skips") and variant["method"] != "osediff":
+            raise ConfigError(f"isr.{name}.vae_skips: the skips are S2's, on SD's VAE-D8; they need method 'osediff'")
         if variant["unet"] == "ce" and variant["method"] != "tvt":
             raise ConfigError(f"isr.{name}.unet: 'ce' (CE-UNet) needs the VAE-D4 latents of method 'tvt'")
         if variant["t_vsd"][0] >= variant["t_vsd"][1]:

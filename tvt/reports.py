@@ -72,6 +72,8 @@ _ARCHITECTURES = {
     "v2": "V2 restorer (E4-V2 + CE-UNet + D4-V2)",
     "t1": _TVT_ROW,
     "t2": _TVT_ROW,
+    "s2": "S2 restorer (E8 + UNet + D8 with E8 skips)",
+    "s3": "S3 restorer (E8 + UNet + D8, 8 latent channels)",
     "s4": "S4 restorer (E4 + UNet @ 128² + D4)",
     "s5": "S5 restorer (E4 + 25%-pruned UNet @ 128² + D4)",
 }

@@ -151,7 +151,7 @@ def _stage_isr(ctx: StageContext) -> None:
     from tvt.training.isr import run_isr
 
     name = ctx.stage.name.removeprefix("isr_")
-    vae = stages_mod.isr_vae_stage(ctx.cfg, name)  # its VAE-D4 (the main one, or a vae_variants entry's)
+    vae = stages_mod.isr_vae_stage(ctx.cfg, name)  # its VAE stage: a VAE-D4, or S3's VAE-D8 (None: the prior's)
     run_isr(ctx.cfg, name, ctx.input("degrade"), ctx.input("prior"), ctx.input(vae) if vae else None, ctx.folder,
             ctx.ckpt_dir, ctx.run, data_dir=ctx.inputs.get("data"))
 

@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path, PurePosixPath
 
-from tvt.config import GLOBAL_KEYS, REPO_ROOT, evaluation_taggers, params_hash, stage_params, variant_section
+from tvt.config import (
+    GLOBAL_KEYS,
+    REPO_ROOT,
+    WIDE_D8,
+    evaluation_taggers,
+    params_hash,
+    stage_params,
+    variant_section,
+)
 
 RESOURCES = "resources"
 RESULTS = "results"
@@ -323,6 +331,8 @@ def method_model_dir(method: str, cfg: Mapping | None = None) -> str | None:
 
 
 def _vae_recipe(decoder: Mapping) -> str:
+    if decoder["architecture"] == WIDE_D8:
+        return "the prior's VAE-D8 widened to 8 latent channels by channel interpolation, fine-tuned end to end (S3)"
     arch = f"VAE-D4 '{decoder['architecture']}'"
     if decoder["transfer"]:
         return f"{arch}, TVT stage 1 (its decoder on frozen VAE-D8 latents)"
@@ -344,9 +354,10 @@ def vae_stage(cfg: Mapping, variant: str | None = None) -> str:
 
 
 def isr_vae_stage(cfg: Mapping, name: str) -> str | None:
-    """The VAE-D4 stage that ISR entry ``name`` reads (None: it uses the prior's VAE-D8)."""
+    """The VAE stage that ISR entry ``name`` reads: a VAE-D4 for method tvt, S3's 8-channel VAE-D8 for
+    method osediff with ``vae`` (None: it uses the prior's VAE-D8)."""
     entry = cfg["isr"][name]
-    return vae_stage(cfg, entry.get("vae")) if entry["method"] == "tvt" else None
+    return vae_stage(cfg, entry.get("vae")) if entry["method"] == "tvt" or "vae" in entry else None
 
 
 def _declare(cfg: Mapping) -> list[Stage]:
@@ -406,7 +417,8 @@ def _declare(cfg: Mapping) -> list[Stage]:
         vae = isr_vae_stage(cfg, name)
         stage = trainer(f"isr_{name}", f"isr.{name}",
                         f"one-step ISR training of '{name}' ({variant['method']}, {variant['unet']} UNet, "
-                        f"t={variant['timestep']}{', VAE ' + variant['vae'] if 'vae' in variant else ''}) "
+                        f"t={variant['timestep']}{', VAE ' + variant['vae'] if 'vae' in variant else ''}"
+                        f"{', VAE-D8 skips' if variant.get('vae_skips') else ''}) "
                         "with L2 + LPIPS + VSD",
                         ("degrade", "prior") + ((vae,) if vae else ())
                         + (("data",) if variant.get("data") == "online" else ()), 2880)

@@ -119,7 +119,8 @@ class CFWModule(ModelMixin, ConfigMixin):
 
 
 @contextlib.contextmanager
-def _hooks(pairs) -> Iterator[None]:
+def forward_hooks(pairs) -> Iterator[None]:
+    """Register ``(module, hook)`` forward hooks for the duration of a ``with`` block."""
     handles = [module.register_forward_hook(hook) for module, hook in pairs]
     try:
         yield
@@ -160,7 +161,7 @@ class CFWAutoencoder(nn.Module):
                 captured[index] = output
             return hook
 
-        with _hooks([(tap, capture(i)) for i, tap in enumerate(self._encoder_taps)]):
+        with forward_hooks([(tap, capture(i)) for i, tap in enumerate(self._encoder_taps)]):
             self.vae.encoder(image.to(self.vae.dtype))
         return [captured[i] for i in range(len(self._encoder_taps))]
 
@@ -196,7 +197,7 @@ class CFWAutoencoder(nn.Module):
                 return self.cfw.fuse(index, feature, output, w)
             return hook
 
-        with _hooks([(tap, fuse(i)) for i, tap in enumerate(self._decoder_taps)]):
+        with forward_hooks([(tap, fuse(i)) for i, tap in enumerate(self._decoder_taps)]):
             return self.vae.decode(latents).sample
 
     def forward(self, latents: torch.Tensor, image: torch.Tensor, w: float = 1.0) -> torch.Tensor:

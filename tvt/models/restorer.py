@@ -43,6 +43,7 @@ from tvt.models.ce_unet import CEUNet
 from tvt.models.color_fix import COLOR_FIX_MODES, apply_color_fix
 from tvt.models.prompts import NullPrompt, PromptProvider, PromptRecipe
 from tvt.models.pruned_unet import PrunedUNet
+from tvt.models.skip_vae import SkipAutoencoderKL
 from tvt.models.tiling import (
     NORM_STATS_MODES,
     crop_to,
@@ -59,7 +60,9 @@ OSEDIFF_TIMESTEP = 999
 RESTORER_CONFIG = "restorer.json"
 PROMPT_EMBEDDING_FILE = "prompt_embedding.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name, so from_pretrained finds it
-_MODEL_CLASSES = {cls.__name__: cls for cls in (AutoencoderKL, VAED4, UNet2DConditionModel, CEUNet, PrunedUNet)}
+_MODEL_CLASSES = {
+    cls.__name__: cls for cls in (AutoencoderKL, SkipAutoencoderKL, VAED4, UNet2DConditionModel, CEUNet, PrunedUNet)
+}
 
 
 def sd_noise_scheduler() -> DDPMScheduler:
@@ -188,12 +191,26 @@ class OneStepRestorer(nn.Module):
     def encode_lr(self, lr_up: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
         """z_L: scaled posterior mean of the upsampled LR ([0, 1], sides multiples of :attr:`pixel_multiple`);
         a posterior sample with ``sample=True`` (what the official training forward feeds the UNet)."""
-        if self.tile and self.tile_norm_stats == "exact" and not sample:
-            mean = tiled_encode(self.vae, lr_up * 2 - 1, self.tile, 0, norm_stats="exact")
+        return self.encode_lr_with_skips(lr_up, sample=sample)[0]
+
+    def encode_lr_with_skips(
+        self, lr_up: torch.Tensor, *, sample: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(z_L as :meth:`encode_lr`, the encoder features that a VAE with skip connections decodes with:
+        :class:`~tvt.models.skip_vae.SkipAutoencoderKL`, ablation S2; None for any other VAE).
+
+        S2's VAE runs untiled whatever ``tile`` says (its decoder reads the encoder features of the
+        whole image); its UNet is tiled as any other."""
+        x, skips = lr_up * 2 - 1, None
+        if isinstance(self.vae, SkipAutoencoderKL):
+            posterior, skips = self.vae.encode_with_skips(x)
+            mean = posterior.latent_dist.sample() if sample else posterior.latent_dist.mode()
+        elif self.tile and self.tile_norm_stats == "exact" and not sample:
+            mean = tiled_encode(self.vae, x, self.tile, 0, norm_stats="exact")
         else:
             encode = lambda x: self.vae.encode(x).latent_dist.sample() if sample else self.vae.encode(x).latent_dist.mode()
-            mean = self._tiled(encode, lr_up * 2 - 1, self.tile, 1 / self.vae_factor, self.vae)
-        return mean * self.vae.config.scaling_factor
+            mean = self._tiled(encode, x, self.tile, 1 / self.vae_factor, self.vae)
+        return mean * self.vae.config.scaling_factor, skips
 
     def denoise(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """ẑ_H: the x₀-prediction of one UNet call at the fixed timestep."""
@@ -204,11 +221,14 @@ class OneStepRestorer(nn.Module):
         eps = self._tiled(predict_eps, z_l, tile, 1, self.unet, multiple=self.latent_multiple)
         return predict_x0(z_l, eps.to(z_l.dtype), self.alpha_bar)
 
-    def decode(self, z_h: torch.Tensor) -> torch.Tensor:
-        """Image in [0, 1] (not clamped, so losses see the raw output) from a scaled latent."""
+    def decode(self, z_h: torch.Tensor, skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Image in [0, 1] (not clamped, so losses see the raw output) from a scaled latent; ``skips``:
+        the encoder features of :meth:`encode_lr_with_skips` (S2's decoder reads them)."""
         tile = self.tile and self.tile // self.vae_factor
         z = z_h / self.vae.config.scaling_factor
-        if tile and self.tile_norm_stats == "exact":
+        if skips is not None:
+            image = self.vae.decode(z, skips=skips).sample
+        elif tile and self.tile_norm_stats == "exact":
             image = tiled_decode(self.vae, z, tile, 0, norm_stats="exact")
         else:
             decode = lambda z: self.vae.decode(z).sample
@@ -234,9 +254,9 @@ class OneStepRestorer(nn.Module):
         """SR (B, 3, scale·h, scale·w) in [0, 1] from LR (B, 3, h, w) in [0, 1]; any h, w."""
         height, width = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
         lr_up = self.upsample_lr(lr)
-        z_l = self.encode_lr(pad_to_multiple(lr_up, self.pixel_multiple))
+        z_l, skips = self.encode_lr_with_skips(pad_to_multiple(lr_up, self.pixel_multiple))
         z_h = self.denoise(z_l, self.prompt(lr))
-        sr = crop_to(self.decode(z_h), height, width)
+        sr = crop_to(self.decode(z_h, skips), height, width)
         return apply_color_fix(self.color_fix, sr, lr_up).clamp(0, 1)
 
     # ---- storage ----

@@ -9,11 +9,18 @@ TVT            tvt      ce      frozen      LoRA + CE-UNet's 2x ends, conv_in, c
 S4 (ablation)  tvt      full    frozen      UNet LoRA + conv_in, the UNet at 2x latents
 OSEDiff (=S1)  osediff  full    lora        UNet LoRA + conv_in, VAE-D8 encoder LoRA
 S5 (ablation)  tvt      pruned  frozen      LoRA + conv_in of SD's UNet, 25 % pruned
+S2 (ablation)  osediff  full    lora        OSEDiff's + the VAE-D8 skips (``vae_skips``)
+S3 (ablation)  osediff  full    lora        OSEDiff's + conv_out, on an 8-channel VAE-D8 (``vae``)
 =============  =======  ======  ==========  =========================================
 
 ``vae: <name>`` (method tvt) reads the VAE-D4 of a ``vae_variants`` entry (V1, V2, T1, T2)
 instead of the main one; the stage registry (:func:`tvt.stages.isr_vae_stage`) says which.
 S5's UNet is :class:`~tvt.models.pruned_unet.PrunedUNet` (how it prunes: its docstring).
+``vae_skips: true`` (S2) gives SD's VAE-D8 zero-initialised encoder-to-decoder skips
+(:class:`~tvt.models.skip_vae.SkipAutoencoderKL`), trained with the restorer. ``vae: <name>`` with
+method osediff (S3) reads that variant's 8-channel VAE-D8 (architecture ``d8_c8``); the UNet's
+``conv_in``/``conv_out`` are widened to match (:mod:`tvt.models.wide_latent`) and both train, and the
+4-channel VSD teacher and fake score see the 4-channel latent that ẑ_H is aligned with.
 
 LoRA is the official three adapters (encoder / decoder / others) on every targeted layer,
 replicas included, all active (:func:`tvt.models.lora.add_official_unet_lora`); TVT keeps
@@ -92,7 +99,9 @@ from tvt.models.prompts import (
 from tvt.models.pruned_unet import PRUNED_UNET_TRAINABLE, PrunedUNet
 from tvt.models.restorer import OneStepRestorer
 from tvt.models.sd_weights import PROMPT_EMBEDS
+from tvt.models.skip_vae import SkipAutoencoderKL
 from tvt.models.vae_d4 import VAED4
+from tvt.models.wide_latent import narrow_latent, widen_unet
 from tvt.training.data import (
     PAIRS_FILE,
     PairDataset,
@@ -128,6 +137,10 @@ def check_section(variant: str, section: Mapping, vae_d4_dir: Path | None) -> No
     if section["method"] == "tvt" and vae_d4_dir is None:
         raise ValueError(f"isr.{variant}: method 'tvt' needs the VAE-D4 of the 'encoder_transfer' stage "
                          "(vae_d4_dir is None)")
+    if "vae" in section and vae_d4_dir is None:
+        raise ValueError(f"isr.{variant}.vae: needs the output of the VAE variant's stage (vae_d4_dir is None)")
+    if section.get("vae_skips") and section["method"] != "osediff":
+        raise ValueError(f"isr.{variant}.vae_skips: the skips are S2's, on SD's VAE-D8 (method 'osediff')")
     if section["unet"] == "ce" and section["method"] != "tvt":
         raise ValueError(f"isr.{variant}: unet 'ce' runs SD's UNet at half the latent resolution, which only "
                          "VAE-D4 latents (method 'tvt') have; use unet 'full' with method 'osediff'")
@@ -144,6 +157,8 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     if section["vae_encoder"] == "lora":
         # OSEDiff's name for its VAE adapter (osediff.py initialize_vae), so its state maps 1:1
         set_trainable(add_vae_encoder_lora(vae, rank=rank, adapter_name="default_encoder"), [LORA_PATTERN])
+    if isinstance(vae, SkipAutoencoderKL):  # S2: the skips train with the restorer
+        vae.skips.requires_grad_(True)
     if section["unet"] == "ce":
         unet = CEUNet.from_unet(teacher)
         trainable = TVT_UNET_TRAINABLE
@@ -153,6 +168,10 @@ def build_generator(variant: str, section: Mapping, vae: nn.Module, teacher: UNe
     else:
         unet = unet_sharing_weights(teacher, own=("conv_in.",))
         trainable = OSEDIFF_UNET_TRAINABLE
+        latent = vae.config.latent_channels
+        if latent != teacher.config.in_channels:  # S3: the UNet's ends widened to the VAE's latent, both trained
+            widen_unet(unet, latent)
+            trainable = (*trainable, r"^conv_out\.")
     # all three adapters active (TVT train.py / OSEDiff osediff.py OSEDiff_test.load_ckpt: set_adapter)
     add_official_unet_lora(unet, rank=rank, codebase=section["method"])
     set_trainable(unet, trainable)
@@ -183,9 +202,9 @@ def generate(restorer: OneStepRestorer, lr: torch.Tensor, lr_up: torch.Tensor | 
     """
     lr = (lr + 1) / 2
     lr_up = restorer.upsample_lr(lr) if lr_up is None else (lr_up + 1) / 2
-    z_l = restorer.encode_lr(lr_up, sample=sample_posterior)
+    z_l, skips = restorer.encode_lr_with_skips(lr_up, sample=sample_posterior)
     z_h = restorer.denoise(z_l, restorer.prompt(lr) if prompt_embeds is None else prompt_embeds)
-    return (restorer.decode(z_h) * 2 - 1).clamp(-1, 1), z_h
+    return (restorer.decode(z_h, skips) * 2 - 1).clamp(-1, 1), z_h
 
 
 def training_tags(dataset: PairDataset, make: Callable[[], Callable], cache: Path, identity: Mapping, *,
@@ -234,6 +253,9 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
             ckpt_dir: Path, run, data_dir: Path | None = None) -> dict:
     """Train variant ``cfg["isr"][variant]``; save the restorer to ``out_dir``; return val metrics.
 
+    ``vae_d4_dir``: the output of the VAE stage the variant reads (:func:`tvt.stages.isr_vae_stage`: a
+    VAE-D4, or S3's 8-channel VAE-D8); None for the prior's VAE-D8.
+
     ``data: online`` trains on :class:`~tvt.training.data.OnlinePairDataset` over ``data_dir``'s
     manifest (the data stage) with the ``degrade`` section; validation uses the fixed pairs either way.
     """
@@ -241,7 +263,7 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     vae_d4_dir = None if vae_d4_dir is None else Path(vae_d4_dir)
     check_section(variant, section, vae_d4_dir)
-    vae_source = vae_d4_dir if section["method"] == "tvt" else sd_dir / "vae"
+    vae_source = vae_d4_dir if section["method"] == "tvt" or "vae" in section else sd_dir / "vae"
     tagger_name = section.get("prompt")
     text_inputs = (sd_dir / "tokenizer", sd_dir / "text_encoder") if tagger_name else ()
     online = section.get("data", "fixed") == "online"
@@ -267,6 +289,8 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     prompt, negative = load_prompts(sd_dir)
     sd_vae_factor = 2 ** (len(AutoencoderKL.load_config(sd_dir / "vae")["block_out_channels"]) - 1)
     vae = VAED4.from_pretrained(vae_source) if section["method"] == "tvt" else AutoencoderKL.from_pretrained(vae_source)
+    if section.get("vae_skips"):
+        vae = SkipAutoencoderKL.from_vae(vae)
     restorer = build_generator(variant, section, vae.to(device), teacher, scheduler, prompt, scale)
     crop = (section["crop_size"],) * 2 if section.get("crop_size") and not online else hr_side
     if crop[0] % restorer.pixel_multiple or crop[1] % restorer.pixel_multiple:
@@ -312,6 +336,7 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
     reconstruction = ReconstructionLoss(lpips, pixel="l2", lpips_weight=lpips_weight).to(device)
     negative_prompt = NullPrompt(negative).to(device)
     lambda_vsd = section["lambda_vsd"]
+    sd_channels = teacher.config.in_channels  # S3: the scores see the 4-channel latent ẑ_H is aligned with
 
     def step(batch):
         if online:
@@ -336,12 +361,12 @@ def run_isr(cfg: dict, variant: str, pairs_dir: Path, sd_dir: Path, vae_d4_dir: 
             del terms["rec"]  # the stage weighs l2 and lpips itself
             loss = section["lambda_l2"] * terms["l2"] + lpips_weight * terms.get("lpips", 0.0)
             if lambda_vsd > 0:
-                terms["vsd"] = vsd(z_h, prompt_embeds, negative_embeds)
+                terms["vsd"] = vsd(narrow_latent(z_h, sd_channels), prompt_embeds, negative_embeds)
                 loss = loss + lambda_vsd * terms["vsd"]
         trainer.optimise("generator", loss)
         if lambda_vsd > 0:  # the fake score follows the generator's new output distribution
             with trainer.accelerator.autocast():
-                terms["fake_score"] = vsd.fake_score_loss(z_h, prompt_embeds)
+                terms["fake_score"] = vsd.fake_score_loss(narrow_latent(z_h, sd_channels), prompt_embeds)
             trainer.optimise("fake_score", terms["fake_score"])
         return {**terms, "loss": loss}
 

@@ -9,6 +9,9 @@
   learnt from E8(up2(x)): SD's latent space, so SD's UNet keeps working on it.
 * **Ablation T1** (``transfer: false``): VAE-D4 trained from scratch end to end (KL + the
   same reconstruction and GAN terms), with no link to SD's latent space.
+* **Ablation S3's VAE** (``architecture: d8_c8, transfer: false``): not a VAE-D4 but SD's VAE-D8
+  widened to 8 latent channels aligned with its 4 (:func:`tvt.models.wide_latent.widen_vae`),
+  fine-tuned end to end with T1's loss so that the new channels learn to carry detail.
 * **Ablation T2** (``transfer: false, latent_l2: w``): T1's end-to-end training plus
   w·MSE(μ_E4(x), μ_E8(up2(x))), an L2 that pulls VAE-D4's latent (posterior mean) onto the
   frozen VAE-D8's latent of the ×2 image — the same target the two-stage transfer decodes, here
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from tvt.config import WIDE_D8
 from tvt.models.sd_configs import (
     MINI_VAE_D4,
     MINI_VAE_D4_V1,
@@ -36,6 +40,7 @@ from tvt.models.sd_configs import (
     VAE_D4_V2,
 )
 from tvt.models.vae_d4 import VAED4
+from tvt.models.wide_latent import widen_vae
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
 from tvt.training.losses import (
@@ -52,6 +57,7 @@ ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini"
                  "mini_v1": MINI_VAE_D4_V1, "mini_v2": MINI_VAE_D4_V2}
 #: Adam betas of LDM/taming's autoencoder and discriminator optimisers
 ADAM_BETAS = (0.5, 0.9)
+
 PREVIEW_IMAGES = 2
 
 
@@ -89,7 +95,7 @@ def _preview_batch(dataset: PairDataset, device: torch.device) -> torch.Tensor:
 
 
 def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path, ckpt_dir: Path, run) -> dict:
-    """Stage 1 (or ablation T1): train VAE-D4's decoder; save the whole VAED4 to ``out_dir``."""
+    """Stage 1 (or ablation T1, T2, S3's VAE): train VAE-D4's decoder; save the whole VAE to ``out_dir``."""
     section = cfg["decoder_transfer"]
     pairs_dir, sd_dir = Path(pairs_dir), Path(sd_dir)
     transfer = section["transfer"]
@@ -99,7 +105,10 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
                       fingerprint={**section, "inputs": files_digest(pairs_dir / PAIRS_FILE, sd_dir / "vae")})
     device = trainer.device
     e8 = AutoencoderKL.from_pretrained(sd_dir / "vae").to(device).eval().requires_grad_(False)
-    vae = VAED4(**{**ARCHITECTURES[section["architecture"]], "scaling_factor": e8.config.scaling_factor})
+    if section["architecture"] == WIDE_D8:
+        vae = widen_vae(e8).train().requires_grad_(True)
+    else:
+        vae = VAED4(**{**ARCHITECTURES[section["architecture"]], "scaling_factor": e8.config.scaling_factor})
     if transfer or latent_l2:
         check_factors(e8, vae)
     if transfer:
