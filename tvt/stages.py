@@ -394,7 +394,6 @@ def _declare(cfg: Mapping) -> list[Stage]:
         """An LR/HR trainer reads fixed train pairs unless it degrades online from the data stage."""
         return None if section.get("data") == "online" else "pairs"
 
-
     if "prior" in cfg:
         if cfg["prior"]["source"] == "train":
             stages.append(Stage(
@@ -441,8 +440,8 @@ def _declare(cfg: Mapping) -> list[Stage]:
                               "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
                               ("degrade", "prior") + (("data",) if cfg["stablesr"]["sft"].get("data") == "online"
                                                       else ()), 2880, fixed_or_online(cfg["stablesr"]["sft"])))
-        # stage B samples stage A on every fixed train LR (StableSR's scripts/generate_vqgan_data.py also
-        # degrades once and keeps the samples): it always reads fixed pairs
+        # stage B samples stage A on every fixed train LR: it always reads fixed pairs (StableSR's
+        # scripts/generate_vqgan_data.py `main` also degrades once and stores input, GT and latent)
         stages.append(trainer("stablesr_cfw", "stablesr",
                               "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
                               ("degrade", "prior", "stablesr_sft"), 2880, "pairs"))
