@@ -330,6 +330,72 @@ def test_pairs_do_not_depend_on_workers_or_manifest_order(cfg, serial_run, tmp_p
     assert snapshot(shuffled.parent) == expected
 
 
+def _paper_online(*, vae_transfer: bool) -> dict:
+    """config/paper.yaml with every trainer degrading online: StableSR (whose CFW stage reads fixed pairs)
+    dropped, and without TVT's VAE transfer stages only OSEDiff, trained online, is left."""
+    from tvt import config
+
+    cfg = config.load(CONFIG.with_name("paper.yaml"))
+    del cfg["stablesr"], cfg["official"]
+    if not vae_transfer:
+        del cfg["decoder_transfer"], cfg["encoder_transfer"], cfg["isr"]["tvt"]
+    cfg["evaluate"]["methods"] = ["bicubic", "osediff", *(["tvt"] if vae_transfer else [])]
+    return config.validate(cfg)
+
+
+def test_the_train_split_holds_what_the_configs_trainers_read(cfg, serial_run, tmp_path):
+    from tvt import config, stages
+    from tvt.training.data import PairDataset
+
+    mini = config.load(CONFIG)
+    decided = {"mini": stages.fixed_train_pairs(mini), "paper": stages.fixed_train_pairs(config.load(
+        CONFIG.with_name("paper.yaml"))), "vae": stages.fixed_train_pairs(_paper_online(vae_transfer=True)),
+        "online": stages.fixed_train_pairs(_paper_online(vae_transfer=False))}
+    # mini trains on fixed pairs; paper mode's StableSR CFW samples stage A on fixed train LR; the VAE
+    # transfer stages read HR crops only; OSEDiff online reads nothing of the train split
+    assert decided == {"mini": "pairs", "paper": "pairs", "vae": "hr", "online": "none"}
+    _, full_csv = serial_run  # written with train="pairs", the default
+    full = snapshot(full_csv.parent)
+    written = {}
+    for train in ("hr", "none"):
+        folder = tmp_path / train
+        pairs_csv = synthesize_pairs(write_manifest(folder, [0, 1, 2]), folder / "out", cfg, 1234, workers=1,
+                                     train=train)
+        written[train] = snapshot(pairs_csv.parent)
+        assert len(verify_manifest(pairs_csv)) == {"hr": 5, "none": 1}[train]
+    # the test pair is the same bytes whatever the train split holds; train HR crops are the same crops
+    assert not any(k.startswith("train/") for k in written["none"])
+    assert {k for k in written["hr"] if k.startswith("train/")} == {k for k in full if k.startswith("train/hr/")}
+    for train, files in written.items():
+        assert all(files[k] == full[k] for k in files if k != "pairs.csv"), train
+    # a reader of LR finds the reason and the key to change, HR readers still train
+    hr_only = tmp_path / "hr" / "out"
+    assert len(PairDataset(hr_only, "train", with_lr=False)) == 4
+    with pytest.raises(ValueError, match=r"'train' holds HR crops only.*isr\.<name>\.data.*stablesr\.sft\.data"):
+        PairDataset(hr_only, "train")
+    with pytest.raises(ValueError, match=r"no pairs .* split 'train': the degrade stage writes fixed train pairs "
+                                         r"only for a config whose trainers read them.*`data: fixed`"):
+        PairDataset(tmp_path / "none" / "out", "train", with_lr=False)
+    with pytest.raises(ValueError, match="train must be one of"):
+        synthesize_pairs(write_manifest(tmp_path / "bad", [0]), tmp_path / "bad" / "out", cfg, 0, train="lr")
+
+
+def test_switching_a_trainer_to_fixed_data_gives_degrade_a_new_key():
+    from tvt import stages
+
+    online = _paper_online(vae_transfer=False)
+    fixed = copy.deepcopy(online)
+    fixed["isr"]["osediff"]["data"] = "fixed"
+    assert stages.fixed_train_pairs(fixed) == "pairs"
+    keys = [stages.stage_by_name(c, "degrade").key for c in (online, fixed)]
+    assert keys[0] != keys[1]
+    edited = copy.deepcopy(online)
+    edited["isr"]["osediff"]["lr"] = 1e-4  # what the trainer does with its data does not touch the pairs
+    assert stages.stage_by_name(edited, "degrade").key == keys[0]
+    # DVC reruns the degrade stage when a section that decides its train split changes
+    assert "isr" in stages.stage_by_name(online, "degrade").config_keys
+
+
 def test_missing_source_image_is_named(cfg, tmp_path):
     manifest = write_manifest(tmp_path, [0, 1, 2])
     (tmp_path / "images" / "photo_small.png").unlink()

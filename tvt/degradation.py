@@ -76,6 +76,10 @@ PAIR_COLUMNS = (
     "crop_x", "crop_y", "text", "text_px", "lang", "font", "params",
 )
 _MANIFEST_COLUMNS = ("id", "path", "sha256", "split", "kind")
+#: what :func:`synthesize_pairs` writes for the train split (val/test always get full pairs):
+#: ``pairs`` HR crops and their LR, ``hr`` the HR crops only (LR and params empty), ``none`` no row.
+#: Which one a config needs is decided by :func:`tvt.stages.fixed_train_pairs`.
+TRAIN_PAIRS = ("pairs", "hr", "none")
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -464,6 +468,7 @@ class _SourceJob:
     out_dir: Path
     cfg: dict
     seed: int
+    degrade: bool = True  # False: write the HR crops only (a train split nobody reads as LR)
 
 
 def _read_sources(manifest: Path) -> list[dict]:
@@ -544,20 +549,21 @@ def _synthesize_source(job: _SourceJob) -> list[dict]:
         usm = job.cfg.get("usm_gt", False)
         if usm:  # StableSR: the sharpened crop is degraded and is the ground truth
             hr = usm_sharpen(hr)
-        lr, params = degrade(hr, job.cfg, seed)
-        if usm:  # recorded only when on, so the pairs.csv of existing configurations stays byte-identical
-            params["usm_gt"] = True
         hr_path = Path(row["split"], "hr", f"{pair_id}.png")
-        lr_path = Path(row["split"], "lr", f"{pair_id}.png")
-        pairs.append({
+        pair = {
             "pair_id": pair_id, "source_id": row["id"], "split": row["split"], "kind": row["kind"],
-            "hr_path": hr_path.as_posix(), "lr_path": lr_path.as_posix(),
-            "hr_sha256": _write_atomic(job.out_dir / hr_path, _png_bytes(hr)),
-            "lr_sha256": _write_atomic(job.out_dir / lr_path, _png_bytes(lr)),
-            "crop_x": x, "crop_y": y,
+            "hr_path": hr_path.as_posix(), "hr_sha256": _write_atomic(job.out_dir / hr_path, _png_bytes(hr)),
+            "lr_path": None, "lr_sha256": None, "params": None, "crop_x": x, "crop_y": y,
             **{key: row.get(key) for key in ("text", "text_px", "lang", "font")},
-            "params": json.dumps(params, sort_keys=True),
-        })
+        }
+        if job.degrade:
+            lr, params = degrade(hr, job.cfg, seed)
+            if usm:  # recorded only when on, so the pairs.csv of existing configurations stays byte-identical
+                params["usm_gt"] = True
+            lr_path = Path(row["split"], "lr", f"{pair_id}.png")
+            pair.update(lr_path=lr_path.as_posix(), lr_sha256=_write_atomic(job.out_dir / lr_path, _png_bytes(lr)),
+                        params=json.dumps(params, sort_keys=True))
+        pairs.append(pair)
     return pairs
 
 
@@ -578,18 +584,27 @@ def _run(jobs: list[_SourceJob], workers: int) -> Iterator[list[dict]]:
 
 
 def synthesize_pairs(manifest: Path, out_dir: Path, cfg: dict, seed: int,
-                     workers: int | None = None) -> Path:
+                     workers: int | None = None, *, train: str = "pairs") -> Path:
     """Synthesise LR/HR pairs for every manifest row; return the path of ``pairs.csv``.
 
     Photos give ``crops_per_image`` random ``hr_size`` crops, text images one whole-image
     pair. Writes ``{split}/hr|lr/{pair_id}.png`` under ``out_dir`` and ``pairs.csv`` (rows
     sorted by pair_id); the output does not depend on ``workers`` or on the manifest's order.
+
+    ``train`` (:data:`TRAIN_PAIRS`) limits the train split to what some stage reads: a trainer
+    that degrades online never opens a fixed train LR, and at paper scale (LSDIR's 17 shards)
+    degrading them costs days of CPU. Every row keeps its seed, so a crop or pair is the same
+    bytes whichever ``train`` wrote it.
     """
     validate_config(cfg)
+    if train not in TRAIN_PAIRS:
+        raise ValueError(f"train must be one of {TRAIN_PAIRS}, got {train!r}")
     workers = cfg["workers"] if workers is None else workers
     _check_int(workers, "workers", 1)
     manifest, out_dir = Path(manifest), Path(out_dir)
-    jobs = [_SourceJob(row, manifest.parent, out_dir, dict(cfg), int(seed)) for row in _read_sources(manifest)]
+    jobs = [_SourceJob(row, manifest.parent, out_dir, dict(cfg), int(seed), degrade=row["split"] != "train"
+                       or train == "pairs")
+            for row in _read_sources(manifest) if row["split"] != "train" or train != "none"]
     pairs = []
     for rows in tqdm(_run(jobs, workers), total=len(jobs), desc="degrade", unit="image"):
         pairs.extend(rows)

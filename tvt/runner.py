@@ -115,7 +115,8 @@ def _stage_degrade(ctx: StageContext) -> None:
     manifest = ctx.input("data") / "manifest.csv"
     deg = ctx.cfg["degrade"]
     with atomic_dir(ctx.folder) as out:
-        pairs = synthesize_pairs(manifest, out, deg, ctx.cfg["seed"], workers=deg["workers"])
+        pairs = synthesize_pairs(manifest, out, deg, ctx.cfg["seed"], workers=deg["workers"],
+                                 train=stages_mod.fixed_train_pairs(ctx.cfg))
         ctx.run.log_metrics({"n_pairs": len(read_manifest(pairs))})
         ctx.run.log_artifact(pairs)
 

@@ -119,6 +119,11 @@ class Stage:
     retries: int | None = None  # resubmissions after a failure; None: the engine's (profile's) default
     #: a variant stage (``vae_variants``): the section whose values ``section`` overrides key by key
     base: str | None = None
+    #: what the stage reads of the degrade stage's train split: None, ``hr`` (HR crops) or ``pairs``
+    #: (HR and LR); the degrade stage writes the most any stage of the config reads (:func:`fixed_train_pairs`)
+    train_split: str | None = None
+    #: further config keys for DVC's ``params``: sections that decide a value derived into the key
+    derived_from: tuple[str, ...] = ()
     key: str = ""  # set by build_stages
     ckpt_key: str = ""
     code: tuple[str, ...] = ()  # set by build_stages: sources whose content is in the key
@@ -190,12 +195,15 @@ class Stage:
         params = stage_params(cfg, self.section)
         if self.base is not None:
             params[self.section] = variant_section(cfg, self.base, self.section)
+        if self.name == "degrade":  # what its train split holds is decided by the stages that read it
+            params["train_pairs"] = fixed_train_pairs(cfg)
         return params
 
     @property
     def config_keys(self) -> list[str]:
         """The config keys the stage reads (dvc.yaml's ``params``)."""
-        return [*GLOBAL_KEYS, *((self.base,) if self.base else ()), *((self.section,) if self.section else ())]
+        return [*GLOBAL_KEYS, *((self.base,) if self.base else ()), *((self.section,) if self.section else ()),
+                *self.derived_from]
 
     def params_hash(self, cfg: Mapping) -> str:
         return params_hash(self.params(cfg))
@@ -372,21 +380,25 @@ def _declare(cfg: Mapping) -> list[Stage]:
         Stage("data", "data", "assemble the dataset and its manifest", "_stage_data",
               needs=tuple(d.name for d in downloads), resources=Resources(cpus=1, mem_mb=4000, runtime=120)),
         Stage("degrade", "degrade", "synthesise LR/HR pairs (Real-ESRGAN second-order degradation)",
-              "_stage_degrade", needs=("data",),
+              "_stage_degrade", needs=("data",), derived_from=tuple(k for k in _TRAIN_READERS if k in cfg),
               resources=Resources(cpus=cfg["degrade"]["workers"], mem_mb=8000, runtime=240)),
     ]
     gpu = cfg["mode"] == "paper"  # mini mode trains on CPU, also when submitted to SLURM
     retries = TRAINING_RETRIES if gpu else None
 
-    def trainer(name, section, description, needs, runtime_min):
+    def trainer(name, section, description, needs, runtime_min, train_split):
         return Stage(name, section, description, f"_stage_{name}", needs=needs, trains=True, retries=retries,
-                     resources=training_resources(gpu, runtime_min))
+                     resources=training_resources(gpu, runtime_min), train_split=train_split)
+
+    def fixed_or_online(section: Mapping) -> str | None:
+        """An LR/HR trainer reads fixed train pairs unless it degrades online from the data stage."""
+        return None if section.get("data") == "online" else "pairs"
 
     if "prior" in cfg:
         if cfg["prior"]["source"] == "train":
             stages.append(Stage(
                 "prior", "prior", "pre-train the tiny SD (VAE-D8 + UNet) that mini mode uses as its prior",
-                "_stage_prior_train", needs=("degrade",), trains=True,
+                "_stage_prior_train", needs=("degrade",), trains=True, train_split="hr",
                 resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
         else:
             stages.append(Stage(
@@ -395,23 +407,23 @@ def _declare(cfg: Mapping) -> list[Stage]:
     if "decoder_transfer" in cfg:
         stages.append(trainer("decoder_transfer", "decoder_transfer",
                               "TVT stage 1: train the VAE-D4 decoder on frozen VAE-D8 latents",
-                              ("degrade", "prior"), 2880))
+                              ("degrade", "prior"), 2880, "hr"))
     if "encoder_transfer" in cfg:
         stages.append(trainer("encoder_transfer", "encoder_transfer",
                               "TVT stage 2: train the VAE-D4 encoder into the frozen decoder's space",
-                              ("degrade", "decoder_transfer"), 1440))
+                              ("degrade", "decoder_transfer"), 1440, "hr"))
     # VAE ablations (V1, V2, T1, T2): each variant trains its own VAE-D4 in stages of its own
     for name in cfg.get("vae_variants", {}):
         decoder = variant_section(cfg, "decoder_transfer", f"vae_variants.{name}.decoder_transfer")
         stages.append(dataclasses.replace(
             trainer("decoder_transfer", f"vae_variants.{name}.decoder_transfer",
-                    f"VAE variant '{name}': {_vae_recipe(decoder)}", ("degrade", "prior"), 2880),
+                    f"VAE variant '{name}': {_vae_recipe(decoder)}", ("degrade", "prior"), 2880, "hr"),
             name=f"decoder_transfer_{name}", base="decoder_transfer"))
         if decoder["transfer"]:
             stages.append(dataclasses.replace(
                 trainer("encoder_transfer", f"vae_variants.{name}.encoder_transfer",
                         f"VAE variant '{name}': TVT stage 2, its encoder into its frozen decoder's space",
-                        ("degrade", f"decoder_transfer_{name}"), 1440),
+                        ("degrade", f"decoder_transfer_{name}"), 1440, "hr"),
                 name=f"encoder_transfer_{name}", base="encoder_transfer"))
     for name, variant in cfg.get("isr", {}).items():
         vae = isr_vae_stage(cfg, name)
@@ -421,16 +433,18 @@ def _declare(cfg: Mapping) -> list[Stage]:
                         f"{', VAE-D8 skips' if variant.get('vae_skips') else ''}) "
                         "with L2 + LPIPS + VSD",
                         ("degrade", "prior") + ((vae,) if vae else ())
-                        + (("data",) if variant.get("data") == "online" else ()), 2880)
+                        + (("data",) if variant.get("data") == "online" else ()), 2880, fixed_or_online(variant))
         stages.append(dataclasses.replace(stage, handler="_stage_isr"))
     if "stablesr" in cfg:
         stages.append(trainer("stablesr_sft", "stablesr.sft",
                               "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
                               ("degrade", "prior") + (("data",) if cfg["stablesr"]["sft"].get("data") == "online"
-                                                      else ()), 2880))
+                                                      else ()), 2880, fixed_or_online(cfg["stablesr"]["sft"])))
+        # stage B samples stage A on every fixed train LR: it always reads fixed pairs (StableSR's
+        # scripts/generate_vqgan_data.py `main` also degrades once and stores input, GT and latent)
         stages.append(trainer("stablesr_cfw", "stablesr",
                               "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
-                              ("degrade", "prior", "stablesr_sft"), 2880))
+                              ("degrade", "prior", "stablesr_sft"), 2880, "pairs"))
     # the authors' released weights: download (pinned sha256), `tvt import`, scored as <name>_official
     for name in cfg.get("official", {}):
         stages.append(Stage(
@@ -464,6 +478,23 @@ def _checkpoint_params(section):
         return section
     decays = section.get("lr_decay", "constant") != "constant"
     return {k: v for k, v in section.items() if k not in RESUMABLE_KEYS or (k == "steps" and decays)}
+
+
+#: the order of :data:`tvt.degradation.TRAIN_PAIRS` by what it holds: a stage reading ``pairs`` also reads HR
+_TRAIN_SPLIT_RANK = {"none": 0, "hr": 1, "pairs": 2}
+#: the config sections whose stages may read the degrade stage's train split (DVC reruns degrade on their edits)
+_TRAIN_READERS = ("prior", "decoder_transfer", "encoder_transfer", "vae_variants", "isr", "stablesr")
+
+
+def fixed_train_pairs(cfg: Mapping) -> str:
+    """What the degrade stage writes for the train split (:data:`tvt.degradation.TRAIN_PAIRS`): the most
+    that any stage of this config reads (:attr:`Stage.train_split`).
+
+    ``pairs`` when a trainer reads fixed LR/HR pairs (``data: fixed``, StableSR's CFW stage); ``hr`` when
+    only HR crops are read (the VAE transfer stages and mini mode's prior train autoencoders on HR);
+    ``none`` when every trainer degrades online. It is part of the degrade stage's key, so switching
+    a trainer from online to fixed data writes a new pairs folder that has the train LR."""
+    return max((st.train_split or "none" for st in _declare(cfg)), key=_TRAIN_SPLIT_RANK.__getitem__)
 
 
 def build_stages(cfg: Mapping) -> list[Stage]:

@@ -86,7 +86,8 @@ def read_manifest(path: str | Path) -> list[dict]:
 def verify_manifest(path: str | Path) -> list[dict]:
     """Recompute every checksummed file's SHA-256; raise ValueError naming the first bad one.
 
-    Returns the rows when every file exists and matches.
+    Returns the rows when every file exists and matches. A row whose path and sha256 are both empty
+    declares that file not written (the degrade stage's HR-only train split has no LR).
     """
     path = Path(path)
     rows = read_manifest(path)
@@ -100,6 +101,8 @@ def verify_manifest(path: str | Path) -> list[dict]:
     key = next(iter(rows[0]))
     for row in rows:
         for path_column, sha_column in pairs:
+            if not row[path_column] and not row[sha_column]:
+                continue
             file = path.parent / row[path_column]
             if not file.is_file():
                 raise ValueError(f"manifest {path}: file missing for {row[key]}: {file}")

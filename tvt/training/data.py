@@ -49,6 +49,11 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
+_NO_FIXED_TRAIN = (": the degrade stage writes fixed train pairs only for a config whose trainers read them "
+                   "(tvt.stages.fixed_train_pairs); set the trainer's `data: fixed` (isr.<name>.data, "
+                   "stablesr.sft.data) and rerun its degrade stage, or keep `data: online`")
+
+
 class PairDataset(Dataset):
     """One split of a pairs folder: items ``{"hr", "lr", "pair_id"}`` (``lr`` only if ``with_lr``).
 
@@ -67,7 +72,10 @@ class PairDataset(Dataset):
         with open(table, newline="", encoding="utf-8") as fh:
             self.rows = [row for row in csv.DictReader(fh) if row["split"] == split and row["kind"] in kinds]
         if not self.rows:
-            raise ValueError(f"{table}: no pairs of kind {'/'.join(kinds)} in split {split!r}")
+            raise ValueError(f"{table}: no pairs of kind {'/'.join(kinds)} in split {split!r}"
+                             + (_NO_FIXED_TRAIN if split == "train" else ""))
+        if with_lr and any(not row["lr_path"] for row in self.rows):
+            raise ValueError(f"{table}: split {split!r} holds HR crops only (no LR degraded)" + _NO_FIXED_TRAIN)
         self.split = split
         self.with_lr = with_lr
 
