@@ -20,3 +20,12 @@ def perceptual_weights(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("tvt-weights")
     fetch_perceptual_weights(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def ci_pipeline(tmp_path_factory, perceptual_weights):
+    """The CI-config pipeline, trained once: the end-to-end workflow test and the ablation test both
+    start from it (the keyed store reruns nothing that exists), each on a fresh copy."""
+    from workflow_support import TrainedPipeline
+
+    return TrainedPipeline(tmp_path_factory.mktemp("ci-pipeline"), perceptual_weights)

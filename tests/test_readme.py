@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_workflow import _project_copy
+from workflow_support import _project_copy
 
 from tvt import config
 
