@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_support import make_pairs_dir, one_thread, random_trunk_lpips, save_tiny_prior  # noqa: F401
+from training_support import make_pairs_dir, one_thread, save_tiny_prior  # noqa: F401
 
 from tvt import config, stages
-from tvt.metrics import perceptual
 from tvt.runner import run_stage
 
 CI = config.REPO_ROOT / "config" / "ci.yaml"
@@ -106,12 +105,11 @@ def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.slow
-def test_no_variant_touches_another_variants_outputs(tmp_path, monkeypatch, perceptual_weights, one_thread):  # noqa: F811
+def test_no_variant_touches_another_variants_outputs(tmp_path, monkeypatch, perceptual_weights, random_lpips):
     """Two VAE variants of one config train into distinct folders; rerunning one (unchanged: a no-op;
     with more steps: a new key) leaves every file of the other byte-identical, its mtime unchanged."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TVT_WEIGHTS_DIR", str(perceptual_weights))
-    monkeypatch.setattr(perceptual, "load_lpips", random_trunk_lpips)
     cfg = copy.deepcopy(config.load(CI))
     tiny = {"steps": 2, "batch_size": 2, "disc_start": 1, "sample_every": 0}
     cfg["vae_variants"] = {
