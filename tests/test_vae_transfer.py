@@ -202,6 +202,7 @@ def _latent_gap(vae_dir: Path, workdir: Path) -> float:
                                                   transfer_latents(e8, x).mean))
 
 
+@pytest.mark.slow
 def test_ablation_t2_aligns_the_latent_with_vae_d8s(workdir):
     """T2 = T1's end-to-end training + an L2 between the VAE-D4 latent and VAE-D8's: the term is logged,
     and the same run without it (T1) ends with a latent farther from VAE-D8's."""
