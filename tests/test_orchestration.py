@@ -455,8 +455,14 @@ def _unmarked_tests_that_start_processes(path: Path) -> list[str]:
         return []
     spawns = set(_SPAWNS) | {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom)
                              and n.module == "workflow_support" for a in n.names if a.name == "_run"}
+    def called(call: ast.Call) -> str:  # `f` or `module.f`
+        func = call.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            return f"{func.value.id}.{func.attr}"
+        return func.id if isinstance(func, ast.Name) else ""
+
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    uses = {name: {ast.unparse(c.func) for c in ast.walk(f) if isinstance(c, ast.Call)} | {a.arg for a in f.args.args}
+    uses = {name: {called(c) for c in ast.walk(f) if isinstance(c, ast.Call)} | {a.arg for a in f.args.args}
             for name, f in functions.items()}
     while grown := {name for name, used in uses.items() if used & spawns} - spawns:  # helpers, fixtures, ...
         spawns |= grown
