@@ -20,3 +20,25 @@ def perceptual_weights(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("tvt-weights")
     fetch_perceptual_weights(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def ci_pipeline(tmp_path_factory, perceptual_weights):
+    """The CI-config pipeline, trained once: the end-to-end workflow test and the ablation test both
+    start from it (the keyed store reruns nothing that exists), each on a fresh copy."""
+    from workflow_support import TrainedPipeline
+
+    return TrainedPipeline(tmp_path_factory.mktemp("ci-pipeline"), perceptual_weights)
+
+
+@pytest.fixture(scope="module")
+def random_lpips():
+    """LPIPS as the training stages load it, with a random AlexNet trunk (no download): the official
+    architecture and linear heads, so the losses and metrics run their real code path."""
+    from training_support import random_trunk_lpips
+
+    from tvt.metrics import perceptual
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perceptual, "load_lpips", random_trunk_lpips)
+        yield

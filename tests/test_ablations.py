@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_support import make_pairs_dir, one_thread, random_trunk_lpips, save_tiny_prior  # noqa: F401
+from training_support import make_pairs_dir, one_thread, save_tiny_prior  # noqa: F401
 
 from tvt import config, stages
-from tvt.metrics import perceptual
 from tvt.runner import run_stage
 
 CI = config.REPO_ROOT / "config" / "ci.yaml"
@@ -123,12 +122,11 @@ def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.slow
-def test_no_variant_touches_another_variants_outputs(tmp_path, monkeypatch, perceptual_weights, one_thread):  # noqa: F811
+def test_no_variant_touches_another_variants_outputs(tmp_path, monkeypatch, perceptual_weights, random_lpips):
     """Two VAE variants of one config train into distinct folders; rerunning one (unchanged: a no-op;
     with more steps: a new key) leaves every file of the other byte-identical, its mtime unchanged."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TVT_WEIGHTS_DIR", str(perceptual_weights))
-    monkeypatch.setattr(perceptual, "load_lpips", random_trunk_lpips)
     cfg = copy.deepcopy(config.load(CI))
     tiny = {"steps": 2, "batch_size": 2, "disc_start": 1, "sample_every": 0}
     cfg["vae_variants"] = {
@@ -248,19 +246,32 @@ def test_the_paper_ablations_ask_for_gpus():
     assert all(s.resources.gpus == 8 and s.trains for s in variants)
 
 
+def _mtimes(root: Path, folders: list[str]) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for f in folders for p in (root / f).rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
-def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(tmp_path, perceptual_weights):
-    """`snakemake all` with config/ablations-ci.yaml: every variant trains, one evaluation writes the three
-    ablation tables with a number in every row, and each row's model is an MLflow run tagged with its key."""
+def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(ci_pipeline):
+    """`snakemake all` with config/ablations-ci.yaml where config/ci.yaml's pipeline has run: exactly the
+    variants train (ci.yaml's outputs are reused), one evaluation writes the three ablation tables with a
+    number in every row, and each row's model is an MLflow run tagged with its key."""
     import json
+    import shutil
 
     import mlflow
-    from test_workflow import SNAKEMAKE, _project_copy, _run
+    from workflow_support import SNAKEMAKE, _run
 
-    project = _project_copy(tmp_path, "ablations-ci.yaml", weights=perceptual_weights)
-    _run([*SNAKEMAKE, "--cores", "2", "all"], project)
+    project = ci_pipeline.fresh()
+    shutil.copy2(CI.with_name("ablations-ci.yaml"), project / "config" / "config.yaml")
     cfg = config.load(project / "config" / "config.yaml")
     registry = {s.name: s for s in stages.build_stages(cfg)}
+    base = {s.name: s for s in stages.build_stages(config.load(CI))}
+    built = {name for name, stage in registry.items() if stage.is_built(project)}
+    assert built == set(base) - {"evaluate"}, built ^ (set(base) - {"evaluate"})
+    before = _mtimes(project, [registry[name].folder for name in built])
+    _run([*SNAKEMAKE, "--cores", "2", "all"], project)
+    assert all(registry[name].is_built(project) for name in registry)
+    assert _mtimes(project, [registry[name].folder for name in built]) == before  # nothing of ci.yaml reran
     tables = project / registry["evaluate"].folder / "tables"
     expected = {
         "ablation_vae": ["v1", "v2", "tvt"],

@@ -7,6 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts an interpreter that imports torch
+
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=False)
@@ -58,8 +62,6 @@ def test_noop_when_torchvision_already_imported_and_alias_present():
 
 def test_without_shim_torchvision_import_fails_here():
     # documents *why* the shim exists; skip on machines where torchvision is healthy
-    import pytest
-
     proc = _run("import tvt.compat as c; print(c._torchvision_extension_loads())")
     if proc.stdout.strip() != "False":
         pytest.skip("torchvision's C++ extension loads on this machine: nothing to work around")

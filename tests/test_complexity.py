@@ -19,6 +19,7 @@ from tvt.models.sd_configs import SD21_BASE_UNET, SD21_BASE_VAE
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, dict]:
+    """The paper-size table: tens of seconds of FlopCounterMode dispatch, so its tests are in the slow tier."""
     return {row["name"]: row for row in compute_complexity(output_size=512, scale=4)}
 
 
@@ -44,6 +45,7 @@ def test_count_macs_separates_conv_linear_from_attention_scores():
     assert attention == 2 * (2 * 10 * 10 * 8)  # QKᵀ and softmax·V
 
 
+@pytest.mark.slow
 def test_sd_reference_numbers_of_design_md(rows):
     """docs/method.md §2 (2-FLOP MACs): VAE enc+dec 3.631 TFLOP; UNet@64² 0.804 TFLOP, 0.678 without attention."""
     assert _total_tflops(rows["VAE-D8 encoder + decoder"]) == pytest.approx(3.631, rel=0.01)
@@ -54,6 +56,7 @@ def test_sd_reference_numbers_of_design_md(rows):
     assert rows["VAE-D8 encoder + decoder"]["params_M"] == pytest.approx(83.65, abs=0.005)
 
 
+@pytest.mark.slow
 def test_composite_rows_are_sums_of_their_parts(rows):
     def summed(*names, key):
         return sum(rows[n][key] for n in names)
@@ -70,6 +73,7 @@ def test_composite_rows_are_sums_of_their_parts(rows):
         assert rows["OSEDiff restorer (E8 + UNet + D8)"][key] == pytest.approx(osediff, abs=0.05)
 
 
+@pytest.mark.slow
 def test_the_paper_claims_hold_in_the_table(rows):
     unet64, unet128, ce = rows["SD UNet @ 64²"], rows["SD UNet @ 128² (S4)"], rows["CE-UNet @ 128²"]
     assert rows["VAE-D4 encoder + decoder"]["attn_gmacs"] == 0  # no attention anywhere in VAE-D4
@@ -81,6 +85,7 @@ def test_the_paper_claims_hold_in_the_table(rows):
     assert rows["VAE-D4 encoder + decoder"]["params_M"] < 0.2 * rows["VAE-D8 encoder + decoder"]["params_M"]
 
 
+@pytest.mark.slow
 def test_output_size_scales_convolution_macs_quadratically():
     small = {row["name"]: row for row in compute_complexity(output_size=256)}
     assert small["VAE-D4 decoder"]["input_shape"] == "1×4×64×64"
@@ -89,6 +94,7 @@ def test_output_size_scales_convolution_macs_quadratically():
         compute_complexity(output_size=520)
 
 
+@pytest.mark.slow
 def test_markdown_and_json_renderings(rows):
     table = list(rows.values())
     markdown = to_markdown(table)
@@ -99,6 +105,7 @@ def test_markdown_and_json_renderings(rows):
     assert set(table[0]) == {"name", "params_M", "gmacs", "attn_gmacs", "input_shape"}
 
 
+@pytest.mark.slow
 def test_stablesr_rows(rows):
     from tvt.reports import ARCHITECTURES
 
@@ -118,6 +125,7 @@ def test_stablesr_rows(rows):
     assert set(ARCHITECTURES.values()) <= set(rows)
 
 
+@pytest.mark.slow
 def test_the_ablation_rows_order_as_the_papers_flops_and_every_report_row_exists(rows):
     """Tables 5 and 7's FLOPs order V1 > V2 > TVT and S4 > S5 > TVT, S2 ≈ S1 (docs/ablations.md); so must our MACs.
     Every architecture the reports name is a row here (a renamed row would leave a blank cell)."""

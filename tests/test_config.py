@@ -101,6 +101,7 @@ def test_yaml_syntax_error_names_line(tmp_path):
         config.load(bad)
 
 
+@pytest.mark.slow
 def test_cli_reports_one_line_not_a_traceback(tmp_path):
     cfg = copy.deepcopy(MINI)
     cfg["degrade"]["scale"] = 0

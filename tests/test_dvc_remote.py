@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_workflow import _project_copy, _run
+from workflow_support import _project_copy, _run
 
 from tvt import config, stages
 
@@ -32,6 +32,7 @@ def _checksums(project: Path, outs: list[str]) -> dict[str, str]:
             for out in outs for p in sorted((project / out).rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_default_remote_is_a_local_directory_in_the_checkout():
     assert (ROOT / ".dvc" / "config").is_file(), "no .dvc/config: the project has no default DVC remote"
     listed = _run([DVC, "remote", "list"], ROOT).stdout.split()

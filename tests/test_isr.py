@@ -21,7 +21,6 @@ from training_support import (  # noqa: F401
     make_manifest,
     make_pairs_dir,
     one_thread,
-    random_trunk_lpips,
     save_tiny_prior,
 )
 
@@ -37,12 +36,7 @@ HR = 64  # the smallest side both restorers take unpadded (VAE factor x UNet mul
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def random_lpips():
-    """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(perceptual, "load_lpips", random_trunk_lpips)
-        yield
+pytestmark = pytest.mark.usefixtures("random_lpips")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,10 @@ from training_support import (  # noqa: F401
     RecordingRun,
     make_pairs_dir,
     one_thread,
-    random_trunk_lpips,
     save_tiny_prior,
     save_tiny_text_encoder,
 )
 
-from tvt.metrics import perceptual
 from tvt.models import prompts
 from tvt.models.prompts import OFFICIAL_NEGATIVE_PROMPTS, ColourTagger, training_prompt
 from tvt.models.sd_configs import MINI_VAE_D4
@@ -35,11 +33,7 @@ from tvt.training.data import PairDataset
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def random_lpips():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(perceptual, "load_lpips", random_trunk_lpips)
-        yield
+pytestmark = pytest.mark.usefixtures("random_lpips")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,7 @@ def test_accelerate_command():
         launch.accelerate_command(1, ["stage", STAGE])
 
 
+@pytest.mark.slow
 def test_exit_status_and_signals_reach_the_caller(tmp_path):
     assert launch.run_forwarding_signals([sys.executable, "-c", "raise SystemExit(3)"], os.environ) == 3
     killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]

@@ -97,6 +97,7 @@ def test_code_dependencies_are_the_import_graph():
         assert st.trains == (launch.ENGINE_SOURCE in st.code), st.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["prior", "stablesr_cfw", "evaluate"])
 def test_declared_code_covers_every_module_the_stage_really_imports(name):
     """Import what the handler imports, in a fresh interpreter, and compare with sys.modules."""
@@ -161,6 +162,7 @@ def _wait_for(path: Path, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_second_instance_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path, caplog):
     lock = tmp_path / "locks" / "demo.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -182,6 +184,7 @@ def test_a_second_instance_is_refused_naming_the_first_and_a_dead_ones_lock_is_t
     assert lock.read_text() == ""  # released cleanly
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_running_stage(tmp_path):
     project = tmp_path
     (project / "config").mkdir()
@@ -219,6 +222,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["prctl", "watcher-thread"])
 def test_a_stage_process_dies_with_its_parent(tmp_path, monkeypatch, pdeathsig):
     """Killing the wrapper (SIGKILL: it cannot pass anything on) ends the stage process, which
@@ -252,6 +256,7 @@ def _alive(pid: int) -> bool:
     return not (status.is_file() and "zombie" in status.read_text())
 
 
+@pytest.mark.slow
 def test_a_stale_workflow_file_is_refused(tmp_path):
     """dvc.yaml written for another config (or older code): the stage names the problem, writes nothing."""
     (tmp_path / "config").mkdir()
@@ -411,6 +416,7 @@ def test_the_weight_cache_is_found_without_environment_variables(monkeypatch):
     assert default_weights_dir() == Path("/elsewhere")
 
 
+@pytest.mark.slow
 def test_version_and_quiet_import():
     proc = subprocess.run([sys.executable, "-m", "tvt", "--version"], capture_output=True, text=True, check=True)
     from importlib.metadata import version
@@ -435,6 +441,50 @@ def test_slow_tests_are_marked():
     assert "slow:" in (ROOT / "pyproject.toml").read_text()
 
 
+#: calls that start a process: an interpreter that imports torch costs seconds, which the fast tier has not got
+_SPAWNS = {"subprocess.run", "subprocess.Popen", "subprocess.call", "subprocess.check_call", "subprocess.check_output",
+           "launch.run_forwarding_signals", "launch.relaunch"}
+
+
+def _unmarked_tests_that_start_processes(path: Path) -> list[str]:
+    """Tests of ``path`` outside the slow tier that start a process, directly or through the module's helpers
+    and fixtures (or the engines of tests/workflow_support.py)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    marked = lambda node: any("mark.slow" in ast.unparse(d) for d in getattr(node, "decorator_list", []))
+    if any(isinstance(n, ast.Assign) and "pytestmark" in ast.unparse(n.targets[0]) and "slow" in ast.unparse(n.value)
+           for n in tree.body):
+        return []
+    spawns = set(_SPAWNS) | {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+                             and n.module == "workflow_support" for a in n.names if a.name == "_run"}
+    def called(call: ast.Call) -> str:  # `f` or `module.f`
+        func = call.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            return f"{func.value.id}.{func.attr}"
+        return func.id if isinstance(func, ast.Name) else ""
+
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    uses = {name: {called(c) for c in ast.walk(f) if isinstance(c, ast.Call)} | {a.arg for a in f.args.args}
+            for name, f in functions.items()}
+    while grown := {name for name, used in uses.items() if used & spawns} - spawns:  # helpers, fixtures, ...
+        spawns |= grown
+    return [name for name, f in functions.items() if name.startswith("test_") and name in spawns and not marked(f)]
+
+
+def test_every_test_that_starts_a_process_is_slow(tmp_path):
+    """The fast tier's contract (pyproject.toml): no test in it starts a process."""
+    found = {p.name: _unmarked_tests_that_start_processes(p) for p in sorted((ROOT / "tests").glob("test_*.py"))}
+    assert not {name: tests for name, tests in found.items() if tests}, "mark these @pytest.mark.slow"
+    # the check sees a process started through a fixture of a helper
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import subprocess, pytest\n\ndef _go():\n    subprocess.run(['true'])\n\n"
+                     "@pytest.fixture\ndef started():\n    _go()\n\ndef test_a(started):\n    pass\n\n"
+                     "@pytest.mark.slow\ndef test_b(started):\n    pass\n\ndef test_c():\n    pass\n")
+    assert _unmarked_tests_that_start_processes(probe) == ["test_a"]
+
+
+@pytest.mark.slow
 def test_progress_bars_do_not_flood_log_files(tmp_path):
     """A log file (not a TTY) gets a progress update a minute, not one per step."""
     script = ("import time\nfrom tqdm import tqdm\nfrom tvt.runner import quiet_progress_bars\nquiet_progress_bars()\n"

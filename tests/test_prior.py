@@ -12,9 +12,8 @@ compat.apply()
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
-from training_support import RecordingRun, make_pairs_dir, one_thread, random_trunk_lpips  # noqa: F401
+from training_support import RecordingRun, make_pairs_dir, one_thread  # noqa: F401
 
-from tvt.metrics import perceptual
 from tvt.models.sd_configs import MINI_VAE_D8
 from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.training.data import PairDataset
@@ -26,11 +25,7 @@ from tvt.training.prior import (
     sd_noise_scheduler,
 )
 
-
-@pytest.fixture(autouse=True)
-def random_lpips(monkeypatch):
-    """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
-    monkeypatch.setattr(perceptual, "load_lpips", random_trunk_lpips)
+pytestmark = pytest.mark.usefixtures("random_lpips")  # tests/conftest.py
 
 
 def prior_cfg(vae_steps=60, unet_steps=40):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_workflow import _project_copy
+from workflow_support import _project_copy
 
 from tvt import config
 
@@ -90,6 +90,7 @@ def test_readme_commands_run_as_written(tmp_path):
     assert len(ran) >= 6, ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["tvt --version", "tvt where --config config/ci.yaml degrade"])
 def test_small_commands_answer_fast(command):
     proc = subprocess.run(shlex.split(command.replace("tvt", f"{sys.executable} -m tvt", 1)), cwd=ROOT,

@@ -114,6 +114,7 @@ def test_forward_composes_the_pieces_and_each_colour_fix(restorers, method):
     assert colour_error["wavelet"] < colour_error["none"] and colour_error["adain"] < colour_error["none"]
 
 
+@pytest.mark.slow
 def test_tiled_restorer_agrees_with_untiled(restorers):
     restorer = restorers["tvt"]
     lr = _lr_photo(48)  # output 192², 2 x 2 tiles of 128 px

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_workflow import _project_copy, _run
+from workflow_support import _project_copy, _run
 
 from tvt import config, stages
 

@@ -395,6 +395,7 @@ def test_usage_errors_exit_2_with_one_line(weights, tmp_path, capsys):
     assert exit_info.value.code == 2 and "expected an integer from 1 to 100, got '0'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point_starts_without_torch(tmp_path):
     """`python -m tvt.sr` answers usage errors with exit 2; the CLI imports tvt.sr without torch."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -58,6 +58,7 @@ def test_sampling_options_reach_the_restorer(stablesr_folder):
     assert (stored.steps, stored.w, stored.seed) == (3, 0.5, 7)  # None keeps restorer.json's values
 
 
+@pytest.mark.slow
 def test_w_and_seed_change_the_output_and_the_seed_reproduces_it(stablesr_folder):
     outputs = {}
     for name, options in {

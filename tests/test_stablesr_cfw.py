@@ -14,9 +14,8 @@ compat.apply()
 
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from training_support import RecordingRun, make_pairs_dir, one_thread, random_trunk_lpips  # noqa: F401
+from training_support import RecordingRun, make_pairs_dir, one_thread  # noqa: F401
 
-from tvt.metrics import perceptual
 from tvt.models.cfw import CFWAutoencoder, CFWModule
 from tvt.models.sd_configs import MINI_VAE_D8
 from tvt.training.data import PairDataset
@@ -46,9 +45,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def random_lpips(monkeypatch):
-    monkeypatch.setattr(perceptual, "load_lpips", random_trunk_lpips)
+pytestmark = pytest.mark.usefixtures("random_lpips")  # tests/conftest.py
 
 
 def stage_cfg(**cfw):

@@ -40,6 +40,7 @@ def _run_status(uri: str) -> str:
     return runs[0].info.status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "status", "code"), [("ok", "FINISHED", 0), ("fail", "FAILED", 1)])
 def test_run_status_follows_the_stage(tmp_path, mode, status, code):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -48,6 +49,7 @@ def test_run_status_follows_the_stage(tmp_path, mode, status, code):
     assert _run_status(uri) == status
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_killed_and_exits_143(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.Popen([sys.executable, "-c", STAGE, uri, "wait"], stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ compat.apply()
 
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from training_support import RecordingRun, make_pairs_dir, one_thread, random_trunk_lpips  # noqa: F401
+from training_support import RecordingRun, make_pairs_dir, one_thread  # noqa: F401
 
 from tvt.metrics import perceptual
 from tvt.models.sd_configs import MINI_VAE_D4, MINI_VAE_D8
@@ -45,10 +45,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def random_lpips(monkeypatch):
-    """Official LPIPS architecture and linear heads, random AlexNet trunk (no download)."""
-    monkeypatch.setattr(perceptual, "load_lpips", random_trunk_lpips)
+pytestmark = pytest.mark.usefixtures("random_lpips")  # tests/conftest.py
 
 
 def stage_cfg(**decoder):
@@ -205,6 +202,7 @@ def _latent_gap(vae_dir: Path, workdir: Path) -> float:
                                                   transfer_latents(e8, x).mean))
 
 
+@pytest.mark.slow
 def test_ablation_t2_aligns_the_latent_with_vae_d8s(workdir):
     """T2 = T1's end-to-end training + an L2 between the VAE-D4 latent and VAE-D8's: the term is logged,
     and the same run without it (T1) ends with a latent farther from VAE-D8's."""

@@ -16,54 +16,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from workflow_support import BIN, DVC, ROOT, SNAKEMAKE, TVT, _project_copy, _run
 
 from tvt import config, stages
 
-ROOT = config.REPO_ROOT
 CI_CFG = config.load(ROOT / "config" / "ci.yaml")
-BIN = Path(sys.executable).parent
-#: the engines as the README runs them after `source .venv/bin/activate`, but with nothing of the
-#: environment on PATH: the rules must find the project's interpreter themselves
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-TVT = [sys.executable, "-m", "tvt"]
-DVC = str(BIN / "dvc")
-
-
-def _env(**extra) -> dict:
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
-    env = {**os.environ, "PATH": path, **extra}
-    for name in ("TVT_PIPELINE_RUN_ID", "MLFLOW_TRACKING_URI", "TVT_WEIGHTS_DIR", "VIRTUAL_ENV"):
-        env.pop(name, None)
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, ok: bool = True, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, check=False)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _project_copy(dest: Path, cfg_name: str = "ci.yaml", weights: Path | None = None) -> Path:
-    """A scratch clone of the project with ``config/<cfg_name>`` as its config.yaml and, like
-    after `make`, the weight cache in ``.tvt-cache/weights``."""
-    for item in ("Snakefile", "workflow", "config", "tvt", "profiles", "pyproject.toml"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / item)
-    shutil.copy2(ROOT / "config" / cfg_name, dest / "config" / "config.yaml")
-    if weights is not None:
-        (dest / ".tvt-cache").mkdir()
-        (dest / ".tvt-cache" / "weights").symlink_to(weights)
-    return dest
 
 
 def _registry_edges(cfg) -> set[tuple[str, str]]:
@@ -155,10 +117,8 @@ def _timed(cmd, project, **env) -> tuple[float, subprocess.CompletedProcess]:
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_keyed_cached_and_tracked(tmp_path, perceptual_weights):
-    project = _project_copy(tmp_path, weights=perceptual_weights)
-
-    _run([*SNAKEMAKE, "--cores", "2", "all"], project)  # README: no TVT_WEIGHTS_DIR, no venv on PATH
+def test_pipeline_end_to_end_keyed_cached_and_tracked(ci_pipeline):
+    project = ci_pipeline.fresh()  # `snakemake --cores 2 all` on config/ci.yaml, as the README runs it
     cfg = config.load(project / "config" / "config.yaml")
     registry = {st.name: st for st in stages.build_stages(cfg)}
     results = project / registry["evaluate"].folder
