@@ -39,7 +39,8 @@ from tvt import compat
 compat.apply()  # basicsr and diffusers import torchvision
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,22 @@ def forward_hooks(pairs) -> Iterator[None]:
             handle.remove()
 
 
+def captured_outputs(taps: Sequence[nn.Module], call: Callable[[], Any]) -> tuple[Any, list[torch.Tensor]]:
+    """``call()``'s result and the output of every module in ``taps`` during it, in ``taps``' order
+    (how encoder features are read without copying the encoder's forward)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index):
+        def hook(_module, _inputs, output):
+            captured[index] = output
+
+        return hook
+
+    with forward_hooks([(tap, capture(i)) for i, tap in enumerate(taps)]):
+        result = call()
+    return result, [captured[i] for i in range(len(taps))]
+
+
 class CFWAutoencoder(nn.Module):
     """A frozen ``AutoencoderKL`` with a :class:`CFWModule` wired into its decoder.
 
@@ -154,16 +171,8 @@ class CFWAutoencoder(nn.Module):
 
     def encoder_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """F_e of the (upsampled) LR ``image`` at every fused level, finest first as in ``cfw.levels``."""
-        captured: dict[int, torch.Tensor] = {}
-
-        def capture(index):
-            def hook(_module, _inputs, output):
-                captured[index] = output
-            return hook
-
-        with forward_hooks([(tap, capture(i)) for i, tap in enumerate(self._encoder_taps)]):
-            self.vae.encoder(image.to(self.vae.dtype))
-        return [captured[i] for i in range(len(self._encoder_taps))]
+        _, features = captured_outputs(self._encoder_taps, lambda: self.vae.encoder(image.to(self.vae.dtype)))
+        return features
 
     def decode(self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, w: float = 1.0) -> torch.Tensor:
         """The image decoded from unscaled ``latents`` with F_e fused at weight ``w``.

@@ -38,7 +38,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
-from tvt.models.cfw import forward_hooks
+from tvt.models.cfw import captured_outputs, forward_hooks
 
 
 class SkipAutoencoderKL(AutoencoderKL):
@@ -85,17 +85,7 @@ class SkipAutoencoderKL(AutoencoderKL):
     def encode_with_skips(self, x: torch.Tensor) -> tuple[AutoencoderKLOutput, list[torch.Tensor]]:
         """``encode(x)`` and the encoder's feature at every level, finest first (what ``decode`` adds)."""
         self._check_whole("encoding for the skips")
-        captured: dict[int, torch.Tensor] = {}
-
-        def capture(index):
-            def hook(_module, _inputs, output):
-                captured[index] = output
-
-            return hook
-
-        with forward_hooks([(tap, capture(i)) for i, tap in enumerate(self._encoder_taps)]):
-            posterior = self.encode(x)
-        return posterior, [captured[i] for i in range(len(self._encoder_taps))]
+        return captured_outputs(self._encoder_taps, lambda: self.encode(x))
 
     def decode(
         self, z: torch.Tensor, return_dict: bool = True, generator=None, *, skips: Sequence[torch.Tensor] | None = None
