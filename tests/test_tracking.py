@@ -62,3 +62,31 @@ def test_sigterm_marks_the_run_killed_and_exits_143(tmp_path):
     finally:
         proc.kill()
     assert _run_status(uri) == "KILLED"
+
+
+def test_a_restored_project_database_is_read_not_the_one_it_replaced(tmp_path):
+    """The shared CI pipeline (tests/workflow_support.py) restores a project over the previous test's copy:
+    MLflow's per-URI engine cache must not keep reading the replaced database file."""
+    import shutil
+
+    import mlflow
+    from workflow_support import forget_mlflow_databases
+
+    project = tmp_path / "project"
+    (project / "results").mkdir(parents=True)
+    uri = f"sqlite:///{project / 'results' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("restored")
+    client.create_run(experiment)
+    shutil.copytree(project, tmp_path / "snapshot")
+    client.create_run(experiment)  # the previous test's run, absent from the snapshot
+
+    def runs() -> int:
+        reader = mlflow.MlflowClient(tracking_uri=uri)
+        return len(reader.search_runs([reader.get_experiment_by_name("restored").experiment_id]))
+
+    assert runs() == 2
+    forget_mlflow_databases(project)
+    shutil.rmtree(project)
+    shutil.copytree(tmp_path / "snapshot", project)
+    assert runs() == 1

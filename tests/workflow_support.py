@@ -69,6 +69,23 @@ class TrainedPipeline:
         shutil.copytree(self.project, self._snapshot, symlinks=True)
 
     def fresh(self) -> Path:
+        forget_mlflow_databases(self.project)
         shutil.rmtree(self.project)
         shutil.copytree(self._snapshot, self.project, symlinks=True)
         return self.project
+
+
+def forget_mlflow_databases(folder: Path) -> None:
+    """Close this process's MLflow connections to the SQLite databases under ``folder``.
+
+    MLflow keeps one SQLAlchemy engine per database URI for the life of the process
+    (``SqlAlchemyStore._engine_map``, pooled connections) and one store per URI (an lru_cache): a
+    pooled connection keeps reading a database *file that was replaced* under the same path (it
+    holds the old inode), so a test reading a restored project would see the previous test's runs.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    for uri in [u for u in SqlAlchemyStore._engine_map if str(folder) in u]:
+        SqlAlchemyStore._engine_map.pop(uri).dispose()
+    type(_tracking_store_registry)._get_store_with_resolved_uri.cache_clear()
