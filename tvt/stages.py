@@ -122,8 +122,6 @@ class Stage:
     #: what the stage reads of the degrade stage's train split: None, ``hr`` (HR crops) or ``pairs``
     #: (HR and LR); the degrade stage writes the most any stage of the config reads (:func:`fixed_train_pairs`)
     train_split: str | None = None
-    #: further config keys for DVC's ``params``: sections that decide a value derived into the key
-    derived_from: tuple[str, ...] = ()
     key: str = ""  # set by build_stages
     ckpt_key: str = ""
     code: tuple[str, ...] = ()  # set by build_stages: sources whose content is in the key
@@ -202,8 +200,7 @@ class Stage:
     @property
     def config_keys(self) -> list[str]:
         """The config keys the stage reads (dvc.yaml's ``params``)."""
-        return [*GLOBAL_KEYS, *((self.base,) if self.base else ()), *((self.section,) if self.section else ()),
-                *self.derived_from]
+        return [*GLOBAL_KEYS, *((self.base,) if self.base else ()), *((self.section,) if self.section else ())]
 
     def params_hash(self, cfg: Mapping) -> str:
         return params_hash(self.params(cfg))
@@ -380,7 +377,7 @@ def _declare(cfg: Mapping) -> list[Stage]:
         Stage("data", "data", "assemble the dataset and its manifest", "_stage_data",
               needs=tuple(d.name for d in downloads), resources=Resources(cpus=1, mem_mb=4000, runtime=120)),
         Stage("degrade", "degrade", "synthesise LR/HR pairs (Real-ESRGAN second-order degradation)",
-              "_stage_degrade", needs=("data",), derived_from=tuple(k for k in _TRAIN_READERS if k in cfg),
+              "_stage_degrade", needs=("data",),
               resources=Resources(cpus=cfg["degrade"]["workers"], mem_mb=8000, runtime=240)),
     ]
     gpu = cfg["mode"] == "paper"  # mini mode trains on CPU, also when submitted to SLURM
@@ -482,8 +479,6 @@ def _checkpoint_params(section):
 
 #: the order of :data:`tvt.degradation.TRAIN_PAIRS` by what it holds: a stage reading ``pairs`` also reads HR
 _TRAIN_SPLIT_RANK = {"none": 0, "hr": 1, "pairs": 2}
-#: the config sections whose stages may read the degrade stage's train split (DVC reruns degrade on their edits)
-_TRAIN_READERS = ("prior", "decoder_transfer", "encoder_transfer", "vae_variants", "isr", "stablesr")
 
 
 def fixed_train_pairs(cfg: Mapping) -> str:
