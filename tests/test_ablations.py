@@ -290,25 +290,36 @@ def test_one_run_of_the_ci_ablation_config_fills_tables_5_6_7(ci_pipeline):
         assert keys[f"isr_{method}"] == registry[f"isr_{method}"].key
 
 
+def _generator(variant: str, method: str, vae, /, **changes):
+    """A mini ISR generator of ``method``'s recipe with ``changes`` (rank-2 LoRA) on ``vae`` and a fresh mini
+    teacher: what the ablation's isr stage builds. Returns (restorer, teacher, section)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from test_isr import isr_cfg
+
+    from tvt.models.restorer import sd_noise_scheduler
+    from tvt.models.sd_configs import MINI_UNET
+    from tvt.training import isr
+
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(**MINI_UNET)
+    section = {**isr_cfg(method)["isr"][method], **changes, "lora_rank": 2}
+    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
+    return isr.build_generator(variant, section, vae, teacher, sd_noise_scheduler(), prompt, 4), teacher, section
+
+
 def test_s5_trains_lora_and_conv_in_of_the_pruned_unet_and_saves_a_restorer_that_reloads(tmp_path):
     from tvt import compat
 
     compat.apply()
     import torch
-    from diffusers import UNet2DConditionModel
-    from test_isr import isr_cfg
 
     from tvt.models.pruned_unet import PrunedUNet
-    from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
-    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D4
+    from tvt.models.restorer import OneStepRestorer
+    from tvt.models.sd_configs import MINI_VAE_D4
     from tvt.models.vae_d4 import VAED4
-    from tvt.training import isr
 
-    torch.manual_seed(0)
-    teacher = UNet2DConditionModel(**MINI_UNET)
-    section = {**isr_cfg("tvt")["isr"]["tvt"], "unet": "pruned", "lora_rank": 2}
-    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
-    restorer = isr.build_generator("s5", section, VAED4(**MINI_VAE_D4), teacher, sd_noise_scheduler(), prompt, 4)
+    restorer, _, _ = _generator("s5", "tvt", VAED4(**MINI_VAE_D4), unet="pruned")
     assert isinstance(restorer.unet, PrunedUNet)
     trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
     conv_in = {n for n in trainable if n.startswith("unet.unet.conv_in.") and ".lora_" not in n}
@@ -461,20 +472,15 @@ def test_s3_trains_both_widened_unet_ends_leaves_the_teacher_alone_and_reloads(t
 
     compat.apply()
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from test_isr import isr_cfg
+    from diffusers import AutoencoderKL
 
-    from tvt.models.restorer import OneStepRestorer, sd_noise_scheduler
-    from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
+    from tvt.models.restorer import OneStepRestorer
+    from tvt.models.sd_configs import MINI_VAE_D8
     from tvt.models.wide_latent import widen_vae
     from tvt.training import isr
 
-    torch.manual_seed(0)
-    teacher = UNet2DConditionModel(**MINI_UNET)
-    section = {**isr_cfg("osediff")["isr"]["osediff"], "vae": "s3", "lora_rank": 2}
-    prompt = torch.zeros(1, 77, MINI_UNET["cross_attention_dim"])
-    vae = widen_vae(AutoencoderKL(**MINI_VAE_D8))
-    restorer = isr.build_generator("s3", section, vae, teacher, sd_noise_scheduler(), prompt, 4)
+    torch.manual_seed(0)  # the VAE is built before _generator seeds the teacher, as before
+    restorer, teacher, section = _generator("s3", "osediff", widen_vae(AutoencoderKL(**MINI_VAE_D8)), vae="s3")
     trainable = {n for n, p in restorer.named_parameters() if p.requires_grad}
     ends = {n.replace(".base_layer", "") for n in trainable if ".lora_" not in n}  # LoRA wraps conv_out
     assert ends == {f"unet.{layer}.{p}" for layer in ("conv_in", "conv_out") for p in ("weight", "bias")}
