@@ -110,6 +110,8 @@ class Method:
     model: torch.nn.Module | None = None  # the restorer, for method-specific figures (StableSR's w)
     prompt: dict | None = None  # what a restorer conditions on (tvt.models.prompts.describe_prompt)
     model_dir: Path | None = None  # the saved restorer it was loaded from (logged to MLflow as a model)
+    #: how the logged MLflow model prompts (tvt.mlflow_model.prompt_config): as this row was scored
+    model_prompt: dict | None = None
 
 
 def bicubic_method(scale: int) -> Method:
@@ -169,8 +171,11 @@ def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu", mo
     if not model_dir.is_dir():
         raise FileNotFoundError(f"method {name!r}: no trained model at {model_dir} (train it first, "
                                 f"or list its outputs under evaluate.external)")
+    from tvt.mlflow_model import prompt_config
+
     method = trained_method(name, model_dir, torch.device(device))
     tagger = evaluation_taggers(cfg).get(name, "none")
+    method.model_prompt = prompt_config("none")
     if tagger != "none":
         tag_method(method, tagger, cfg["evaluate"], text_encoder or model_dir)
     return method
@@ -179,6 +184,7 @@ def build_method(name: str, cfg: Mapping, device: torch.device | str = "cpu", mo
 def tag_method(method: Method, tagger: str, ev: Mapping, text_encoder: Path) -> None:
     """Prompt ``method``'s restorer with ``tagger``'s tags of each upsampled LR (:func:`tag_restorer`, as
     ``tvt sr --tagger``), weights from ``evaluate.ram_weights`` / ``dape_weights``; errors name the method."""
+    from tvt.mlflow_model import prompt_config
     from tvt.models.prompts import describe_prompt, tag_restorer
 
     try:
@@ -187,6 +193,7 @@ def tag_method(method: Method, tagger: str, ev: Mapping, text_encoder: Path) -> 
     except (TypeError, FileNotFoundError, RuntimeError) as exc:
         raise RuntimeError(f"evaluate.tagger: method {method.name!r} with {tagger} tags: {exc}") from exc
     method.prompt = describe_prompt(prompt)
+    method.model_prompt = prompt_config(tagger, text_encoder, ev.get("ram_weights"), ev.get("dape_weights"))
 
 
 def method_names(cfg: Mapping) -> list[str]:
@@ -606,11 +613,13 @@ def comparison_runs(summary: Mapping) -> list[tuple[str, str, dict[str, float]]]
     return runs
 
 
-def log_comparison_runs(run, summary: Mapping, mode: str, restorers: Mapping[str, Path] | None = None) -> int:
+def log_comparison_runs(run, summary: Mapping, mode: str, restorers: Mapping[str, Path] | None = None,
+                        model_prompts: Mapping[str, Mapping] | None = None) -> int:
     """Open the nested (method, subset) runs under ``run`` if it is MLflow's active run; return how many.
 
     ``restorers`` (method -> saved folder) are logged as MLflow models, each in its method's first
-    run (subset ``all`` in mini mode, the first test set in paper mode), with that run's metrics."""
+    run (subset ``all`` in mini mode, the first test set in paper mode), with that run's metrics and
+    its ``model_prompts`` entry (how it was prompted when scored: :func:`tvt.mlflow_model.prompt_config`)."""
     import mlflow
 
     active = mlflow.active_run()
@@ -627,7 +636,7 @@ def log_comparison_runs(run, summary: Mapping, mode: str, restorers: Mapping[str
             if method in pending:
                 from tvt.mlflow_model import log_restorer_model
 
-                log_restorer_model(pending.pop(method), mode, method, metrics)
+                log_restorer_model(pending.pop(method), mode, method, metrics, (model_prompts or {}).get(method))
     return len(runs)
 
 
@@ -685,6 +694,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
         costs: dict[str, dict] = {}
         prompts: dict[str, dict] = {}  # methods run here: the prompt they conditioned on
         restorers: dict[str, Path] = {}
+        model_prompts: dict[str, dict | None] = {}
         method_figures: dict[str, object] = {}
         for name in names:
             method = build_method(name, cfg, device, (model_dirs or {}).get(name), text_encoder)
@@ -694,6 +704,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
                 prompts[name] = method.prompt
             if method.model_dir is not None:
                 restorers[name] = method.model_dir
+                model_prompts[name] = method.model_prompt
             if (figure := cfw_weight_figure(method, pairs, root, device)) is not None:
                 method_figures[f"{name}_cfw_w"] = figure
             del method  # release a trained model before loading the next
@@ -746,6 +757,7 @@ def evaluate(cfg: Mapping, pairs_csv: Path, tables_dir: Path, metrics_file: Path
     run.log_artifact(tables_dir)
     run.log_artifact(metrics_file)
     run.log_artifact(plots_dir, "plots")
-    log_comparison_runs(run, summary, cfg["mode"], restorers if ev.get("register_models", True) else None)
+    log_comparison_runs(run, summary, cfg["mode"], restorers if ev.get("register_models", True) else None,
+                        model_prompts)
     print(report)
     return summary

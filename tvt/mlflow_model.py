@@ -10,6 +10,14 @@ it runs :class:`RestorerModel.load_context`, which loads the folder with
 :func:`tvt.models.saved.load_restorer`, so ``mlflow.pyfunc.load_model(uri).predict(lr)`` restores
 exactly like ``tvt sr``'s network. It needs this package installed where it is loaded.
 
+Prompts travel as the model's ``model_config`` (:data:`PROMPT_KEYS`): the tagger the evaluation
+scored the restorer with (``evaluate.tagger``) and the files it read (SD's text encoder, RAM / DAPE
+weights), so the registered model predicts what the tables scored. The paths are the logging
+machine's; elsewhere override them at load time, as MLflow allows for every logged key:
+``mlflow.pyfunc.load_model(uri, model_config={"tagger": "none"})`` (the stored null prompt) or
+``model_config={"text_encoder": ..., "ram_weights": ..., "dape_weights": ...}``. A model logged
+without a tagger follows the folder's own recipe (``restorer.json`` ``prompt``), as ``tvt sr`` does.
+
 ``predict`` takes LR images (N, h, w, 3) float32 in [0, 1] (the signature, which MLflow enforces)
 and returns SR (N, scale·h, scale·w, 3) float32 in [0, 1].
 """
@@ -28,6 +36,15 @@ MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")
 ARTIFACT = "restorer"
 #: what the model code imports besides this package (pinned to what logged it)
 REQUIREMENTS = ("torch", "diffusers", "peft", "transformers", "safetensors", "numpy", "mlflow")
+#: the ``model_config`` keys of a logged restorer: every one is logged (MLflow overrides only logged keys)
+PROMPT_KEYS = ("tagger", "text_encoder", "ram_weights", "dape_weights")
+
+
+def prompt_config(tagger: str | None = None, text_encoder: str | Path | None = None,
+                  ram_weights: str | Path | None = None, dape_weights: str | Path | None = None) -> dict:
+    """A logged model's ``model_config``: how it prompts (``tagger`` None: the folder's recipe), and with what files."""
+    paths = {"text_encoder": text_encoder, "ram_weights": ram_weights, "dape_weights": dape_weights}
+    return {"tagger": tagger, **{key: None if path is None else str(path) for key, path in paths.items()}}
 
 
 def registered_name(mode: str, method: str) -> str:
@@ -43,7 +60,26 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
         from tvt.models.saved import load_restorer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.restorer = load_restorer(context.artifacts[ARTIFACT]).to(self.device).eval()
+        folder = Path(context.artifacts[ARTIFACT])
+        self.restorer = load_restorer(folder).to(self.device).eval()
+        self._prompt(folder, {**prompt_config(), **(context.model_config or {})})
+
+    def _prompt(self, folder: Path, config: Mapping) -> None:
+        """Condition the restorer as ``config`` says (module docstring); errors say which key to override."""
+        from tvt.models.prompts import tag_restorer
+
+        recipe = getattr(self.restorer, "prompt_recipe", None)
+        tagger = config["tagger"] or (recipe.tagger if recipe is not None else "none")
+        if tagger == "none":
+            return
+        try:
+            tag_restorer(self.restorer, tagger, text_encoder=config["text_encoder"] or folder,
+                         ram_weights=config["ram_weights"], dape_weights=config["dape_weights"])
+        except (TypeError, FileNotFoundError, RuntimeError) as exc:
+            raise RuntimeError(
+                f"this restorer model prompts with {tagger} tags, which cannot run here: {exc} — load it with "
+                "model_config={'text_encoder': ..., 'ram_weights': ..., 'dape_weights': ...} naming the files on "
+                "this machine, or model_config={'tagger': 'none'} for its stored null prompt") from exc
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch
@@ -68,9 +104,14 @@ def signature():
     )
 
 
-def log_restorer_model(folder: Path, mode: str, method: str, metrics: Mapping[str, float] | None = None):
+def log_restorer_model(folder: Path, mode: str, method: str, metrics: Mapping[str, float] | None = None,
+                       prompt: Mapping | None = None):
     """Log ``folder`` as a pyfunc model in the active run, register it as ``tvt-<mode>-<method>`` and
-    attach ``metrics`` to it; return MLflow's ModelInfo. The folder is stored once, in the model."""
+    attach ``metrics`` to it; return MLflow's ModelInfo. The folder is stored once, in the model.
+    ``prompt``: :func:`prompt_config` keys (absent ones: the folder's own recipe)."""
+    unknown = set(prompt or {}) - set(PROMPT_KEYS)
+    if unknown:
+        raise ValueError(f"prompt: unknown keys {sorted(unknown)}; known: {', '.join(PROMPT_KEYS)}")
     info = mlflow.pyfunc.log_model(
         name=f"restorer-{method}",
         python_model=str(MODEL_CODE),
@@ -79,6 +120,7 @@ def log_restorer_model(folder: Path, mode: str, method: str, metrics: Mapping[st
         registered_model_name=registered_name(mode, method),
         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
         tags={"tvt.method": method, "tvt.restorer": str(folder)},
+        model_config=prompt_config(**(prompt or {})),
     )
     if metrics:
         mlflow.log_metrics(dict(metrics), model_id=info.model_id)
