@@ -250,9 +250,13 @@ def test_paper_mode_shows_published_values_and_deltas(tmp_path):
     realsr = tables["table2_realsr"]
     md = realsr.markdown()
     paper_rows = [line for line in md.splitlines() if line.startswith(f"| {reports.PAPER_ROW} |")]
-    assert len(paper_rows) == 2  # under osediff and stablesr; bicubic and tvt are not in the published table
+    # under osediff, stablesr and the authors' weights of both; bicubic and tvt are not in the published table
+    assert len(paper_rows) == 4
     assert "| 25.15 (Δ +0.85) |" in paper_rows[0]
     assert "5.912 (Δ −0.912)" in paper_rows[1]
+    official = realsr.paper[("osediff_official", "psnr_y")]
+    assert official is realsr.paper[("osediff", "psnr_y")] and official.published_row == "OSEDiff-s1"
+    assert ("tvt_official", "psnr_y") not in realsr.paper  # no readable TVT table
     assert "published values; Δ = ours − published." in md and "asserts/tab_main.png" in md
     realsr.write(tmp_path)
     row = next(r for r in csv.DictReader((tmp_path / "table2_realsr.csv").read_text().splitlines())

@@ -511,15 +511,21 @@ def _parse_paper_results(doc: Mapping, where: str) -> list[PaperValue]:
     return list(values.values())
 
 
+def published_method(method: str) -> str:
+    """The method whose published numbers a row of ours is compared with: ``<name>_official`` (the authors'
+    released weights, scored here) is held to the very numbers published for ``<name>``."""
+    return method.removesuffix("_official")
+
+
 def attach_paper(tables: Iterable[Table], values: Iterable[PaperValue], deltas: bool) -> None:
-    """Put each published value on the cell of ours it names (row and column present), with Δ when ``deltas``."""
-    by_table: dict[str, list[PaperValue]] = {}
-    for v in values:
-        by_table.setdefault(v.table, []).append(v)
+    """Put each published value on the cells of ours it names (:func:`published_method` of the row, column
+    present), with Δ when ``deltas``."""
+    by_cell: dict[tuple[str, str, str], PaperValue] = {(v.table, v.method, v.key): v for v in values}
     for table in tables:
-        rows, keys = {r["method"] for r in table.rows}, {c.key for c in table.columns}
-        table.paper.update({(v.method, v.key): v for v in by_table.get(table.name, ())
-                            if v.method in rows and v.key in keys})
+        for row in table.rows:
+            for col in table.columns:
+                if (v := by_cell.get((table.name, published_method(row["method"]), col.key))) is not None:
+                    table.paper[(row["method"], col.key)] = v
         table.paper_deltas = deltas
 
 
