@@ -215,22 +215,30 @@ def run_untiled(ops: list[Op], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _step(op: Op, x: torch.Tensor, residuals: list[torch.Tensor], tile: _Tile | None = None,
-          scale: Fraction = Fraction(1)) -> torch.Tensor:
-    """One task on a whole map (``tile`` None) or on ``tile``'s window at resolution ``scale``."""
+def _step(
+    op: Op,
+    x: torch.Tensor,
+    residuals: list[torch.Tensor],
+    tile: _Tile | None = None,
+    scale: Fraction = Fraction(1),
+    margin: int = 0,
+) -> torch.Tensor:
+    """One task on a whole map (``tile`` None) or on ``tile``'s window of ``margin`` input pixels
+    around its core, at resolution ``scale``."""
     if op.kind == "save":
         residuals.append(op.fn(x))
     elif op.kind == "add":
         x = (residuals.pop() + x) / op.factor
     elif op.kind == "read":
-        rows, cols = tile.window(scale) if tile else _whole(x)
+        rows, cols = tile.window(scale, margin) if tile else _whole(x)
         feature = op.fn(rows, cols)
         if feature.shape[0] != x.shape[0] or feature.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"exact tiling: {op.name} reads a map of {tuple(feature.shape)} "
-                             f"onto features of {tuple(x.shape)}")
+            raise ValueError(
+                f"exact tiling: {op.name} reads a map of {tuple(feature.shape)} onto features of {tuple(x.shape)}"
+            )
         x = torch.cat([feature, x], dim=1)
     elif op.kind == "write":
-        (rows, cols), (own_rows, own_cols) = tile.core(scale) if tile else (_whole(x), _whole(x))
+        (rows, cols), (own_rows, own_cols) = tile.core(scale, margin) if tile else (_whole(x), _whole(x))
         size = tile.size(scale) if tile else tuple(x.shape[-2:])
         op.fn(x[..., own_rows, own_cols], rows, cols, size)
     else:
@@ -257,17 +265,21 @@ def split_tiled(ops: list[Op]) -> tuple[list[Op], list[Op], list[Op]]:
     return [], ops[:first], ops[first:]
 
 
-def _resolution_track(ops: list[Op]) -> tuple[list[Fraction], int, int]:
-    """Per op its input resolution (relative to the tiled input), the alignment tiles need
-    (the product of downsamplings) and the halo (receptive radius in input pixels)."""
-    scales, scale, radius = [], Fraction(1), Fraction(0)
+def _resolution_track(ops: list[Op]) -> tuple[list[Fraction], int, list[int]]:
+    """Per op its input resolution (relative to the tiled input) and the margin its input needs
+    around a core: the receptive radius of it and every later op in input pixels, rounded up to
+    the alignment tiles need (the product of downsamplings; also returned). ``margins[0]`` is
+    the halo; later ops need less, so a tile's window shrinks as it advances."""
+    scales, scale = [], Fraction(1)
     for op in ops:
         scales.append(scale)
-        radius += Fraction(op.radius) / scale
         scale *= op.scale
-    align = max(1, math.prod(1 / s for s in (op.scale for op in ops) if s < 1).numerator)
-    halo = -(-math.ceil(radius) // align) * align
-    return scales, int(align), halo
+    align = int(max(1, math.prod(1 / s for s in (op.scale for op in ops) if s < 1).numerator))
+    margins, radius = [], Fraction(0)
+    for op, scale in zip(reversed(ops), reversed(scales), strict=True):
+        radius += Fraction(op.radius) / scale
+        margins.append(-(-math.ceil(radius) // align) * align)
+    return scales, align, margins[::-1]
 
 
 class _TileStore:
@@ -340,8 +352,11 @@ class FeatureMap:
             for j in range(cols.start // b, -(-cols.stop // b)):
                 c0, c1 = max(cols.start, j * b), min(cols.stop, (j + 1) * b)
                 offset = (i * self._grid[1] + j) * self._block_bytes
-                yield (offset, (slice(r0 - i * b, r1 - i * b), slice(c0 - j * b, c1 - j * b)),
-                       (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start)))
+                yield (
+                    offset,
+                    (slice(r0 - i * b, r1 - i * b), slice(c0 - j * b, c1 - j * b)),
+                    (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start)),
+                )
 
     def _load(self, offset: int) -> torch.Tensor:
         block = torch.empty(self._block_shape, dtype=self.dtype)
@@ -396,29 +411,39 @@ def _spans(length: int, core: int, align: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class _Tile:
-    """A core (the part of the map the tile owns; cores partition it) and its window (core + halo,
-    clipped to the map), as (start, stop) rows and columns in input pixels."""
+    """A core — the part of the map the tile owns; cores partition it — as (start, stop) rows and
+    columns in input pixels of a ``height`` x ``width`` input. Its window at margin ``m`` is the
+    core grown by ``m`` on every side, clipped to the map."""
 
     rows: tuple[int, int]
     cols: tuple[int, int]
-    window_rows: tuple[int, int]
-    window_cols: tuple[int, int]
     height: int
     width: int
+
+    def _span(self, margin: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (
+            (max(0, self.rows[0] - margin), min(self.height, self.rows[1] + margin)),
+            (max(0, self.cols[0] - margin), min(self.width, self.cols[1] + margin)),
+        )
 
     def size(self, scale: Fraction) -> tuple[int, int]:
         return int(self.height * scale), int(self.width * scale)
 
-    def window(self, scale: Fraction) -> tuple[slice, slice]:
+    def window(self, scale: Fraction, margin: int) -> tuple[slice, slice]:
         """The window in the map at resolution ``scale``."""
-        return (slice(int(self.window_rows[0] * scale), int(self.window_rows[1] * scale)),
-                slice(int(self.window_cols[0] * scale), int(self.window_cols[1] * scale)))
+        return tuple(slice(int(a * scale), int(b * scale)) for a, b in self._span(margin))
 
-    def core(self, scale: Fraction) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-        """The core in the map and in the window, at resolution ``scale``."""
-        in_map = (slice(int(self.rows[0] * scale), int(self.rows[1] * scale)),
-                  slice(int(self.cols[0] * scale), int(self.cols[1] * scale)))
-        return in_map, (_crop(self.rows, self.window_rows, scale), _crop(self.cols, self.window_cols, scale))
+    def core(self, scale: Fraction, margin: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """The core in the map and in the window of ``margin``, at resolution ``scale``."""
+        in_window = tuple(_crop(core, span, scale) for core, span in zip((self.rows, self.cols), self._span(margin)))
+        return self.window(scale, 0), in_window
+
+    def crop(self, x: torch.Tensor, scale: Fraction, margin: int, to: int) -> torch.Tensor:
+        """``x``, the window of ``margin`` at resolution ``scale``, cut to the window of ``to``."""
+        if to == margin:
+            return x
+        (rows, cols), (old_rows, old_cols) = self._span(to), self._span(margin)
+        return x[..., _crop(rows, old_rows, scale), _crop(cols, old_cols, scale)]
 
 
 def run_tiled(
@@ -432,14 +457,16 @@ def run_tiled(
     """Run local and GroupNorm tasks on cores of side about ``tile`` (input pixels) plus the halo.
 
     All tiles advance together from one GroupNorm to the next; each GroupNorm normalises with
-    the mean and variance pooled over every tile's core, so the result is the untiled one.
-    The result is returned, or written to ``into`` (then None is returned).
+    the mean and variance pooled over every tile's core, so the result is the untiled one. A
+    tile's window shrinks as it advances, to what the remaining tasks need (the decoder's
+    full-resolution stages run on little more than the core). The result is returned, or
+    written to ``into`` (then None is returned).
     """
     if any(op.kind == "global" for op in ops):
         raise ValueError("run_tiled: global tasks (attention) must run untiled; see split_tiled")
     out = FeatureMap() if into is None else into
     program = [*ops, Op("write", out.write, name="output")]
-    scales, align, halo = _resolution_track(program)
+    scales, align, margins = _resolution_track(program)
     height, width = x.shape[-2:]
     if height % align or width % align:
         raise ValueError(f"exact tiling: input {height}x{width} must be a multiple of {align}")
@@ -449,28 +476,37 @@ def run_tiled(
         return out.tensor() if into is None else None
 
     tiles = [
-        _Tile((r0, r1), (c0, c1), (max(0, r0 - halo), min(height, r1 + halo)),
-              (max(0, c0 - halo), min(width, c1 + halo)), height, width)
-        for r0, r1 in _spans(height, tile, align)
-        for c0, c1 in _spans(width, tile, align)
+        _Tile(rows, cols, height, width) for rows in _spans(height, tile, align) for cols in _spans(width, tile, align)
     ]
+    saved_at, residual_margins = [], {}  # the margin each residual was saved with, per add task
+    for i, op in enumerate(program):
+        if op.kind == "save":
+            saved_at.append(margins[i])
+        elif op.kind == "add":
+            residual_margins[i] = saved_at.pop()
     segments = [i for i, op in enumerate(program) if op.kind == "norm"] + [len(program)]
     store = _TileStore(resident_bytes)
     try:
         for key, t in enumerate(tiles):
-            store.put(key, [x[..., t.window_rows[0] : t.window_rows[1], t.window_cols[0] : t.window_cols[1]]])
+            rows, cols = t.window(Fraction(1), margins[0])
+            store.put(key, [x[..., rows, cols]])
         start, stats = 0, None
         for stop in segments:
             sums = None
             for key, t in enumerate(tiles):
                 h, *residuals = store.take(key)
+                margin = margins[max(0, start - 1)]
                 if stats is not None:
                     h = stats(h)
                 for i in range(start, stop):
-                    h = _step(program[i], h, residuals, t, scales[i])
+                    h, margin = t.crop(h, scales[i], margin, margins[i]), margins[i]
+                    if program[i].kind == "add":
+                        residuals[-1] = t.crop(residuals[-1], scales[i], residual_margins[i], margin)
+                    h = _step(program[i], h, residuals, t, scales[i], margin)
                 if stop == len(program):
                     continue
-                _, (rows, cols) = t.core(scales[stop])
+                h = t.crop(h, scales[stop], margin, margins[stop])
+                _, (rows, cols) = t.core(scales[stop], margins[stop])
                 part = _group_sums(h[..., rows, cols], program[stop].fn.num_groups)
                 sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
                 store.put(key, [h, *residuals])
