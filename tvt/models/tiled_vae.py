@@ -18,7 +18,9 @@ This module follows that idea and differs where exactness or memory need it:
 * **Context from the network.** ``vaehook`` pads tiles by fixed margins (11/32 pixels). Here the
   margin (halo) is the receptive radius of the tiled ops, summed from their kernels and
   resolutions and rounded to the alignment, so every core value sees all its inputs: tiled
-  equals untiled up to float rounding.
+  equals untiled up to float rounding. The window shrinks as the tile advances, to the radius
+  of the ops still ahead, so the costly full-resolution end of a decoder runs on little more
+  than the core.
 * **Attention untiled.** ``vaehook`` runs the mid-block attention per tile (a tile attends to
   itself only). Here everything at and beyond the mid-block attention runs untiled at latent
   resolution (1/64 of the image area for SD's VAE), exactly as the VAE does.
@@ -28,8 +30,11 @@ This module follows that idea and differs where exactness or memory need it:
 
 The cost is one extra pass over the stored tile states per GroupNorm (I/O, not compute).
 Supported: diffusers' ``AutoencoderKL`` encoder/decoder and :class:`~tvt.models.vae_d4.VAED4`
-(``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``, ``UNetMidBlock2D``); anything else raises
-an error that names the module.
+(``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``, ``UNetMidBlock2D``) and basicsr's
+``RRDB``; anything else raises an error that names the module. Programs may also pass maps
+between passes: a ``write`` task stores each tile's core into a :class:`FeatureMap` (RAM or
+disk), a ``read`` task concatenates a stored map over the tile's window — how StableSR's CFW
+decoder fuses the encoder's features (:meth:`tvt.models.cfw.CFWAutoencoder.tiled_decode`).
 """
 
 from __future__ import annotations
