@@ -119,8 +119,12 @@ def test_save_pretrained_round_trip(mini, tmp_path):
     mini.cfw.save_pretrained(tmp_path / "cfw")
     loaded = CFWModule.from_pretrained(tmp_path / "cfw").eval()
     settings = ("levels", "channels", "num_rrdb_blocks", "growth_channels", "norm_num_groups")
-    assert all(list(loaded.config[k]) == list(mini.cfw.config[k]) if isinstance(mini.cfw.config[k], tuple)
-               else loaded.config[k] == mini.cfw.config[k] for k in settings)
+    assert all(
+        list(loaded.config[k]) == list(mini.cfw.config[k])
+        if isinstance(mini.cfw.config[k], tuple)
+        else loaded.config[k] == mini.cfw.config[k]
+        for k in settings
+    )
     reference = mini.cfw.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in loaded.state_dict().items())
     latents, image = inputs(4)
@@ -131,9 +135,14 @@ def test_save_pretrained_round_trip(mini, tmp_path):
 def test_mismatched_vae_is_refused(mini):
     with pytest.raises(ValueError, match="do not match the VAE"):
         CFWAutoencoder(mini.vae, CFWModule(levels=(1, 2), channels=(128, 64), norm_num_groups=8))
-    shallow = AutoencoderKL(**{**MINI_VAE_D8, "block_out_channels": (32, 64),
-                               "down_block_types": ("DownEncoderBlock2D",) * 2,
-                               "up_block_types": ("UpDecoderBlock2D",) * 2})
+    shallow = AutoencoderKL(
+        **{
+            **MINI_VAE_D8,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+        }
+    )
     with pytest.raises(ValueError, match="has none"):
         CFWModule.for_vae(shallow)
 
@@ -147,9 +156,18 @@ def three_level():
     error below is 3.2e-5, not 5e-6 (measured); further still and w stops mattering (the next
     GroupNorm normalises F_d + w · C to C's shape for any w)."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(**{**MINI_VAE_D8, "block_out_channels": (16, 32, 32),
-                           "down_block_types": ("DownEncoderBlock2D",) * 3,
-                           "up_block_types": ("UpDecoderBlock2D",) * 3}).eval().requires_grad_(False)
+    vae = (
+        AutoencoderKL(
+            **{
+                **MINI_VAE_D8,
+                "block_out_channels": (16, 32, 32),
+                "down_block_types": ("DownEncoderBlock2D",) * 3,
+                "up_block_types": ("UpDecoderBlock2D",) * 3,
+            }
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     cfw = perturbed(CFWModule.for_vae(vae, num_rrdb_blocks=1, growth_channels=8), scale=0.2).eval()
     return CFWAutoencoder(vae, cfw)
 

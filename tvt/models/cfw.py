@@ -76,11 +76,13 @@ class FusionBlock(nn.Module):
 
     def __init__(self, channels: int, num_rrdb_blocks: int, growth_channels: int, norm_num_groups: int):
         super().__init__()
-        self.merge = ResnetBlock2D(in_channels=2 * channels, out_channels=channels, temb_channels=None,
-                                   groups=norm_num_groups)
+        self.merge = ResnetBlock2D(
+            in_channels=2 * channels, out_channels=channels, temb_channels=None, groups=norm_num_groups
+        )
         self.body = nn.Sequential(*(RRDB(channels, growth_channels) for _ in range(num_rrdb_blocks)))
-        self.out = ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=None,
-                                 groups=norm_num_groups)
+        self.out = ResnetBlock2D(
+            in_channels=channels, out_channels=channels, temb_channels=None, groups=norm_num_groups
+        )
 
     def forward(self, encoder_feature: torch.Tensor, decoder_feature: torch.Tensor) -> torch.Tensor:
         merged = self.merge(torch.cat([encoder_feature, decoder_feature], dim=1), None)
@@ -104,15 +106,21 @@ class CFWModule(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, levels: Sequence[int] = (1, 2), channels: Sequence[int] = (256, 512),
-                 num_rrdb_blocks: int = STABLESR_RRDB_BLOCKS, growth_channels: int = STABLESR_GROWTH_CHANNELS,
-                 norm_num_groups: int = 32):
+    def __init__(
+        self,
+        levels: Sequence[int] = (1, 2),
+        channels: Sequence[int] = (256, 512),
+        num_rrdb_blocks: int = STABLESR_RRDB_BLOCKS,
+        growth_channels: int = STABLESR_GROWTH_CHANNELS,
+        norm_num_groups: int = 32,
+    ):
         super().__init__()
         if len(levels) != len(channels) or not levels:
             raise ValueError(f"CFW needs one width per fused level, got levels={levels}, channels={channels}")
         self.levels = tuple(int(level) for level in levels)
         self.fusions = nn.ModuleList(
-            FusionBlock(width, num_rrdb_blocks, growth_channels, norm_num_groups) for width in channels)
+            FusionBlock(width, num_rrdb_blocks, growth_channels, norm_num_groups) for width in channels
+        )
 
     @classmethod
     def for_vae(cls, vae: AutoencoderKL, **kwargs) -> CFWModule:
@@ -120,8 +128,10 @@ class CFWModule(ModelMixin, ConfigMixin):
         (latent size); ``kwargs`` override the other settings (e.g. ``num_rrdb_blocks``)."""
         widths = tuple(vae.config.block_out_channels)
         if len(widths) < 3:
-            raise ValueError(f"CFW fuses at the VAE's intermediate resolutions; a VAE with {len(widths)} "
-                             f"levels (block_out_channels={widths}) has none")
+            raise ValueError(
+                f"CFW fuses at the VAE's intermediate resolutions; a VAE with {len(widths)} "
+                f"levels (block_out_channels={widths}) has none"
+            )
         levels = tuple(range(1, len(widths) - 1))
         settings = {"norm_num_groups": vae.config.norm_num_groups, **kwargs}
         return cls(levels=levels, channels=tuple(widths[i] for i in levels), **settings)
@@ -133,8 +143,7 @@ class CFWModule(ModelMixin, ConfigMixin):
         finest = self.levels.index(min(self.levels))
         return self.fusions[finest].out.conv2.weight
 
-    def fuse(self, index: int, encoder_feature: torch.Tensor, decoder_feature: torch.Tensor,
-             w: float) -> torch.Tensor:
+    def fuse(self, index: int, encoder_feature: torch.Tensor, decoder_feature: torch.Tensor, w: float) -> torch.Tensor:
         """F_d + w · C(F_e, F_d) at fused level number ``index`` (in this module's dtype)."""
         dtype = self.fusions[index].merge.conv1.weight.dtype
         residual = self.fusions[index](encoder_feature.to(dtype), decoder_feature.to(dtype))
@@ -179,11 +188,16 @@ class CFWAutoencoder(nn.Module):
     def __init__(self, vae: AutoencoderKL, cfw: CFWModule):
         super().__init__()
         widths = tuple(vae.config.block_out_channels)
-        bad = [(level, width) for level, width in zip(cfw.levels, cfw.config.channels)
-               if not 0 < level < len(widths) - 1 or widths[level] != width]
+        bad = [
+            (level, width)
+            for level, width in zip(cfw.levels, cfw.config.channels)
+            if not 0 < level < len(widths) - 1 or widths[level] != width
+        ]
         if bad:
-            raise ValueError(f"CFW levels/widths {bad} do not match the VAE (block_out_channels={widths}); "
-                             "build the CFW with CFWModule.for_vae(vae)")
+            raise ValueError(
+                f"CFW levels/widths {bad} do not match the VAE (block_out_channels={widths}); "
+                "build the CFW with CFWModule.for_vae(vae)"
+            )
         self.vae = vae
         self.cfw = cfw
         self.factor = vae_downsample_factor(vae)
@@ -206,14 +220,20 @@ class CFWAutoencoder(nn.Module):
         if w == 0.0:
             return self.vae.decode(latents).sample
         if features is None or len(features) != len(self._decoder_taps):
-            raise ValueError(f"decode with w={w} needs {len(self._decoder_taps)} encoder feature maps "
-                             f"(from encoder_features), got {None if features is None else len(features)}")
+            raise ValueError(
+                f"decode with w={w} needs {len(self._decoder_taps)} encoder feature maps "
+                f"(from encoder_features), got {None if features is None else len(features)}"
+            )
         if self.vae.use_slicing or self.vae.use_tiling:
-            raise ValueError("CFW decoding needs the whole batch and image in one decoder pass: disable the "
-                             "VAE's slicing/tiling and use CFWAutoencoder.tiled_decode for large images")
+            raise ValueError(
+                "CFW decoding needs the whole batch and image in one decoder pass: disable the "
+                "VAE's slicing/tiling and use CFWAutoencoder.tiled_decode for large images"
+            )
         if torch.is_grad_enabled() and self.vae.decoder.gradient_checkpointing:
-            raise ValueError("CFW hooks are removed after the call, so a checkpointed decoder would recompute "
-                             "without them; disable gradient checkpointing on the VAE decoder")
+            raise ValueError(
+                "CFW hooks are removed after the call, so a checkpointed decoder would recompute "
+                "without them; disable gradient checkpointing on the VAE decoder"
+            )
 
         def fuse(index):
             def hook(_module, _inputs, output):
@@ -222,8 +242,10 @@ class CFWAutoencoder(nn.Module):
                     raise ValueError(
                         f"CFW level {self.cfw.levels[index]}: encoder feature {tuple(feature.shape)} does not match "
                         f"decoder feature {tuple(output.shape)}; the LR image must be upsampled to "
-                        f"{self.factor}x the latent size")
+                        f"{self.factor}x the latent size"
+                    )
                 return self.cfw.fuse(index, feature, output, w)
+
             return hook
 
         with forward_hooks([(tap, fuse(i)) for i, tap in enumerate(self._decoder_taps)]):
@@ -237,12 +259,21 @@ class CFWAutoencoder(nn.Module):
     def _check_image(self, latents: torch.Tensor, image: torch.Tensor) -> None:
         expected = tuple(s * self.factor for s in latents.shape[-2:])
         if tuple(image.shape[-2:]) != expected:
-            raise ValueError(f"the LR image is {tuple(image.shape[-2:])}, expected {expected} "
-                             f"({self.factor}x the latent {tuple(latents.shape[-2:])}): upsample it first")
+            raise ValueError(
+                f"the LR image is {tuple(image.shape[-2:])}, expected {expected} "
+                f"({self.factor}x the latent {tuple(latents.shape[-2:])}): upsample it first"
+            )
 
     @torch.no_grad()
-    def tiled_decode(self, latents: torch.Tensor, image: torch.Tensor, w: float, tile: int, *,
-                     resident_bytes: int = DEFAULT_RESIDENT_BYTES) -> torch.Tensor:
+    def tiled_decode(
+        self,
+        latents: torch.Tensor,
+        image: torch.Tensor,
+        w: float,
+        tile: int,
+        *,
+        resident_bytes: int = DEFAULT_RESIDENT_BYTES,
+    ) -> torch.Tensor:
         """:meth:`forward` on latent tiles of about ``tile`` px, exactly (tiled_vae.py), so memory
         depends on ``tile`` and ``resident_bytes``, not on the image.
 
@@ -267,8 +298,11 @@ class CFWAutoencoder(nn.Module):
         names = {module: name for name, module in self.vae.named_modules()}
         height, width = image.shape[-2:]
         sizes = [(height >> level, width >> level) for level in self.cfw.levels]
-        feature_bytes = self.vae.dtype.itemsize * image.shape[0] * sum(
-            channels * h * w_ for channels, (h, w_) in zip(self.cfw.config.channels, sizes, strict=True))
+        feature_bytes = (
+            self.vae.dtype.itemsize
+            * image.shape[0]
+            * sum(channels * h * w_ for channels, (h, w_) in zip(self.cfw.config.channels, sizes, strict=True))
+        )
         on_disk = feature_bytes > resident_bytes
         budget = resident_bytes if on_disk else resident_bytes - feature_bytes
         maps = [FeatureMap(on_disk=on_disk) for _ in self.cfw.levels]
@@ -281,8 +315,7 @@ class CFWAutoencoder(nn.Module):
             for index in sorted(range(len(ends)), key=ends.__getitem__, reverse=True):
                 if index != deepest:
                     encoder.insert(ends[index], Op("write", maps[index].write, name=f"cfw.encoder_feature.{index}"))
-            run_tiled(encoder, image.to(self.vae.dtype), tile * self.factor, resident_bytes=budget,
-                      into=maps[deepest])
+            run_tiled(encoder, image.to(self.vae.dtype), tile * self.factor, resident_bytes=budget, into=maps[deepest])
             # the decoder with a fusion after every tap
             decoder = decoder_program(self.vae)
             taps = [module_end(decoder, names[tap]) for tap in self._decoder_taps]

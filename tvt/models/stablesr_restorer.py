@@ -129,9 +129,14 @@ class StableSRRestorer(nn.Module):
             mean = self.vae.encode(image.to(dtype)).latent_dist.mode()
         latent_tile = self.tile and self.tile // factor
         z_0 = sample_latents(
-            self.denoiser, mean.float() * scaling, self.prompt(lr), num_steps=self.steps,
-            scheduler=self.scheduler, generator=torch.Generator().manual_seed(self.seed),
-            tile=latent_tile or None, overlap=(self.tile_overlap // factor) if latent_tile else None,
+            self.denoiser,
+            mean.float() * scaling,
+            self.prompt(lr),
+            num_steps=self.steps,
+            scheduler=self.scheduler,
+            generator=torch.Generator().manual_seed(self.seed),
+            tile=latent_tile or None,
+            overlap=(self.tile_overlap // factor) if latent_tile else None,
             progress=progress,
         )
         latents = (z_0 / scaling).to(dtype)
@@ -153,9 +158,16 @@ class StableSRRestorer(nn.Module):
             getattr(self, name).save_pretrained(path / name)
         self.scheduler.save_pretrained(path / "scheduler")
         save_file({"embedding": self.prompt.embedding.contiguous()}, path / PROMPT_EMBEDDING_FILE)
-        config = {"class": CLASS_NAME, "method": self.method, "scale": self.scale, "steps": self.steps,
-                  "w": self.w, "color_fix": self.color_fix, "seed": self.seed,
-                  "prompt_embedding": PROMPT_EMBEDDING_FILE}
+        config = {
+            "class": CLASS_NAME,
+            "method": self.method,
+            "scale": self.scale,
+            "steps": self.steps,
+            "w": self.w,
+            "color_fix": self.color_fix,
+            "seed": self.seed,
+            "prompt_embedding": PROMPT_EMBEDDING_FILE,
+        }
         (path / RESTORER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return path
 
