@@ -24,6 +24,10 @@ object decodes plainly everywhere else. The encoder runs whole (its last level, 
 ``conv_out`` are wasted work, 18 % of SD's encoder MACs at 512²) so that it stays diffusers'
 forward, gradient checkpointing and all.
 
+Large images decode exactly tiled (:meth:`CFWAutoencoder.tiled_decode`): the encoder's
+features are computed once over the whole image, tile by tile, and every decoder tile reads its
+window of them, so the result is the untiled one (tiled_vae.py).
+
 Cost for SD 2.1's VAE at 512² (MACs of convolutions/linears, meta-device count): CFW has
 44.4 M parameters and adds 1.24 T MACs to the decoder's 1.24 T, plus the encoder's 0.54 T.
 
