@@ -172,7 +172,7 @@ def three_level():
     return CFWAutoencoder(vae, cfw)
 
 
-@pytest.mark.parametrize(("w", "resident_bytes"), [(0.0, 0), (0.5, 0), (1.0, 0), (1.0, 1 << 30)])
+@pytest.mark.parametrize(("w", "resident_bytes"), [(0.0, 1 << 30), (0.5, 1 << 30), (1.0, 1 << 30), (1.0, 0)])
 def test_exact_tiled_decode_equals_untiled(three_level, w, resident_bytes):
     """30 x 38 latents on tiles of 8: 4 x 5 tiles, uneven. resident_bytes=0 puts every tile state
     and the encoder features on disk; 1 GiB keeps them in RAM."""
