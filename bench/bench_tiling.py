@@ -2,7 +2,8 @@
 
 Each case runs in a fresh subprocess, which resets its peak-RSS counter
 (``/proc/self/clear_refs``) after imports and model building, so "working MB" is the memory
-the inference itself needed. With tiling it should stay ~flat as the image grows. Tiled runs
+the inference itself needed; "CPU seconds" (process time) is what the work cost even when
+other jobs share the cores and stretch the wall-clock "seconds". With tiling it should stay ~flat as the image grows. Tiled runs
 come in two flavours: ``tile`` (Gaussian-blended tiles, per-tile GroupNorm statistics) and
 ``exact`` (tiled_vae.py: statistics pooled over all tiles). "PSNR" compares a tiled output
 with the untiled one (peak = the untiled output's range; random weights).
@@ -10,6 +11,7 @@ with the untiled one (peak = the untiled output's range; random weights).
     PYTHONPATH=. python bench/bench_tiling.py          # mini VAE-D4 decoder, 512² .. 2048²
     PYTHONPATH=. python bench/bench_tiling.py --model sd-decoder --sizes 512 1024 2048 --max-untiled 512
     PYTHONPATH=. python bench/bench_tiling.py --model vae --max-untiled 2048
+    PYTHONPATH=. python bench/bench_tiling.py --model cfw-decoder --sizes 512 1024 --modes exact
     PYTHONPATH=. python bench/bench_tiling.py --model restorer --sizes 256 512   # slow
 
 Default run: a few minutes on 2 CPU cores (untiled runs stop at 1024² by default); the
@@ -32,6 +34,7 @@ MODELS = {
     "decoder": "mini VAE-D4 decoder (the largest activations: full resolution, most channels)",
     "d4-decoder": "paper-size VAE-D4 decoder (TVT)",
     "sd-decoder": "SD 2.1 VAE-D8 decoder (OSEDiff, StableSR; attention in the mid-block)",
+    "cfw-decoder": "mini VAE-D8 decoder + StableSR's CFW (2 RRDBs per level, w = 1; exact tiling only)",
     "vae": "mini VAE-D4 encoder + decoder",
     "restorer": "whole mini TVT restorer (encoder, CE-UNet, decoder; slow)",
 }
@@ -70,16 +73,31 @@ def run_case(model: str, size: int, tile: int | None, norm_stats: str, save: str
     torch.manual_seed(0)
     if model == "sd-decoder":
         vae, factor = AutoencoderKL(**SD21_BASE_VAE).eval(), 8
+    elif model == "cfw-decoder":
+        from tvt.models.cfw import CFWAutoencoder, CFWModule
+        from tvt.models.sd_configs import MINI_VAE_D8
+
+        vae, factor = AutoencoderKL(**MINI_VAE_D8).eval(), 8
+        autoencoder = CFWAutoencoder(vae, CFWModule.for_vae(vae).eval())
     else:
         vae = VAED4(**(VAE_D4_PAPER if model == "d4-decoder" else MINI_VAE_D4)).eval()
         factor = vae.downsample_factor
-    if model.endswith("decoder"):
+    if model in ("decoder", "d4-decoder", "sd-decoder"):
         latent = _photo_latent(size // factor)
 
         def work():
             if tile is None:
                 return vae.decode(latent).sample
             return tiled_decode(vae, latent, tile // factor, tile // factor // 4, norm_stats=norm_stats)
+
+    elif model == "cfw-decoder":
+        latent = _photo_latent(size // factor)
+        lr_image = torch.nn.functional.interpolate(latent[:, :3], scale_factor=factor, mode="bicubic") / 2
+
+        def work():
+            if tile is None:
+                return autoencoder(latent, lr_image, 1.0)
+            return autoencoder.tiled_decode(latent, lr_image, 1.0, tile // factor)
 
     elif model == "vae":
         image = torch.rand(1, 3, size, size) * 2 - 1
@@ -105,14 +123,19 @@ def run_case(model: str, size: int, tile: int | None, norm_stats: str, save: str
 
     baseline = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = work()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     assert out.shape[-2:] == (size, size), out.shape
     if save:
         torch.save(out, save)
-    return {"seconds": seconds, "peak_mb": _status_mb("VmHWM"), "working_mb": _status_mb("VmHWM") - baseline}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_mb": _status_mb("VmHWM"),
+        "working_mb": _status_mb("VmHWM") - baseline,
+    }
 
 
 def spawn(model: str, size: int, tile: int | None, norm_stats: str = "tile", save: Path | None = None) -> dict:
@@ -159,27 +182,33 @@ def main() -> None:
         return
 
     print(f"model: {MODELS[args.model]}, tile {args.tile} px (blended: overlap {args.tile // 4}), batch 1, CPU")
-    header = ("output", "run", "seconds", "working MB", "PSNR vs untiled")
+    header = ("output", "run", "seconds", "CPU seconds", "working MB", "PSNR vs untiled")
     print(" | ".join(f"{h:>15}" for h in header))
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             reference = Path(tmp) / f"untiled-{size}.pt"
             runs = [("untiled", None, "tile")] if size <= args.max_untiled else []
-            runs += [(mode, args.tile, mode) for mode in args.modes]
+            runs += [(mode, args.tile, mode) for mode in args.modes if mode == "exact" or args.model != "cfw-decoder"]
             for label, tile, norm_stats in runs:
                 save = Path(tmp) / f"{label}-{size}.pt"
                 result = spawn(args.model, size, tile, norm_stats, save)
                 if "error" in result:
-                    cells = [result["error"][:40], "-", "-"]
+                    cells = [result["error"][:40], "-", "-", "-"]
                 else:
                     fidelity = (
                         "-" if label == "untiled" or not reference.exists() else f"{psnr(reference, save):.1f} dB"
                     )
-                    cells = [f"{result['seconds']:.2f}", f"{result['working_mb']:.0f}", fidelity]
+                    cells = [
+                        f"{result['seconds']:.2f}",
+                        f"{result['cpu_seconds']:.2f}",
+                        f"{result['working_mb']:.0f}",
+                        fidelity,
+                    ]
                 print(" | ".join(f"{c:>15}" for c in [f"{size}²", label, *cells]), flush=True)
                 if label != "untiled":
                     save.unlink(missing_ok=True)
     print("MB: peak RSS of the inference above the process's RSS before it (imports and weights excluded).")
+    print("CPU seconds: the process's CPU time (all threads): on a shared machine, what the work cost.")
 
 
 if __name__ == "__main__":

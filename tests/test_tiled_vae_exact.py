@@ -16,10 +16,12 @@ from diffusers import AutoencoderKL
 
 from tvt.models.sd_configs import MINI_VAE_D4, MINI_VAE_D8, VAE_D4_V1
 from tvt.models.tiled_vae import (
+    FeatureMap,
     decoder_program,
     encoder_program,
     exact_tiled_decode,
     exact_tiled_encode,
+    rrdb_op,
     run_tiled,
     run_untiled,
     split_tiled,
@@ -100,6 +102,34 @@ def test_attention_runs_untiled_on_its_low_resolution_side():
     assert head[-1].kind == "global" and not tail and any(op.scale == 2 for op in tiled)
     with pytest.raises(ValueError, match="global tasks"):
         run_tiled(decoder_program(vae), torch.zeros(1, 4, 16, 16), 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_map_on_disk_reads_back_what_was_written(dtype):
+    """Cores written on one grid, windows read on another, neither aligned to the 8-px blocks."""
+    source = torch.randn(2, 5, 37, 53, generator=torch.Generator().manual_seed(2)).to(dtype)
+    maps = [FeatureMap(), FeatureMap(on_disk=True, block=8)]
+    for feature_map in maps:
+        for r0, r1 in ((0, 13), (13, 30), (30, 37)):
+            for c0, c1 in ((0, 20), (20, 21), (21, 53)):
+                feature_map.write(source[..., r0:r1, c0:c1], slice(r0, r1), slice(c0, c1), (37, 53))
+    for rows, cols in ((slice(0, 37), slice(0, 53)), (slice(5, 29), slice(7, 50)), (slice(36, 37), slice(0, 1))):
+        assert all(torch.equal(m.read(rows, cols), source[..., rows, cols]) for m in maps)
+    assert torch.equal(maps[1].tensor(), source)
+    with pytest.raises(ValueError, match="fall outside"):
+        maps[1].read(slice(30, 40), slice(0, 8))
+    with pytest.raises(ValueError, match="written as"):
+        maps[1].write(source, slice(0, 37), slice(0, 53), (40, 53))
+    for feature_map in maps:
+        feature_map.close()
+
+
+def test_rrdb_radius_is_its_chain_of_fifteen_convs():
+    from basicsr.archs.rrdbnet_arch import RRDB
+
+    assert rrdb_op(RRDB(8, 4), "body.0").radius == 15  # 3 dense blocks x 5 convs x 1 px
+    with pytest.raises(TypeError, match=r"body\.0 \(Conv2d\), expected an RRDB"):
+        rrdb_op(torch.nn.Conv2d(8, 8, 3, padding=1), "body.0")
 
 
 def test_unsupported_module_is_named():

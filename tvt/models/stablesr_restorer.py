@@ -6,6 +6,7 @@
       → z_0 = StableSR sampling: DDPM over ``steps`` respaced timesteps from the noised z_lr,
               SD's frozen UNet steered by the time-aware encoder + SFT (tiles blended every step)
       → D8 with CFW: decoder features fused with E8's features of x, weight ``w``
+        (E8 and D8 + CFW tiled exactly when ``tile`` is set)
       → cropped, colour-fixed against the upsampled LR, clamped
     SR (B, 3, scale·h, scale·w) in [0, 1]
 
@@ -76,9 +77,12 @@ class StableSRRestorer(nn.Module):
             color_fix: "adain", "wavelet" or "none" (StableSR offers the first two).
             seed: seed of the sampling noise, drawn anew for every call.
             tile, tile_overlap: output pixels (a multiple of :attr:`pixel_multiple`) of the
-                pixel tiles of encoder/decoder; latent tiles for the sampling are these over 8
-                (None: untiled; overlap defaults to a quarter tile). The encoder tiles exactly
-                (GroupNorm statistics pooled over tiles: tiled_vae.py); the CFW decoder blends.
+                pixel tiles of encoder and CFW decoder; latent tiles for the sampling are these
+                over 8, overlapping by ``tile_overlap`` over 8 and blended (None: untiled;
+                overlap defaults to a quarter tile). Encoder and CFW decoder tile exactly
+                (GroupNorm statistics pooled over tiles, halos from the receptive field:
+                tiled_vae.py, :meth:`CFWAutoencoder.tiled_decode`), so only the sampling's
+                blended tiles make the tiled output differ from the untiled one.
         """
         super().__init__()
         if color_fix not in COLOR_FIX_MODES:
@@ -125,15 +129,19 @@ class StableSRRestorer(nn.Module):
             mean = self.vae.encode(image.to(dtype)).latent_dist.mode()
         latent_tile = self.tile and self.tile // factor
         z_0 = sample_latents(
-            self.denoiser, mean.float() * scaling, self.prompt(lr), num_steps=self.steps,
-            scheduler=self.scheduler, generator=torch.Generator().manual_seed(self.seed),
-            tile=latent_tile or None, overlap=(self.tile_overlap // factor) if latent_tile else None,
+            self.denoiser,
+            mean.float() * scaling,
+            self.prompt(lr),
+            num_steps=self.steps,
+            scheduler=self.scheduler,
+            generator=torch.Generator().manual_seed(self.seed),
+            tile=latent_tile or None,
+            overlap=(self.tile_overlap // factor) if latent_tile else None,
             progress=progress,
         )
         latents = (z_0 / scaling).to(dtype)
         if self.tile:
-            decoded = self.autoencoder.tiled_decode(latents, image.to(dtype), w, latent_tile,
-                                                    self.tile_overlap // factor)
+            decoded = self.autoencoder.tiled_decode(latents, image.to(dtype), w, latent_tile)
         else:
             features = self.autoencoder.encoder_features(image.to(dtype)) if w > 0 else None
             decoded = self.autoencoder.decode(latents, features, w)
@@ -150,9 +158,16 @@ class StableSRRestorer(nn.Module):
             getattr(self, name).save_pretrained(path / name)
         self.scheduler.save_pretrained(path / "scheduler")
         save_file({"embedding": self.prompt.embedding.contiguous()}, path / PROMPT_EMBEDDING_FILE)
-        config = {"class": CLASS_NAME, "method": self.method, "scale": self.scale, "steps": self.steps,
-                  "w": self.w, "color_fix": self.color_fix, "seed": self.seed,
-                  "prompt_embedding": PROMPT_EMBEDDING_FILE}
+        config = {
+            "class": CLASS_NAME,
+            "method": self.method,
+            "scale": self.scale,
+            "steps": self.steps,
+            "w": self.w,
+            "color_fix": self.color_fix,
+            "seed": self.seed,
+            "prompt_embedding": PROMPT_EMBEDDING_FILE,
+        }
         (path / RESTORER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return path
 
