@@ -170,6 +170,7 @@ def test_every_mean_has_a_bootstrap_interval_and_every_pair_a_paired_test(evalua
     assert "**" in md and " ± " in md and "percentile-bootstrap interval over images" in md
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ocr.unavailable_reason(["en"]) is not None, reason="tesseract-ocr is not installed")
 def test_ocr_rows_put_hr_first_and_split_by_text_size(evaluated):
     rows = evaluated["summary"]["ocr"]["rows"]
