@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """Library code sets torch's thread count for a process (``runner._use_granted_cpus``,
+    ``InferenceOptions.threads``); run in-process by a test, that setting would outlive it, and every
+    later test would run on all cores of a shared machine, where oversubscribed OpenMP threads spin
+    (tens of times slower). Each test gets back the count it started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def perceptual_weights(tmp_path_factory) -> Path:
     """The offline LPIPS/DISTS weight cache: $TVT_WEIGHTS_DIR when complete (the Makefile

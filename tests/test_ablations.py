@@ -160,6 +160,7 @@ def test_no_variant_touches_another_variants_outputs(tmp_path, monkeypatch, perc
 # ---- S5: the pruned UNet ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_pruned_unet_keeps_the_units_that_matter_and_computes_what_the_prior_did_with_them(tmp_path):
     """Zero what reads a quarter of every ResNet's hidden groups and every feed-forward's inner units in
     the prior: those are the units the L1 rule must drop, and the pruned UNet must then compute exactly
@@ -308,6 +309,7 @@ def _generator(variant: str, method: str, vae, /, **changes):
     return isr.build_generator(variant, section, vae, teacher, sd_noise_scheduler(), prompt, 4), teacher, section
 
 
+@pytest.mark.slow
 def test_s5_trains_lora_and_conv_in_of_the_pruned_unet_and_saves_a_restorer_that_reloads(tmp_path):
     from tvt import compat
 
@@ -391,6 +393,7 @@ def test_s2_with_zero_skips_is_s1_and_a_nonzero_skip_changes_it(tmp_path):
         assert s2(lr).shape == changed.shape
 
 
+@pytest.mark.slow
 def test_s2_trains_its_skips_with_the_restorer_and_a_trained_skip_changes_the_output():
     """build_generator with ``vae_skips``: OSEDiff's trainable set plus the skips; one optimiser step on the
     training loss moves the skips off zero and the restorer's output with them."""
@@ -467,6 +470,7 @@ def test_s3_widened_by_channel_interpolation_reproduces_s1():
         assert (s3.unet(padded, 999, context).sample[:, :4] - eps4).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_s3_trains_both_widened_unet_ends_leaves_the_teacher_alone_and_reloads(tmp_path):
     from tvt import compat
 

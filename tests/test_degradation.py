@@ -316,6 +316,7 @@ def test_pairs_csv_describes_the_written_pairs(serial_run):
     assert len(verify_manifest(pairs_csv)) == 5  # the project's checksum verifier agrees
 
 
+@pytest.mark.slow
 def test_pairs_do_not_depend_on_workers_or_manifest_order(cfg, serial_run, tmp_path):
     _, pairs_csv = serial_run
     expected = snapshot(pairs_csv.parent)

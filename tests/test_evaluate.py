@@ -116,6 +116,7 @@ def evaluated(tmp_path_factory):
 # --- the summary (results/metrics.json) ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_metrics_json_is_the_returned_summary(evaluated):
     on_disk = json.loads((evaluated["tmp"] / "results" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(evaluated["summary"]))
@@ -124,6 +125,7 @@ def test_metrics_json_is_the_returned_summary(evaluated):
     assert on_disk["subsets"]["all"]["bicubic"]["n"] == 4 and on_disk["subsets"]["photo"]["bicubic"]["n"] == 2
 
 
+@pytest.mark.slow
 def test_external_pngs_are_scored_exactly_like_a_method_run_here(evaluated):
     subsets = evaluated["summary"]["subsets"]
     for subset in subsets.values():
@@ -133,6 +135,7 @@ def test_external_pngs_are_scored_exactly_like_a_method_run_here(evaluated):
     assert all_["sharp"]["psnr_y"] != pytest.approx(all_["bicubic"]["psnr_y"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_unavailable_and_not_applicable_metrics_are_never_numbers(evaluated):
     summary = evaluated["summary"]
     assert summary["unavailable"]["musiq"].startswith("unavailable (needs weights: ")
@@ -142,6 +145,7 @@ def test_unavailable_and_not_applicable_metrics_are_never_numbers(evaluated):
     assert "niqe" not in summary["subsets"]["text"]["bicubic"]
 
 
+@pytest.mark.slow
 def test_every_mean_has_a_bootstrap_interval_and_every_pair_a_paired_test(evaluated):
     summary = evaluated["summary"]
     statistics = summary["statistics"]
@@ -166,6 +170,7 @@ def test_every_mean_has_a_bootstrap_interval_and_every_pair_a_paired_test(evalua
     assert "**" in md and " ± " in md and "percentile-bootstrap interval over images" in md
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ocr.unavailable_reason(["en"]) is not None, reason="tesseract-ocr is not installed")
 def test_ocr_rows_put_hr_first_and_split_by_text_size(evaluated):
     rows = evaluated["summary"]["ocr"]["rows"]
@@ -175,6 +180,7 @@ def test_ocr_rows_put_hr_first_and_split_by_text_size(evaluated):
     assert rows["bicubic"]["ned"] < rows["HR"]["ned"]
 
 
+@pytest.mark.slow
 def test_complexity_counts_the_restorer_and_times_only_methods_run_here(evaluated):
     complexity = evaluated["summary"]["complexity"]
     assert complexity["bicubic"]["steps"] == 0 and complexity["bicubic"]["params_M"] == 0
@@ -186,6 +192,7 @@ def test_complexity_counts_the_restorer_and_times_only_methods_run_here(evaluate
 # --- tables, figures, plots --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tables_figures_and_plots_are_written(evaluated):
     tables, tmp = evaluated["tables"], evaluated["tmp"]
     for stem in ("table2_all", "table2_photo", "table2_text", "table3_text", "table4_complexity"):
@@ -236,6 +243,7 @@ def test_text_size_bins_are_lower_edges():
 # --- MLflow ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stage_run_carries_every_number_and_the_artifacts(evaluated):
     client, summary = evaluated["client"], evaluated["summary"]
     run = client.get_run(evaluated["run_id"])
@@ -251,6 +259,7 @@ def test_stage_run_carries_every_number_and_the_artifacts(evaluated):
     assert {"metrics.md", "table2_all.md", "figures", "metrics.json", "plots"} <= artifacts
 
 
+@pytest.mark.slow
 def test_one_nested_run_per_method_and_subset(evaluated):
     client, summary = evaluated["client"], evaluated["summary"]
     children = client.search_runs([evaluated["experiment"]], "tags.`tvt.kind` = 'evaluation'")
@@ -293,6 +302,7 @@ def test_an_output_of_the_wrong_size_names_the_method(tmp_path):
         ev.score_method(wrong, rows, tmp_path, suite, tmp_path / "out", False, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_prompt_of_every_method_run_here_is_recorded(evaluated):
     assert evaluated["summary"]["prompts"] == {"sharp": {"prompt": "null"}}  # bicubic and external: no prompt
     assert "Prompts: sharp: null." in (evaluated["tables"] / "table2_all.md").read_text()

@@ -184,6 +184,7 @@ def _random_tvt_generator():
     return restorer, torch.rand(1, 3, 16, 16) * 2 - 1
 
 
+@pytest.mark.slow
 def test_training_forward_samples_the_posterior_and_clamps_the_output():
     """As the official training forwards: a posterior sample enters the UNet, the losses see SR in [-1, 1]."""
     restorer, lr = _random_tvt_generator()
@@ -197,6 +198,7 @@ def test_training_forward_samples_the_posterior_and_clamps_the_output():
         assert sr.min() >= -1 and sr.max() == 1  # clamped, and the clamp was needed
 
 
+@pytest.mark.slow
 def test_generate_encodes_the_resized_back_lr_when_given():
     """Online data feeds the LR the dataset brought back to the HR size (resize_bak) instead of the
     bicubic upsampling: the same image through either path gives the same output, another one another."""

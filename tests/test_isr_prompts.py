@@ -147,6 +147,7 @@ def test_prompts_need_the_text_encoder_and_ram_names_its_package(workdir, tmp_pa
         prompts.make_tagger("ram", ram_weights=tmp_path / "absent.pth")
 
 
+@pytest.mark.slow
 def test_the_saved_restorer_records_the_tagger_it_was_trained_with(tmp_path):
     """``tvt sr`` prompts it with that tagger and its code base's test-time positive prompt by default."""
     from diffusers import UNet2DConditionModel

@@ -121,6 +121,7 @@ def test_only_the_active_adapters_act():
     assert trainable and all(".default_others." in n for n in trainable)
 
 
+@pytest.mark.slow
 def test_trainable_sets_of_tvt_and_osediff():
     with torch.device("meta"):
         ce = CEUNet(unet_config=MINI_UNET)

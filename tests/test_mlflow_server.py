@@ -154,6 +154,7 @@ def test_sqlite_store_from_a_slurm_job_warns(tmp_path, monkeypatch, uri, in_slur
         assert messages == []
 
 
+@pytest.mark.slow
 def test_only_rank_zero_of_a_multi_process_stage_logs(tmp_path, monkeypatch):
     import mlflow
 

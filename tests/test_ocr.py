@@ -78,12 +78,14 @@ def _bicubic_x4(image: Image.Image) -> Image.Image:
     return image.resize((w // 4, h // 4), Image.BICUBIC).resize((w, h), Image.BICUBIC)
 
 
+@pytest.mark.slow
 @needs_tesseract
 def test_hr_text_at_24px_is_read():
     scores = ocr.aggregate(ocr.line_scores(ocr.recognise(image, "en"), text) for text, image in _lines(24, 6, seed=1))
     assert scores["n"] == 6 and scores["acc"] >= 0.9 and scores["ned"] >= 0.97
 
 
+@pytest.mark.slow
 @needs_tesseract
 def test_bicubic_degraded_16px_text_reads_worse_than_hr():
     lines = _lines(16, 6, seed=2)

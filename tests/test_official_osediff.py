@@ -111,6 +111,7 @@ def test_a_pkl_with_an_unlisted_or_foreign_layout_is_refused_by_name(release, tm
         import_osediff(tmp_path / "foreign.pkl", root / "sd", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_the_pipeline_stage_refuses_an_unpinned_file_then_pins_and_imports_it(release, tmp_path):
     import shutil
 

@@ -230,6 +230,7 @@ def test_attention_and_spade_compute_what_the_official_modules_compute(release, 
     torch.testing.assert_close(ours, normalized * (1 + gamma) + beta, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_files_are_refused_by_name(release, tmp_path):
     root, _, _, state = release
     damaged = dict(state)

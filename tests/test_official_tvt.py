@@ -141,6 +141,7 @@ def test_a_foreign_or_truncated_vae_checkpoint_is_refused_by_name(release, tmp_p
         convert(root, tmp_path / "out", vae_ckpt=root / "model_TVT.pkl")
 
 
+@pytest.mark.slow
 def test_tvt_import_then_tvt_sr_restores_on_cpu_in_fp32_and_bf16(release, tmp_path, capsys):
     import json
 

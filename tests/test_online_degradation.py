@@ -177,6 +177,7 @@ def fit(trainer: Trainer, data: OnlinePairDataset, seen: list, fail_at: int | No
     trainer.fit(data, step)
 
 
+@pytest.mark.slow
 def test_resume_with_online_degradation_and_workers_is_bit_identical(manifest, cfg, tmp_path):
     """10 items in batches of 2: 8 steps cross an epoch boundary. A run with 2 loader workers killed
     in step 5 and resumed from checkpoint-3 ends with the weights of an uninterrupted run without

@@ -204,6 +204,7 @@ def test_load_lpips_uses_the_converted_trunk_frozen(weights_dir, lpips_model):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_is_zero_on_identical_and_grows_with_noise(net, lpips_model, photo_and_bicubic):
     model = lpips_model(net)
@@ -248,6 +249,7 @@ def test_unknown_lpips_net_is_rejected(weights_dir):
 # --- DISTS ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dists_is_zero_on_identical_and_grows_with_distortion(weights_dir, photo_and_bicubic):
     model = load_dists(weights_dir)
     assert not any(p.requires_grad for p in model.parameters())
@@ -276,6 +278,7 @@ def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch):
         load_dists(empty)
 
 
+@pytest.mark.slow
 def test_torchvision_cache_is_used_when_ours_is_absent(weights_dir, lpips_model, photo_and_bicubic,
                                                        tmp_path, monkeypatch):
     """The cluster case: torchvision's standard AlexNet checkpoint, no converted cache."""

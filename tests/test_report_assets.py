@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import mlflow
+import pytest
 
 from tvt.report_assets import curves_figure, stage_history, write_html_tables
 
@@ -23,6 +24,7 @@ def test_tables_become_html_pages_with_their_marks(tmp_path):
     assert "<strong>25.81 ± 0.42</strong>" in page and "<u>24.10</u>" in page
 
 
+@pytest.mark.slow
 def test_a_stage_curve_joins_every_run_of_its_key(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("curves", artifact_location=(tmp_path / "a").as_uri())

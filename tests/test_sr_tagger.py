@@ -111,6 +111,7 @@ def _with_recipe(weights: Path, folder: Path, recipe: dict | None) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_restorer_trained_on_tags_is_prompted_with_its_tagger_by_default(weights, inputs, tmp_path, capsys):
     assert json.loads((weights / "restorer.json").read_text())["prompt"] is None  # saved with the null prompt
     trained = _with_recipe(weights, tmp_path / "trained", {"tagger": "colour", "positive": "sharp"})

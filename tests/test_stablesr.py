@@ -225,6 +225,7 @@ def test_sampling_is_deterministic_for_a_seed_and_differs_between_seeds(model):
     assert (first - other).abs().mean() > 0.1
 
 
+@pytest.mark.slow
 def test_aggregation_sampling_matches_untiled_sampling(model):
     """One tile covering the latent is untiled sampling; real tiles stay far closer to it than another seed.
 

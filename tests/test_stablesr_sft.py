@@ -101,6 +101,7 @@ def test_a_resumed_run_continues_from_its_checkpoint_and_ends_where_an_uninterru
     assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
 
 
+@pytest.mark.slow
 def test_online_data_degrades_with_stablesrs_own_block(workdir, tmp_path, monkeypatch):
     """`stablesr.sft.data: online` trains on the data manifest's photos degraded per draw with
     `stablesr.degrade` (USM ground truth included), not with the shared `degrade` section."""

@@ -155,6 +155,7 @@ def test_frozen_group_norm_stats_reproduce_untiled_and_are_released(mini_vae_d4)
     torch.testing.assert_close(after, crop_alone)  # GroupNorms behave normally again
 
 
+@pytest.mark.slow
 def test_tiled_vae_d4_matches_untiled_with_image_statistics(mini_vae_d4):
     x = _photo(192, 160)
     with torch.no_grad():

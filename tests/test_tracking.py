@@ -64,6 +64,7 @@ def test_sigterm_marks_the_run_killed_and_exits_143(tmp_path):
     assert _run_status(uri) == "KILLED"
 
 
+@pytest.mark.slow
 def test_a_restored_project_database_is_read_not_the_one_it_replaced(tmp_path):
     """The shared CI pipeline (tests/workflow_support.py) restores a project over the previous test's copy:
     MLflow's per-URI engine cache must not keep reading the replaced database file."""

@@ -125,6 +125,7 @@ def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tm
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_identical_weights(tmp_path):
     reference = make_trainer(tmp_path / "a")
     reference.fit(ToyPairs(), toy_step(reference))

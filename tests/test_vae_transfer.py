@@ -218,6 +218,7 @@ def test_ablation_t2_aligns_the_latent_with_vae_d8s(workdir):
     assert t2 < 0.5 * t1, (t2, t1)
 
 
+@pytest.mark.slow
 def test_ablation_s3_fine_tunes_the_prior_vae_d8_widened_to_8_latent_channels(workdir):
     """architecture d8_c8: the stage starts from the prior's VAE-D8 with its latent interpolated to 8 channels
     (a zero-step run publishes that start: its posterior mean is P times the prior's), then trains all of it."""

@@ -169,6 +169,7 @@ def test_fake_score_shares_the_teachers_weights_and_trains_only_its_lora():
 
 @pytest.mark.parametrize("scope,adapters", [("official", {"default_others"}),
                                               ("full", {"default_encoder", "default_decoder", "default_others"})])
+@pytest.mark.slow
 def test_fake_score_scope_decides_which_adapters_learn(scope, adapters):
     """Official: only the mid-block/conv_out adapter learns (the official fake score's active one)."""
     teacher = mini_unet()
@@ -186,6 +187,7 @@ def test_fake_score_scope_decides_which_adapters_learn(scope, adapters):
     assert changed == adapters
 
 
+@pytest.mark.slow
 def test_official_fake_score_of_osediff_leaves_conv_out_alone():
     """OSEDiff groups conv_out with the decoder adapter, so its official fake score adapts the mid-block only."""
     tvt = fake_score_unet(mini_unet(), rank=2, codebase="tvt")
@@ -204,6 +206,7 @@ def test_unknown_fake_score_scope_is_named():
         fake_score_unet(mini_unet(), scope="mid")
 
 
+@pytest.mark.slow
 def test_unet_sharing_weights_copies_only_what_it_owns():
     unet = mini_unet()
     twin = unet_sharing_weights(unet, own=("conv_in.",))
