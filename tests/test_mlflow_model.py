@@ -13,6 +13,9 @@ from test_sr import photo, save_tiny_restorer
 from tvt.mlflow_model import log_restorer_model
 from tvt.models.saved import load_restorer
 
+# every test creates an MLflow store (SQLite + alembic migrations) and loads a logged model: seconds each
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
@@ -83,7 +86,7 @@ def test_a_logged_model_prompts_as_the_evaluation_scored_it(tmp_path, tracking):
 
     from tvt import evaluate as ev
 
-    client, experiment = tracking
+    _, experiment = tracking
     folder = save_tiny_restorer(tmp_path / "tvt")
     save_tiny_text_encoder(tmp_path / "sd", hidden_size=8)
     cfg = {"degrade": {"scale": 4}, "isr": {"tvt": {}}, "evaluate": {"methods": ["tvt"], "tagger": {"tvt": "colour"}}}

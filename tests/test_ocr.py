@@ -96,6 +96,7 @@ def test_bicubic_degraded_16px_text_reads_worse_than_hr():
 
 
 @needs_tesseract
+@pytest.mark.slow  # starts tesseract (pytesseract), which the fast tier does not
 def test_recognise_accepts_arrays_and_reads_one_line():
     import numpy as np
 
