@@ -18,6 +18,9 @@ try:
     CFG = tvt_config.load_with_overrides(CONFIG_PATH, dict(workflow.config_settings.config))
 except tvt_config.ConfigError as exc:
     sys.exit(f"config error: {exc}")
+# The report's description (workflow/report/workflow.rst) names the mode through Snakemake's own
+# `config`, which holds the file as written: an `extends:` config states no mode of its own.
+config["mode"] = CFG["mode"]
 # For the rules' shell, as environment variables: the same command text for every config (a
 # config edit never fires Snakemake's code or params trigger; the key carries what changed).
 #: the config snapshot every stage reads
