@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,14 @@ def _torch_threads_kept():
 
 @pytest.fixture(scope="session")
 def perceptual_weights(tmp_path_factory) -> Path:
-    """The offline LPIPS/DISTS weight cache: $TVT_WEIGHTS_DIR when complete (the Makefile
-    fills it during set-up), else fetched once into a temporary folder."""
-    from tvt.weights import fetch_perceptual_weights, verify_cache
+    """The offline LPIPS/DISTS weight cache the stages find (``$TVT_WEIGHTS_DIR``, else the checkout's
+    ``.tvt-cache/weights``, which `make test` fills first) when it verifies, else fetched once into a
+    temporary folder."""
+    from tvt.weights import default_weights_dir, fetch_perceptual_weights, verify_cache
 
-    configured = os.environ.get("TVT_WEIGHTS_DIR")
-    if configured and verify_cache(Path(configured)):
-        return Path(configured)
+    configured = default_weights_dir()
+    if verify_cache(configured):
+        return configured
     dest = tmp_path_factory.mktemp("tvt-weights")
     fetch_perceptual_weights(dest)
     return dest
