@@ -240,6 +240,41 @@ def test_an_ablation_config_is_its_base_plus_the_ablations(name, base):
     assert all(registry[n].key == k for n, k in main.items() if n != "evaluate")  # the main outputs are shared
 
 
+#: what config/ablations-quick.yaml may change: the training budget of a trained row, nothing of its recipe
+BUDGET_KEYS = {"steps", "disc_start", "checkpoint_every", "sample_every"}
+
+
+def _budget_changes(quick, full, path=()):
+    """The (dotted key, full, quick) of every value that differs between two resolved configs."""
+    if isinstance(quick, dict) and isinstance(full, dict):
+        assert set(quick) == set(full), path
+        return [c for k in quick for c in _budget_changes(quick[k], full[k], (*path, k))]
+    return [] if quick == full else [(".".join(path), full, quick)]
+
+
+def test_the_quick_ablation_config_cuts_every_trained_row_alike_and_shares_the_demo_stages():
+    """The 30-minute ablation run is config/ablations.yaml with each trained row on a quarter of its steps:
+    no recipe value changes, every ISR row (variants included, through `like:`) gets the same cut, and the
+    stages it shares with `make demo` (data, degrade, the mini SD) keep config.yaml's keys."""
+    root = config.REPO_ROOT / "config"
+    raw = yaml.safe_load((root / "ablations-quick.yaml").read_text())
+    assert raw["extends"] == "ablations.yaml"
+    quick, full = config.load(root / "ablations-quick.yaml"), config.load(root / "ablations.yaml")
+    changes = _budget_changes(quick, full)
+    assert changes and {key.rsplit(".", 1)[1] for key, _, _ in changes} <= BUDGET_KEYS, changes
+    steps = {key: (a, b) for key, a, b in changes if key.endswith(".steps") or key == "steps"}
+    trained = ["decoder_transfer", "encoder_transfer", "stablesr.sft", "stablesr.cfw"]
+    assert set(steps) == {f"{s}.steps" for s in trained} | {f"isr.{m}.steps" for m in full["isr"]}
+    assert all(b * 4 == a for a, b in steps.values()), steps  # a quarter, everywhere alike
+    registry = stages.build_stages(quick)
+    for stage in (s for s in registry if s.name.startswith(("decoder_transfer_", "encoder_transfer_"))):
+        (section,) = (v for k, v in stage.params(quick).items() if k.startswith("vae_variants."))
+        assert section["steps"] == quick[stage.name.rsplit("_", 1)[0]]["steps"], stage.name  # variants too
+    shared = {"data", "degrade", "prior", "complexity"}
+    demo = keys(config.load(root / "config.yaml"))
+    assert {n: k for n, k in keys(quick).items() if n in shared} == {n: demo[n] for n in shared}
+
+
 def test_the_paper_ablations_ask_for_gpus():
     registry = stages.build_stages(config.load(config.REPO_ROOT / "config" / "paper-ablations.yaml"))
     variants = [s for s in registry if s.name.endswith(tuple(f"_{m}" for m in ABLATION_METHODS))]
