@@ -217,7 +217,7 @@ def _semantic_checks(cfg: dict) -> None:
         raise ConfigError("stablesr: needs the 'prior' section (the SD weights it conditions)")
     if "stablesr" in isr:
         raise ConfigError("isr.stablesr: the name is taken by the StableSR baseline (the stablesr section)")
-    trained = [*isr, *(["stablesr"] if "stablesr" in cfg else []), *(f"{n}_official" for n in cfg.get("official", {}))]
+    trained = [*isr, *(["stablesr"] if "stablesr" in cfg else []), *map(official_method, cfg.get("official", {}))]
     for i, method in enumerate(cfg["evaluate"]["methods"]):
         if method != "bicubic" and method not in trained:
             raise ConfigError(f"evaluate.methods[{i}]: {method!r} is neither 'bicubic' nor a trained model "
@@ -233,10 +233,20 @@ def _semantic_checks(cfg: dict) -> None:
             )
 
 
+#: the authors' released weights of ``<name>``, imported by stage ``official_<name>``, are evaluated as
+#: method ``<name>_official``
+OFFICIAL_SUFFIX = "_official"
+
+
+def official_method(name: str) -> str:
+    """The evaluated method of an ``official:`` entry (``tvt`` -> ``tvt_official``)."""
+    return f"{name}{OFFICIAL_SUFFIX}"
+
+
 def one_step_methods(cfg: Mapping) -> list[str]:
     """The methods that condition on a prompt: the one-step restorers (every ``isr`` entry and the official
     TVT and OSEDiff releases). StableSR samples with the empty prompt, as its official code."""
-    return [*cfg.get("isr", {}), *(f"{n}_official" for n in cfg.get("official", {}) if n != "stablesr")]
+    return [*cfg.get("isr", {}), *(official_method(n) for n in cfg.get("official", {}) if n != "stablesr")]
 
 
 def evaluation_taggers(cfg: Mapping) -> dict[str, str]:

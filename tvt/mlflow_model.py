@@ -66,10 +66,9 @@ class RestorerModel(mlflow.pyfunc.PythonModel):
 
     def _prompt(self, folder: Path, config: Mapping) -> None:
         """Condition the restorer as ``config`` says (module docstring); errors say which key to override."""
-        from tvt.models.prompts import tag_restorer
+        from tvt.models.prompts import chosen_tagger, tag_restorer
 
-        recipe = getattr(self.restorer, "prompt_recipe", None)
-        tagger = config["tagger"] or (recipe.tagger if recipe is not None else "none")
+        tagger = chosen_tagger(self.restorer, config["tagger"])
         if tagger == "none":
             return
         try:

@@ -514,7 +514,9 @@ def _parse_paper_results(doc: Mapping, where: str) -> list[PaperValue]:
 def published_method(method: str) -> str:
     """The method whose published numbers a row of ours is compared with: ``<name>_official`` (the authors'
     released weights, scored here) is held to the very numbers published for ``<name>``."""
-    return method.removesuffix("_official")
+    from tvt.config import OFFICIAL_SUFFIX
+
+    return method.removesuffix(OFFICIAL_SUFFIX)
 
 
 def attach_paper(tables: Iterable[Table], values: Iterable[PaperValue], deltas: bool) -> None:

@@ -651,11 +651,11 @@ def attach_tagger(restorer: OneStepRestorer, weights: Path, tagger: str, *, text
 def choose_tagger(restorer: OneStepRestorer, weights: Path, tagger: str | None) -> tuple[str, str | None]:
     """(tagger, where it was chosen): ``--tagger`` when given, else the restorer's recipe (announced on
     stderr), else ``none``."""
-    from tvt.models.prompts import inference_prompt
+    from tvt.models.prompts import chosen_tagger, inference_prompt
 
     recipe = getattr(restorer, "prompt_recipe", None)
     if tagger is not None or recipe is None:
-        return tagger or "none", None
+        return chosen_tagger(restorer, tagger), None
     print(f"tvt sr: {weights} was trained on {recipe.tagger} tags: prompting with "
           f"{inference_prompt('<tags>', recipe.positive)!r} (--tagger none: its null prompt)", file=sys.stderr)
     return recipe.tagger, f"{weights / RESTORER_CONFIG}'s prompt (tagger {recipe.tagger!r}; --tagger none: the null prompt)"

@@ -39,9 +39,11 @@ from pathlib import Path, PurePosixPath
 
 from tvt.config import (
     GLOBAL_KEYS,
+    OFFICIAL_SUFFIX,
     REPO_ROOT,
     WIDE_D8,
     evaluation_taggers,
+    official_method,
     params_hash,
     stage_params,
     variant_section,
@@ -321,8 +323,8 @@ def method_stage(method: str) -> str | None:
         return None
     if method == "stablesr":
         return "stablesr_cfw"
-    if method.endswith("_official"):
-        return f"official_{method.removesuffix('_official')}"
+    if method.endswith(OFFICIAL_SUFFIX):
+        return f"official_{method.removesuffix(OFFICIAL_SUFFIX)}"
     return f"isr_{method}"
 
 
@@ -546,7 +548,7 @@ def update_current_links(cfg: Mapping, root: Path = Path()) -> list[str]:
         elif st.name.startswith("isr_"):
             link = f"{MODELS_DIR}/{st.name.removeprefix('isr_')}"
         elif st.name.startswith("official_"):
-            link = f"{MODELS_DIR}/{st.name.removeprefix('official_')}_official"
+            link = f"{MODELS_DIR}/{official_method(st.name.removeprefix('official_'))}"
         else:
             continue
         _link(root / link, root / st.folder)

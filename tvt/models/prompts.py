@@ -233,6 +233,14 @@ class PromptRecipe:
         return cls(record["tagger"], record["positive"])
 
 
+def chosen_tagger(restorer: nn.Module, tagger: str | None) -> str:
+    """The tagger ``restorer`` prompts with: ``tagger`` when the user names one, else the one its
+    :class:`PromptRecipe` was trained with, else ``none`` (its stored prompt). One rule for ``tvt sr``
+    and a logged MLflow model, so both restore an image alike."""
+    recipe = getattr(restorer, "prompt_recipe", None)
+    return tagger or (recipe.tagger if recipe is not None else "none")
+
+
 def tag_restorer(restorer: nn.Module, tagger: str, *, text_encoder: str | Path, positive_prompt: str | None = None,
                  ram_weights: str | Path | None = None, dape_weights: str | Path | None = None) -> TaggedPrompt:
     """Condition a one-step ``restorer`` on per-image tags of ``tagger`` (:func:`make_tagger`) instead of its
