@@ -217,6 +217,13 @@ def _semantic_checks(cfg: dict) -> None:
         raise ConfigError("stablesr: needs the 'prior' section (the SD weights it conditions)")
     if "stablesr" in isr:
         raise ConfigError("isr.stablesr: the name is taken by the StableSR baseline (the stablesr section)")
+    for stage in ("sft", "cfw"):
+        if cfg.get("stablesr", {}).get(stage, {}).get("data") == "online" and "degrade" not in cfg["stablesr"]:
+            raise ConfigError(f"stablesr.{stage}.data: online degrades with StableSR's own parameters: add a "
+                              "stablesr.degrade section (config/paper.yaml has StableSR's)")
+    if cfg.get("stablesr", {}).get("cfw", {}).get("data") == "online" and "pairs" not in cfg["stablesr"]["cfw"]:
+        raise ConfigError("stablesr.cfw.pairs: required when stablesr.cfw.data is online (how many training pairs "
+                          "to draw; StableSR's scripts/generate_vqgan_data.py draws 5004)")
     trained = [*isr, *(["stablesr"] if "stablesr" in cfg else []), *(f"{n}_official" for n in cfg.get("official", {}))]
     for i, method in enumerate(cfg["evaluate"]["methods"]):
         if method != "bicubic" and method not in trained:
