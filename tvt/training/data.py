@@ -52,7 +52,7 @@ def load_image(path: Path) -> torch.Tensor:
 
 _NO_FIXED_TRAIN = (": the degrade stage writes fixed train pairs only for a config whose trainers read them "
                    "(tvt.stages.fixed_train_pairs); set the trainer's `data: fixed` (isr.<name>.data, "
-                   "stablesr.sft.data) and rerun its degrade stage, or keep `data: online`")
+                   "stablesr.sft.data, stablesr.cfw.data) and rerun its degrade stage, or keep `data: online`")
 
 
 class PairDataset(Dataset):
