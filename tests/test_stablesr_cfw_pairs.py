@@ -29,16 +29,27 @@ HR = 32  # small crops keep every draw cheap; the code path is the one 512² cro
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Two training photos (one item each: random crops) and a validation photo the draws must skip."""
-    return make_manifest(tmp_path_factory.mktemp("cfw_pairs"), [("astronaut", (64, 48), "mini", "train"),
-                                                                ("coffee", (50, 45), "mini", "train"),
-                                                                ("rocket", (64, 64), "mini", "val")]).parent
+    return make_manifest(
+        tmp_path_factory.mktemp("cfw_pairs"),
+        [
+            ("astronaut", (64, 48), "mini", "train"),
+            ("coffee", (50, 45), "mini", "train"),
+            ("rocket", (64, 64), "mini", "val"),
+        ],
+    ).parent
 
 
 def cfg(seed: int = 7, pairs: int = 5, **stablesr_degrade) -> dict:
     """Stage B drawing online; the shared `degrade` is mini mode's (OSEDiff-like), `stablesr.degrade` paper's."""
-    return {"seed": seed, "data": {"source": "mini"}, "degrade": {**MINI["degrade"], "hr_size": HR},
-            "stablesr": {"degrade": {**PAPER["stablesr"]["degrade"], "hr_size": HR, **stablesr_degrade},
-                         "cfw": {"data": "online", "pairs": pairs}}}
+    return {
+        "seed": seed,
+        "data": {"source": "mini"},
+        "degrade": {**MINI["degrade"], "hr_size": HR},
+        "stablesr": {
+            "degrade": {**PAPER["stablesr"]["degrade"], "hr_size": HR, **stablesr_degrade},
+            "cfw": {"data": "online", "pairs": pairs},
+        },
+    }
 
 
 def draws(config: dict, data_dir: Path) -> OnlineDraws:
@@ -83,8 +94,10 @@ def test_recorded_recipes_replay_to_the_same_pairs(data_dir):
 def test_the_draws_degrade_with_stablesr_degrade_not_the_shared_block(data_dir):
     """A value that only `stablesr.degrade` holds changes the drawn LR; the shared `degrade` block does not."""
     base = draws(cfg(), data_dir)
-    noisier = draws(cfg(first={**PAPER["stablesr"]["degrade"]["first"], "noise_range": [40.0, 50.0],
-                               "gaussian_noise_prob": 1.0}), data_dir)
+    noisier = draws(
+        cfg(first={**PAPER["stablesr"]["degrade"]["first"], "noise_range": [40.0, 50.0], "gaussian_noise_prob": 1.0}),
+        data_dir,
+    )
     shared_edit = cfg()
     shared_edit["degrade"]["first"] = {**shared_edit["degrade"]["first"], "noise_range": [40.0, 50.0]}
     assert base.recipes()[0]["usm_gt"] and "usm_gt" not in MINI["degrade"]  # StableSR's USM ground truth

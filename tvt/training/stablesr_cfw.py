@@ -1,7 +1,10 @@
 """StableSR stage B (docs/method.md §1.5): train CFW to pull fidelity from the LR image into SD's decoder.
 
-Stage A's diffusion model, sampled with w = 0 on every training LR image, gives a latent z
-(SD-scaled, as the UNet produces it). Here, per (LR, z, HR) triple:
+Stage A's diffusion model, sampled with w = 0 on the LR of every training pair, gives a latent z
+(SD-scaled, as the UNet produces it). The pairs are StableSR's own (``data: online``, paper mode): a
+bounded set drawn once with ``stablesr.degrade``, as ``scripts/generate_vqgan_data.py`` ``main`` generates
+them (:func:`cfw_training_pairs`); or the degrade stage's fixed train pairs (``data: fixed``).
+Here, per (LR, z, HR) triple:
 
     LR → bicubic to the HR size → frozen E8 → F_e;   z / scaling_factor → frozen D8 with CFW at w = 1 → x̂,
 
@@ -178,8 +181,8 @@ def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Pat
     """
     section = cfg["stablesr"]["cfw"]
     pairs_dir, sd_dir, latents_file = Path(pairs_dir), Path(sd_dir), Path(latents_file)
-    pairs, sources = cfw_training_pairs(cfg, pairs_dir, data_dir,
-                                        degrade_in_loader=PartialState().device.type != "cuda")  # the trainer's
+    # the Trainer's device (accelerate's process state): on a GPU the step degrades drawn pairs, not the loader
+    pairs, sources = cfw_training_pairs(cfg, pairs_dir, data_dir, degrade_in_loader=PartialState().device.type != "cuda")
     trainer = Trainer(TrainConfig.from_section(section), name="stablesr_cfw", seed=cfg["seed"], ckpt_dir=ckpt_dir,
                       run=run, fingerprint={**section, "inputs": files_digest(*sources, sd_dir / "vae", latents_file)})
     device = trainer.device
