@@ -332,15 +332,15 @@ def test_pairs_do_not_depend_on_workers_or_manifest_order(cfg, serial_run, tmp_p
 
 
 def _paper_online(*, vae_transfer: bool) -> dict:
-    """config/paper.yaml with every trainer degrading online: StableSR (whose CFW stage reads fixed pairs)
-    dropped, and without TVT's VAE transfer stages only OSEDiff, trained online, is left."""
+    """config/paper.yaml, whose trainers all degrade online (StableSR's CFW stage draws its own pairs); without
+    TVT's VAE transfer stages only OSEDiff and StableSR are left."""
     from tvt import config
 
     cfg = config.load(CONFIG.with_name("paper.yaml"))
-    del cfg["stablesr"], cfg["official"]
+    del cfg["official"]
     if not vae_transfer:
         del cfg["decoder_transfer"], cfg["encoder_transfer"], cfg["isr"]["tvt"]
-    cfg["evaluate"]["methods"] = ["bicubic", "osediff", *(["tvt"] if vae_transfer else [])]
+    cfg["evaluate"]["methods"] = ["bicubic", "osediff", "stablesr", *(["tvt"] if vae_transfer else [])]
     return config.validate(cfg)
 
 
@@ -352,9 +352,9 @@ def test_the_train_split_holds_what_the_configs_trainers_read(cfg, serial_run, t
     decided = {"mini": stages.fixed_train_pairs(mini), "paper": stages.fixed_train_pairs(config.load(
         CONFIG.with_name("paper.yaml"))), "vae": stages.fixed_train_pairs(_paper_online(vae_transfer=True)),
         "online": stages.fixed_train_pairs(_paper_online(vae_transfer=False))}
-    # mini trains on fixed pairs; paper mode's StableSR CFW samples stage A on fixed train LR; the VAE
-    # transfer stages read HR crops only; OSEDiff online reads nothing of the train split
-    assert decided == {"mini": "pairs", "paper": "pairs", "vae": "hr", "online": "none"}
+    # mini trains on fixed pairs; paper mode's VAE transfer stages read HR crops only (StableSR's CFW stage
+    # draws its own pairs); OSEDiff and StableSR online read nothing of the train split
+    assert decided == {"mini": "pairs", "paper": "hr", "vae": "hr", "online": "none"}
     _, full_csv = serial_run  # written with train="pairs", the default
     full = snapshot(full_csv.parent)
     written = {}

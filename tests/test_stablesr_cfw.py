@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tvt import compat
 
@@ -14,12 +15,18 @@ compat.apply()
 
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from training_support import RecordingRun, make_pairs_dir, one_thread  # noqa: F401
+from training_support import RecordingRun, make_manifest, make_pairs_dir, one_thread  # noqa: F401
 
 from tvt.models.cfw import CFWAutoencoder, CFWModule
 from tvt.models.sd_configs import MINI_VAE_D8
 from tvt.training.data import PairDataset
-from tvt.training.stablesr_cfw import LatentPairDataset, run_stablesr_cfw, upsample_to, write_latents
+from tvt.training.stablesr_cfw import (
+    LatentPairDataset,
+    cfw_training_pairs,
+    run_stablesr_cfw,
+    upsample_to,
+    write_latents,
+)
 
 HR = 32
 LATENT_NOISE = 0.5  # std, in SD-scaled latent units (latents themselves have std ~1)
@@ -62,7 +69,7 @@ def run_stage(workdir: Path, cfg: dict, name: str, run=None) -> dict:
 
 
 def test_latents_file_and_dataset(workdir, tmp_path):
-    dataset = LatentPairDataset(workdir / "pairs", workdir / "latents.safetensors", "val")
+    dataset = LatentPairDataset(PairDataset(workdir / "pairs", "val"), workdir / "latents.safetensors")
     item = dataset[1]
     stored = load_file(workdir / "latents.safetensors")
     assert item["hr"].shape == (3, HR, HR) and item["lr"].shape == (3, HR // 4, HR // 4)
@@ -71,11 +78,11 @@ def test_latents_file_and_dataset(workdir, tmp_path):
 
     partial = {k: v for k, v in stored.items() if k != "val002"}
     write_latents(partial, tmp_path / "partial.safetensors")
-    LatentPairDataset(workdir / "pairs", tmp_path / "partial.safetensors", "train")  # train is complete
+    LatentPairDataset(PairDataset(workdir / "pairs", "train"), tmp_path / "partial.safetensors")  # train is complete
     with pytest.raises(KeyError, match=r"no latent for 1 of the 4 'val' pairs \(e.g. \['val002'\]\)"):
-        LatentPairDataset(workdir / "pairs", tmp_path / "partial.safetensors", "val")
+        LatentPairDataset(PairDataset(workdir / "pairs", "val"), tmp_path / "partial.safetensors")
     with pytest.raises(FileNotFoundError, match="generate the stage-A latents"):
-        LatentPairDataset(workdir / "pairs", tmp_path / "absent.safetensors", "val")
+        LatentPairDataset(PairDataset(workdir / "pairs", "val"), tmp_path / "absent.safetensors")
     with pytest.raises(ValueError, match=r"\(C, h, w\) per pair id"):
         write_latents({"a": torch.zeros(1, 4, 2, 2)}, tmp_path / "batched.safetensors")
 
@@ -98,7 +105,7 @@ def test_stage_trains_cfw_towards_the_lr_image(workdir):
     vae = AutoencoderKL.from_pretrained(workdir / "sd" / "vae").eval()
     cfw = CFWModule.from_pretrained(workdir / "cfw").eval()
     assert cfw.config.num_rrdb_blocks == 1 and cfw.config.growth_channels == 16
-    batch = LatentPairDataset(workdir / "pairs", workdir / "latents.safetensors", "val")[0]
+    batch = LatentPairDataset(PairDataset(workdir / "pairs", "val"), workdir / "latents.safetensors")[0]
     latents = batch["latent"][None] / vae.config.scaling_factor
     image = upsample_to(batch["lr"][None], batch["hr"][None])
     with torch.no_grad():  # the trained CFW still leaves w = 0 the exact SD decoder
@@ -125,3 +132,25 @@ def test_fixed_gan_weight_is_disc_weight(workdir):
     run_stage(workdir, cfg, "fixed", run)
     assert run.series("stablesr_cfw/gan_weight") == pytest.approx([0.025, 0.025], abs=0, rel=1e-7)
     assert len(run.series("stablesr_cfw/gan")) == 2  # steps 3 and 4
+
+
+def test_cfw_trains_on_its_own_drawn_pairs(workdir, tmp_path):
+    """`data: online`: the trainer reads the drawn pairs (their latents keyed by the draws' pair ids, one
+    per draw), not the fixed train split; a latents file without them is refused."""
+    data = make_manifest(tmp_path / "data", [("astronaut", (64, 48), "mini", "train"),
+                                             ("coffee", (50, 45), "mini", "train")])
+    paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
+    cfg = stage_cfg(steps=2, batch_size=2, lpips_weight=0.0, log_every=1, disc_start=5, data="online", pairs=3)
+    cfg.update(data={"source": "mini"}, stablesr={**cfg["stablesr"],
+                                                  "degrade": {**paper["stablesr"]["degrade"], "hr_size": HR}})
+    drawn, _ = cfw_training_pairs(cfg, workdir / "pairs", data.parent)
+    stored = load_file(workdir / "latents.safetensors")
+    latents = {**stored, **{p: torch.zeros(4, HR // 8, HR // 8) for p in drawn.pair_ids}}
+    write_latents(latents, tmp_path / "latents.safetensors")
+    run = RecordingRun()
+    run_stablesr_cfw(cfg, workdir / "pairs", workdir / "sd", tmp_path / "latents.safetensors", tmp_path / "cfw",
+                     tmp_path / "ckpt", run, data_dir=data.parent)
+    assert len(run.series("stablesr_cfw/rec")) == 2 and (tmp_path / "cfw").is_dir()
+    with pytest.raises(KeyError, match=r"no latent for 3 of the 3 'drawn' pairs"):
+        run_stablesr_cfw(cfg, workdir / "pairs", workdir / "sd", workdir / "latents.safetensors", tmp_path / "x",
+                         tmp_path / "y", None, data_dir=data.parent)

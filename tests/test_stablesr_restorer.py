@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from tvt import compat
 
@@ -195,11 +198,17 @@ def stage_b(tmp_path_factory):
         "sample_every": 0,
     }
 
-    def run(w=0.5):
-        cfg = {"mode": "mini", "seed": 3, "stablesr": {"cfw": cfw, "sample": {"steps": 2, "w": w, "color_fix": "none"}}}
-        recorder = RecordingRun()
+    def run(w=0.5, tag="", data_dir=None, **overrides):
+        cfg = {"mode": "mini", "seed": 3, "stablesr": {"cfw": {**cfw, **overrides},
+                                                       "sample": {"steps": 2, "w": w, "color_fix": "none"}}}
+        if data_dir is not None:  # stage B draws its own pairs with StableSR's degradation
+            paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
+            cfg.update(data={"source": "mini"})
+            cfg["stablesr"]["degrade"] = {**paper["stablesr"]["degrade"], "hr_size": 64}
+        recorder = ArtifactRun()
         metrics = run_stablesr_stage_b(
-            cfg, root / "pairs", root / "sd", root / "sft", root / "out", root / "ckpt", recorder
+            cfg, root / "pairs", root / "sd", root / "sft", root / f"out{tag}", root / f"ckpt{tag}", recorder,
+            data_dir=data_dir,
         )
         return metrics, recorder
 
@@ -225,6 +234,43 @@ def test_stage_b_publishes_a_restorer_and_reruns_without_resampling(stage_b):
     assert os.stat(latents[0]).st_mtime_ns == stamp
     assert recorder.series("stablesr_cfw/loss") == []  # resumed at the final checkpoint
     assert load_restorer(root / "out").w == 1.0
+
+
+class ArtifactRun(RecordingRun):
+    def __init__(self):
+        super().__init__()
+        self.artifacts: list[tuple[Path, str | None]] = []
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((Path(path), artifact_path))
+
+
+def test_stage_b_samples_and_records_its_own_drawn_pairs(stage_b, tmp_path):
+    """`cfw.data: online`: stage A samples one latent per drawn pair (and per val pair); the draws' recipes
+    are written beside the latents, logged, and replay to the pairs the latents were sampled from."""
+    from safetensors import safe_open
+    from training_support import make_manifest
+
+    from tvt.training.stablesr_cfw import cfw_training_pairs
+
+    root, run = stage_b
+    data = make_manifest(tmp_path / "data", [("astronaut", (96, 80), "mini", "train"),
+                                             ("coffee", (90, 70), "mini", "train")]).parent
+    metrics, recorder = run(tag="-online", data_dir=data, data="online", pairs=3)
+    assert np.isfinite(metrics["val_psnr_w1"]) and len(recorder.series("stablesr_cfw/loss")) == 4
+    (draws_file,) = (root / "ckpt-online").glob("draws-*.jsonl")
+    (latents_file,) = (root / "ckpt-online").glob("latents-*.safetensors")
+    assert draws_file.stem.removeprefix("draws-") == latents_file.stem.removeprefix("latents-")
+    assert recorder.artifacts == [(draws_file, "stablesr_cfw")]
+    recipes = [json.loads(line) for line in draws_file.read_text().splitlines()]
+    cfg = {"seed": 3, "data": {"source": "mini"}, "stablesr": {
+        "degrade": {**yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())[
+            "stablesr"]["degrade"], "hr_size": 64}, "cfw": {"data": "online", "pairs": 3}}}
+    drawn, _ = cfw_training_pairs(cfg, root / "pairs", data)
+    assert recipes == drawn.recipes() and len(recipes) == 3
+    with safe_open(latents_file, framework="pt") as fh:
+        assert set(fh.keys()) == {*drawn.pair_ids, "val000", "val001"}
+    assert torch.equal(drawn.online.replay(recipes[2])["lr"], drawn[2]["lr"])
 
 
 def test_tvt_sr_restores_with_a_stablesr_folder(restorer, tmp_path, capsys):

@@ -213,6 +213,13 @@ def _semantic_checks(cfg: dict) -> None:
             raise ConfigError(f"isr.{name}.unet: 'ce' (CE-UNet) needs the VAE-D4 latents of method 'tvt'")
         if variant["t_vsd"][0] >= variant["t_vsd"][1]:
             raise ConfigError(f"isr.{name}.t_vsd: {variant['t_vsd']} is not an increasing range")
+    for stage in ("sft", "cfw"):
+        if cfg.get("stablesr", {}).get(stage, {}).get("data") == "online" and "degrade" not in cfg["stablesr"]:
+            raise ConfigError(f"stablesr.{stage}.data: online degrades with StableSR's own parameters: add a "
+                              "stablesr.degrade section (config/paper.yaml has StableSR's)")
+    if cfg.get("stablesr", {}).get("cfw", {}).get("data") == "online" and "pairs" not in cfg["stablesr"]["cfw"]:
+        raise ConfigError("stablesr.cfw.pairs: required when stablesr.cfw.data is online (how many training pairs "
+                          "to draw; StableSR's scripts/generate_vqgan_data.py draws 5004)")
     if "stablesr" in cfg and "prior" not in cfg:
         raise ConfigError("stablesr: needs the 'prior' section (the SD weights it conditions)")
     if "stablesr" in isr:

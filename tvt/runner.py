@@ -168,7 +168,7 @@ def _stage_stablesr_cfw(ctx: StageContext) -> None:
     from tvt.training.stablesr_cfw import run_stablesr_stage_b
 
     run_stablesr_stage_b(ctx.cfg, ctx.input("degrade"), ctx.input("prior"), ctx.input("stablesr_sft"), ctx.folder,
-                         ctx.ckpt_dir, ctx.run)
+                         ctx.ckpt_dir, ctx.run, data_dir=ctx.inputs.get("data"))
 
 
 def _stage_official(ctx: StageContext) -> None:

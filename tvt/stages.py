@@ -439,11 +439,14 @@ def _declare(cfg: Mapping) -> list[Stage]:
                               "StableSR stage A: train the time-aware encoder + SFT layers on the frozen SD UNet",
                               ("degrade", "prior") + (("data",) if cfg["stablesr"]["sft"].get("data") == "online"
                                                       else ()), 2880, fixed_or_online(cfg["stablesr"]["sft"])))
-        # stage B samples stage A on every fixed train LR: it always reads fixed pairs (StableSR's
-        # scripts/generate_vqgan_data.py `main` also degrades once and stores input, GT and latent)
+        # stage B samples stage A once per training pair: the fixed train pairs, or (`cfw.data: online`) its own
+        # `cfw.pairs` pairs drawn with `stablesr.degrade` from the data stage's photos, as StableSR's
+        # scripts/generate_vqgan_data.py `main` draws them; val pairs come from the degrade stage either way
+        cfw = cfg["stablesr"]["cfw"]
         stages.append(trainer("stablesr_cfw", "stablesr",
                               "StableSR stage B: sample stage-A latents, train CFW, save the StableSR restorer",
-                              ("degrade", "prior", "stablesr_sft"), 2880, "pairs"))
+                              ("degrade", "prior", "stablesr_sft") + (("data",) if cfw.get("data") == "online" else ()),
+                              2880, fixed_or_online(cfw)))
     # the authors' released weights: download (pinned sha256), `tvt import`, scored as <name>_official
     for name in cfg.get("official", {}):
         stages.append(Stage(
@@ -487,7 +490,7 @@ def fixed_train_pairs(cfg: Mapping) -> str:
     """What the degrade stage writes for the train split (:data:`tvt.degradation.TRAIN_PAIRS`): the most
     that any stage of this config reads (:attr:`Stage.train_split`).
 
-    ``pairs`` when a trainer reads fixed LR/HR pairs (``data: fixed``, StableSR's CFW stage); ``hr`` when
+    ``pairs`` when a trainer reads fixed LR/HR pairs (``data: fixed``, StableSR's stages included); ``hr`` when
     only HR crops are read (the VAE transfer stages and mini mode's prior train autoencoders on HR);
     ``none`` when every trainer degrades online. It is part of the degrade stage's key, so switching
     a trainer from online to fixed data writes a new pairs folder that has the train LR."""

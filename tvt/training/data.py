@@ -33,6 +33,7 @@ from tvt.data.manifest import read_manifest
 from tvt.degradation import (
     crop_flip,
     degrade_online,
+    image_seed,
     online_seed,
     sample_online,
     validate_config,
@@ -51,7 +52,7 @@ def load_image(path: Path) -> torch.Tensor:
 
 _NO_FIXED_TRAIN = (": the degrade stage writes fixed train pairs only for a config whose trainers read them "
                    "(tvt.stages.fixed_train_pairs); set the trainer's `data: fixed` (isr.<name>.data, "
-                   "stablesr.sft.data) and rerun its degrade stage, or keep `data: online`")
+                   "stablesr.sft.data, stablesr.cfw.data) and rerun its degrade stage, or keep `data: online`")
 
 
 class PairDataset(Dataset):
@@ -81,6 +82,10 @@ class PairDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def pair_ids(self) -> list[str]:
+        return [row["pair_id"] for row in self.rows]
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
@@ -221,16 +226,63 @@ class OnlinePairDataset(Dataset):
 
     def _item(self, pixels: np.ndarray, recipe: Mapping, degrade: bool) -> dict:
         hr = torch.tensor(crop_flip(pixels, recipe, self.size)).permute(2, 0, 1).contiguous()
-        item = {"recipe": json.dumps(recipe, sort_keys=True),
-                "pair_id": f"{recipe['source_id']}@e{recipe['epoch']}i{recipe['index']}"}
+        item = {"recipe": json.dumps(recipe, sort_keys=True), "pair_id": self.pair_id(recipe["index"], recipe["epoch"])}
         if not degrade:
             return {**item, "hr_u8": hr}
         hr, lr, lr_up = degrade_online(hr[None].float() / 255.0, recipe)
         return {**item, "hr": hr[0] * 2 - 1, "lr": lr[0] * 2 - 1, "lr_up": lr_up[0] * 2 - 1}
 
     def __getitem__(self, index: int) -> dict:
+        return self.draw(index, self.epoch)
+
+    def draw(self, index: int, epoch: int) -> dict:
+        """Item ``index`` as epoch ``epoch`` draws it, whatever the current epoch."""
         row, pixels = self._source(index)
-        return self._item(pixels, self._recipe(index, self.epoch, row, pixels), self.degrade)
+        return self._item(pixels, self._recipe(index, int(epoch), row, pixels), self.degrade)
+
+    def pair_id(self, index: int, epoch: int) -> str:
+        """The ``pair_id`` of item ``index`` in ``epoch``, without reading or degrading its image."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        row = self.rows[int(np.searchsorted(self.ends, index, side="right"))]
+        return f"{row['id']}@e{int(epoch)}i{int(index)}"
+
+
+class OnlineDraws(Dataset):
+    """A fixed, bounded set of ``count`` draws of an :class:`OnlinePairDataset`, in shuffled order.
+
+    What StableSR's CFW data generation takes from its online dataset (``scripts/generate_vqgan_data.py``
+    ``main``: a shuffled ``DataLoader`` over ``RealESRGANDataset``, stopped after a bounded number of
+    samples). Draw ``k`` is item ``order[k % n]`` of epoch ``k // n`` (``n`` items, one permutation per
+    epoch, seeded by ``seed``), so a count beyond one pass draws fresh crops and degradations of the same
+    photos. Each draw is a pure function of (seed, k): nothing is stored, an item is recomputed (or
+    replayed from its ``recipe``) bit-identically, and :meth:`recipes` lists them all for the record.
+    There is no ``set_epoch``: the engine's epochs revisit the same draws, as StableSR's CFW training
+    reads the same generated set every epoch.
+    """
+
+    def __init__(self, online: OnlinePairDataset, count: int, seed: int):
+        if count < 1:
+            raise ValueError(f"OnlineDraws: count must be at least 1, got {count}")
+        self.online, self.count = online, int(count)
+        n, epochs = len(online), -(-int(count) // len(online))
+        orders = [np.random.default_rng(image_seed(seed, f"draws/epoch{e}")).permutation(n) for e in range(epochs)]
+        self.draws = [(k // n, int(orders[k // n][k % n])) for k in range(self.count)]  # (epoch, index)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> dict:
+        epoch, index = self.draws[k]
+        return self.online.draw(index, epoch)
+
+    @property
+    def pair_ids(self) -> list[str]:
+        return [self.online.pair_id(index, epoch) for epoch, index in self.draws]
+
+    def recipes(self) -> list[dict]:
+        """Every draw's recipe (reads each source photo, degrades nothing)."""
+        return [self.online.recipe(index, epoch) for epoch, index in self.draws]
 
 
 def degrade_batch(batch: Mapping, device: torch.device | str) -> dict:
