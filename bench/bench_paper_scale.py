@@ -17,7 +17,9 @@ counts the official grouping gives on the same (meta-device) UNet (:func:`lora_c
 Overrides of paper.yaml, all for CPU time only (none changes a network or a loss): batch 1,
 fp32 (``mixed_precision: "no"``), 2 steps, GANs switched on from step 2 (``disc_start: 1``) so
 their memory path is measured, and 2 sampling steps where StableSR samples (stage A's
-previews/val, stage B's latent generation) instead of 50/200.
+previews/val, stage B's latent generation) instead of 50/200, and 2 drawn CFW training pairs
+instead of 5004. The online trainers draw from two photos (``data/``), one per paper training
+dataset, so that both of paper.yaml's crop modes (LSDIR windows, FFHQ resize) run.
 
     PYTHONPATH=. nice -n 10 python bench/bench_paper_scale.py --workdir /tmp/tvt-paper-scale
     PYTHONPATH=. python bench/bench_paper_scale.py --counts-only
@@ -151,6 +153,7 @@ def prepare(workdir: Path) -> None:
             {"prompt_embeds": torch.randn(1, 77, dim), "negative_prompt_embeds": torch.randn(1, 77, dim)},
             str(sd / PROMPT_EMBEDS),
         )
+    write_training_photos(workdir / "data")
     pairs = workdir / "pairs"
     if (pairs / "pairs.csv").is_file():
         return
@@ -174,6 +177,29 @@ def prepare(workdir: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_training_photos(data: Path) -> None:
+    """A data-stage folder (``manifest.csv`` + photos) for the stages that degrade online (``data: online``,
+    paper mode's ISR and StableSR trainers): two training photos, one per paper training dataset, so
+    both of paper.yaml's crop modes run (LSDIR: 512² windows at stride 64; FFHQ: resized to 512²)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as photos
+
+    from tvt.data.manifest import COLUMNS, sha256_file, write_manifest
+
+    if (data / "manifest.csv").is_file():
+        return
+    rows = []
+    for source, name, size in (("lsdir", "astronaut", (HR + 64, HR)), ("ffhq", "coffee", (600, 400))):
+        path = data / "train" / f"{source}_{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(getattr(photos, name)())).convert("RGB").resize(size).save(path)
+        rows.append({**dict.fromkeys(COLUMNS), "id": f"{source}_{name}", "path": str(path.relative_to(data)),
+                     "width": size[0], "height": size[1], "sha256": sha256_file(path), "split": "train",
+                     "source": source, "licence": "skimage.data (BSD-3-Clause)", "kind": "photo"})
+    write_manifest(rows, data / "manifest.csv")
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,6 +249,7 @@ def paper_config(steps: int) -> dict:
     cfg["stablesr"]["cfw"]["disc_start"] = 1
     cfg["stablesr"]["sft"]["sample_steps"] = 2
     cfg["stablesr"]["cfw"]["generate_steps"] = 2
+    cfg["stablesr"]["cfw"]["pairs"] = 2  # stage B samples stage A once per drawn pair (5004 in paper mode)
     return cfg
 
 
@@ -230,6 +257,7 @@ def run_stage(stage: str, workdir: Path, steps: int) -> dict:
     """Train ``stage`` to ``steps`` (resuming from its checkpoints); return seconds per step and peak RSS."""
     cfg = paper_config(steps)
     pairs, sd, out, ckpt = workdir / "pairs", workdir / "sd", workdir / "out", workdir / "ckpt" / stage
+    data = workdir / "data"
     run = _Run()
     started = time.perf_counter()
 
@@ -247,15 +275,16 @@ def run_stage(stage: str, workdir: Path, steps: int) -> dict:
     elif stage.startswith("isr_"):
         from tvt.training.isr import run_isr
 
-        run_isr(cfg, stage.removeprefix("isr_"), pairs, sd, upstream("encoder_transfer"), out / stage, ckpt, run)
+        run_isr(cfg, stage.removeprefix("isr_"), pairs, sd, upstream("encoder_transfer"), out / stage, ckpt, run,
+                data_dir=data)
     elif stage == "stablesr_sft":
         from tvt.training.stablesr_sft import run_stablesr_sft
 
-        run_stablesr_sft(cfg, pairs, sd, out / stage, ckpt, run)
+        run_stablesr_sft(cfg, pairs, sd, out / stage, ckpt, run, data_dir=data)
     elif stage == "stablesr_cfw":
         from tvt.training.stablesr_cfw import run_stablesr_stage_b
 
-        run_stablesr_stage_b(cfg, pairs, sd, out / "stablesr_sft", out / stage, ckpt, run)
+        run_stablesr_stage_b(cfg, pairs, sd, out / "stablesr_sft", out / stage, ckpt, run, data_dir=data)
     else:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     rates = [m[k] for _, m in run.metrics for k in m if k.endswith("/samples_per_s")]
