@@ -55,6 +55,20 @@ def test_number_of_processes():
         launch.wanted_processes({"TVT_NUM_PROCESSES": "4"}, 2)
 
 
+def test_a_cpu_stage_computes_with_the_threads_it_was_granted():
+    """Snakemake exports a rule's ``threads`` as OMP_NUM_THREADS: a 1-thread mini stage keeps to one core, so
+    two of them share a 2-core machine instead of each spinning on both; never more than the usable cores."""
+    from tvt.runner import granted_threads
+    from tvt.stages import training_resources
+
+    cores = len(os.sched_getaffinity(0))
+    assert granted_threads({"OMP_NUM_THREADS": "1"}) == 1
+    assert granted_threads({"OMP_NUM_THREADS": str(cores + 7)}) == cores
+    for unset in ({}, {"OMP_NUM_THREADS": ""}, {"OMP_NUM_THREADS": "0"}, {"OMP_NUM_THREADS": "four"}):
+        assert granted_threads(unset) == cores, unset
+    assert training_resources(paper=False, runtime_min=60).cpus == 1  # what --cores N runs N of
+
+
 def test_launched_processes_are_recognised():
     assert not launch.inside_distributed_launch({})
     # plain configuration is not a launch

@@ -220,9 +220,35 @@ def _timed(method: Method, lr: torch.Tensor, pair_id: str, device: torch.device)
     return sr, (time.perf_counter() - start) * 1e3
 
 
-def _ocr_fields(image: np.ndarray, row: Mapping) -> dict:
-    text = ocr.recognise(image, row["lang"])
-    return {"ocr_text": text, **{f"ocr_{k}": v for k, v in ocr.line_scores(text, row["text"]).items()}}
+def _ocr_fields(text: str, truth: str) -> dict:
+    return {"ocr_text": text, **{f"ocr_{k}": v for k, v in ocr.line_scores(text, truth).items()}}
+
+
+class _TextReads:
+    """OCR records whose lines are being read (:class:`tvt.metrics.ocr.LineReader`): each record gets its
+    ``ocr_*`` fields in :meth:`finish`, so Tesseract reads while the next images are restored."""
+
+    def __init__(self, reader: ocr.LineReader):
+        self.reader, self.pending = reader, []
+
+    def read(self, record: dict, image: np.ndarray, line: Mapping) -> dict:
+        self.pending.append((record, self.reader.submit(image, line["lang"]), line["text"]))
+        return record
+
+    def lines(self, method: str, image: np.ndarray, row: Mapping) -> list[dict]:
+        """One OCR record per annotated line of a scene-text pair (its box cut from the H×W×3 image)."""
+        records = []
+        for index, line in enumerate(json.loads(row["lines"])):
+            x0, y0, x1, y1 = line["box"]
+            record = {"method": method, "pair_id": row["pair_id"], "kind": "text_line", "line": index,
+                      "text_px": text_size_bin(line["px"])}
+            records.append(self.read(record, image[y0:y1, x0:x1], line))
+        return records
+
+    def finish(self) -> None:
+        for record, text, truth in self.pending:
+            record.update(_ocr_fields(text.result(), truth))
+        self.pending = []
 
 
 @torch.inference_mode()
@@ -237,30 +263,33 @@ def score_method(method: Method, pairs: list[dict], root: Path, suite: MetricSui
     from tvt.models.prompts import write_last_tags
 
     records = []
-    for row in tqdm(pairs, desc=f"evaluate {method.name}", unit="img"):
-        lr, hr = load_image(root / row["lr_path"]), load_image(root / row["hr_path"])
-        sr, ms = _timed(method, lr.to(device), row["pair_id"], device)
-        sr = quantise(sr.float().cpu())
-        if sr.shape != hr.shape:
-            raise ValueError(f"{method.name}: output {tuple(sr.shape[-2:])} for {row['pair_id']}, "
-                             f"HR is {tuple(hr.shape[-2:])}")
-        image = to_uint8(sr)
-        path = out_dir / method.name / f"{row['pair_id']}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        if tags_dir is not None:
-            write_last_tags(getattr(method.model, "prompt", None), tags_dir / path.relative_to(out_dir))
-        record = {"method": method.name, "pair_id": row["pair_id"], "kind": row["kind"], "text_px": row["text_px"],
-                  **suite.score_images(sr, hr), "mse": float(((sr - hr) ** 2).mean())}
-        if method.timed:
-            record["latency_ms"] = ms
-        lines = []
-        if read_text and row["kind"] == "text":
-            if row.get("lines"):
-                lines = line_ocr_records(method.name, image, row)
-            else:
-                record.update(_ocr_fields(image, row))
-        records += [record, *lines]
+    with ocr.LineReader() as reader:
+        reads = _TextReads(reader)
+        for row in tqdm(pairs, desc=f"evaluate {method.name}", unit="img"):
+            lr, hr = load_image(root / row["lr_path"]), load_image(root / row["hr_path"])
+            sr, ms = _timed(method, lr.to(device), row["pair_id"], device)
+            sr = quantise(sr.float().cpu())
+            if sr.shape != hr.shape:
+                raise ValueError(f"{method.name}: output {tuple(sr.shape[-2:])} for {row['pair_id']}, "
+                                 f"HR is {tuple(hr.shape[-2:])}")
+            image = to_uint8(sr)
+            path = out_dir / method.name / f"{row['pair_id']}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+            if tags_dir is not None:
+                write_last_tags(getattr(method.model, "prompt", None), tags_dir / path.relative_to(out_dir))
+            record = {"method": method.name, "pair_id": row["pair_id"], "kind": row["kind"],
+                      "text_px": row["text_px"], **suite.score_images(sr, hr), "mse": float(((sr - hr) ** 2).mean())}
+            if method.timed:
+                record["latency_ms"] = ms
+            lines = []
+            if read_text and row["kind"] == "text":
+                if row.get("lines"):
+                    lines = reads.lines(method.name, image, row)
+                else:
+                    reads.read(record, image, row)
+            records += [record, *lines]
+        reads.finish()
     return records
 
 
@@ -269,28 +298,21 @@ def text_size_bin(px: int) -> int:
     return max(edge for edge in TEXT_PX_BINS if edge <= px)
 
 
-def line_ocr_records(method: str, image: np.ndarray, row: Mapping) -> list[dict]:
-    """One OCR record per annotated line of a scene-text pair (its box cut from the H×W×3 image)."""
-    records = []
-    for index, line in enumerate(json.loads(row["lines"])):
-        x0, y0, x1, y1 = line["box"]
-        records.append({"method": method, "pair_id": row["pair_id"], "kind": "text_line", "line": index,
-                        "text_px": text_size_bin(line["px"]), **_ocr_fields(image[y0:y1, x0:x1], line)})
-    return records
-
-
 def hr_ocr_records(pairs: list[dict], root: Path) -> list[dict]:
     """OCR of the HR text lines: the upper bound of the protocol."""
     records = []
-    for row in pairs:
-        if row["kind"] != "text":
-            continue
-        hr = to_uint8(load_image(root / row["hr_path"]))
-        if row.get("lines"):
-            records += line_ocr_records(reports.HR_ROW, hr, row)
-        else:
-            records.append({"method": reports.HR_ROW, "pair_id": row["pair_id"], "kind": "text",
-                            "text_px": row["text_px"], **_ocr_fields(hr, row)})
+    with ocr.LineReader() as reader:
+        reads = _TextReads(reader)
+        for row in pairs:
+            if row["kind"] != "text":
+                continue
+            hr = to_uint8(load_image(root / row["hr_path"]))
+            if row.get("lines"):
+                records += reads.lines(reports.HR_ROW, hr, row)
+            else:
+                records.append(reads.read({"method": reports.HR_ROW, "pair_id": row["pair_id"], "kind": "text",
+                                           "text_px": row["text_px"]}, hr, row))
+        reads.finish()
     return records
 
 

@@ -315,12 +315,21 @@ def quiet_progress_bars(stream=None) -> None:
         os.environ.setdefault("TQDM_MAXINTERVAL", str(10 * LOG_PROGRESS_INTERVAL_S))
 
 
+def granted_threads(environ: Mapping[str, str] | None = None) -> int:
+    """The threads a CPU stage may compute with: the cores this process may run on (a SLURM
+    allocation, a taskset), fewer when its launcher granted fewer -- Snakemake exports a rule's
+    ``threads`` as ``OMP_NUM_THREADS``, so two 1-thread mini stages share a 2-core machine side by
+    side instead of oversubscribing it. Never torch's default of every core of the node."""
+    environ = os.environ if environ is None else environ
+    cores = len(os.sched_getaffinity(0))
+    granted = environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(cores, int(granted)) if granted.isdigit() and int(granted) > 0 else cores)
+
+
 def _use_granted_cpus() -> None:
-    """CPU stages use the cores this process may run on (a SLURM allocation, a taskset),
-    not torch's default of every core of the node."""
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(granted_threads())
 
 
 def interpreter_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
