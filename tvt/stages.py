@@ -312,7 +312,7 @@ TRAINING_RETRIES = 3
 def training_resources(paper: bool, runtime_min: int) -> Resources:
     """What a training stage asks the scheduler for. Mini mode: one core, so that ``--cores N`` trains N
     independent stages side by side (the ablation variants, OSEDiff beside TVT's VAE chain): a mini
-    stage spends a third of its time in one-threaded start-up (imports, MLflow, validation), which two
+    stage spends 30-40 s in one-threaded start-up (imports, MLflow, validation, saving), which two
     stages on two cores overlap (docs/ablations.md, "Time")."""
     if not paper:
         return Resources(cpus=1, mem_mb=8000, runtime=120)
