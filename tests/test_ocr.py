@@ -108,12 +108,16 @@ def test_recognise_accepts_arrays_and_reads_one_line():
 @needs_tesseract
 @pytest.mark.slow  # starts tesseract processes
 def test_lines_read_side_by_side_are_the_lines_read_one_by_one():
-    """LineReader runs single-threaded Tesseract processes concurrently (OMP_THREAD_LIMIT=1): each line
-    must still read exactly as alone, and each future must hold its own line's text (degraded lines, so
-    the strings differ from the truth and from each other)."""
+    """LineReader runs Tesseract processes concurrently: each line must still read exactly as alone, each
+    future must hold its own line's text (degraded lines, so the strings differ from the truth and from
+    each other), and this process's environment -- which every later child inherits -- is left alone."""
+    import os
+
+    environment = dict(os.environ)
     images = [_bicubic_x4(image) for _, image in _lines(16, 6, seed=4)] + [image for _, image in _lines(24, 2, seed=5)]
     alone = [ocr.recognise(image, "en") for image in images]
     assert len(set(alone)) == len(alone)
     with ocr.LineReader(workers=3) as reader:
         futures = [reader.submit(image, "en") for image in images]
     assert [f.result() for f in futures] == alone
+    assert dict(os.environ) == environment

@@ -113,13 +113,13 @@ def recognise(image: Image.Image | np.ndarray, lang: str) -> str:
 
 class LineReader:
     """Reads many lines side by side: a :func:`recognise` call is one Tesseract process that mostly
-    starts and loads its model, so the lines are read by one single-threaded process per usable core
-    while the caller goes on (restoring the next image). ``OMP_THREAD_LIMIT=1`` (unless set) keeps each
-    process from starting OpenMP threads that would only compete with the others; the strings read
-    are the same (``bench/bench_ocr.py`` measures the gain, ``tests/test_ocr.py`` the equality)."""
+    starts and loads its model, so the lines are read by one process per usable core while the caller
+    goes on (restoring the next image); the strings read are the same (``bench/bench_ocr.py`` measures
+    the gain, ``tests/test_ocr.py`` the equality). The environment is left alone: ``OMP_THREAD_LIMIT=1``
+    would make each Tesseract a little faster, but set in this process it reaches every later child
+    (a training stage with it ran its backward passes hundreds of times slower)."""
 
     def __init__(self, workers: int | None = None):
-        os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # read by the Tesseract processes pytesseract starts
         self._pool = ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)), thread_name_prefix="ocr")
 
     def submit(self, image: Image.Image | np.ndarray, lang: str) -> Future[str]:
