@@ -5,8 +5,9 @@ starting and loading its model, and the evaluation reads every text line of ever
 24 lines in mini mode). Variants, on the same rendered lines, in one run:
 
 * ``serial``           — one call after another, Tesseract's default threads (before LineReader);
-* ``serial, 1 thread`` — the same with ``OMP_THREAD_LIMIT=1``;
-* ``LineReader``       — :class:`tvt.metrics.ocr.LineReader`: one single-threaded process per usable core.
+* ``serial, 1 thread`` — the same with ``OMP_THREAD_LIMIT=1`` (for reference: LineReader does not set it,
+  since the variable would reach every later child process of the evaluation);
+* ``LineReader``       — :class:`tvt.metrics.ocr.LineReader`: one Tesseract process per usable core.
 
 Every variant must read the same strings (checked). Prints seconds per line and the ratio to ``serial``.
 
