@@ -20,6 +20,7 @@ from tvt.training.data import PairDataset
 from tvt.training.engine import mean_psnr
 from tvt.training.prior import (
     SD_SCALING_FACTOR,
+    narrow_posterior,
     run_prior,
     scaling_factor_for,
     sd_noise_scheduler,
@@ -44,6 +45,48 @@ def test_sd_noise_schedule():
     assert scheduler.betas[-1].item() == pytest.approx(0.012)
     assert len(scheduler.betas) == 1000
     assert scheduler.alphas_cumprod[1].item() == pytest.approx(0.998296, abs=1e-6)  # TVT's t = 1 (docs/method.md §1.4)
+
+
+def test_a_narrow_posterior_starts_at_the_given_log_variance_for_any_input_and_still_trains():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**MINI_VAE_D8)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    wide = vae.encode(images).latent_dist
+    assert wide.std.mean() > 0.5  # diffusers' default: std near 1, as wide as the latents
+    mean_before = wide.mean.detach().clone()
+
+    narrow_posterior(vae, -6.0)
+    posterior = vae.encode(images).latent_dist
+    assert torch.equal(posterior.logvar, torch.full_like(posterior.logvar, -6.0))  # every input, every value
+    assert torch.equal(posterior.mean, mean_before)  # the mean channels are untouched
+    # the log-variance rows keep their gradient: the KL term moves them from the first update on
+    posterior.logvar.sum().backward()
+    assert vae.quant_conv.weight.grad[MINI_VAE_D8["latent_channels"]:].abs().sum() > 0
+
+
+def test_the_prior_vae_takes_its_optimiser_and_posterior_from_the_config(tmp_path, monkeypatch):
+    """adam_betas reach Adam and posterior_logvar_init the model the stage trains (not only the schema)."""
+    import tvt.training.prior as prior
+
+    seen = {}
+
+    def register(self, models, optimisers):
+        seen["betas"] = optimisers["vae"].param_groups[0]["betas"]
+        vae = models["vae"].model
+        seen["logvar"] = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.logvar
+        raise RuntimeError("stop after register")
+
+    monkeypatch.setattr(prior.Trainer, "register", register)
+    pairs = make_pairs_dir(tmp_path / "pairs", 32, {"train": 4, "val": 2}, seed=1, n_photos=2)
+    train, val = PairDataset(pairs, "train", with_lr=False), PairDataset(pairs, "val", with_lr=False)
+    section = prior_cfg()["prior"]
+    with pytest.raises(RuntimeError, match="stop after register"):
+        prior.train_vae(section, 5, train, val, tmp_path / "ckpt", None, "x")
+    assert seen["betas"] == prior.VAE_ADAM_BETAS and seen["logvar"].abs().max() < 3  # defaults: LDM's
+    section["vae"].update(adam_betas=[0.9, 0.999], posterior_logvar_init=-6.0)
+    with pytest.raises(RuntimeError, match="stop after register"):
+        prior.train_vae(section, 5, train, val, tmp_path / "ckpt2", None, "x")
+    assert seen["betas"] == (0.9, 0.999) and torch.equal(seen["logvar"], torch.full_like(seen["logvar"], -6.0))
 
 
 def test_scaling_factor_rule():

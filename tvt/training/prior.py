@@ -41,7 +41,7 @@ SD_SCALING_FACTOR = 0.18215
 SCALING_TOLERANCE = 0.10  # relative
 PROMPT_LENGTH = 77  # CLIP's token sequence length
 PREVIEW_TIMESTEP = 500
-VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder optimiser
+VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder optimiser (the default of prior.vae.adam_betas)
 
 
 def null_prompt_embeds(cross_attention_dim: int) -> torch.Tensor:
@@ -53,6 +53,24 @@ def scaling_factor_for(latent_std: float) -> float:
     """1 / std of the latents, or SD's 0.18215 when that is within :data:`SCALING_TOLERANCE`."""
     measured = 1.0 / latent_std
     return SD_SCALING_FACTOR if abs(measured / SD_SCALING_FACTOR - 1) <= SCALING_TOLERANCE else round(measured, 5)
+
+
+@torch.no_grad()
+def narrow_posterior(vae: AutoencoderKL, logvar: float) -> None:
+    """Start the posterior at log-variance ``logvar`` for every input (a narrow posterior).
+
+    Why: with diffusers' default initialisation the posterior's std starts near 1, as wide as the
+    latents' spread, so in a run of ~100 updates the decoder (and later the prior's UNet) trains on
+    latents that are about half noise (docs/mini-mode.md). The moments are ``quant_conv``'s output
+    (mean channels first, log-variance channels last), so zeroing the log-variance rows' weights and
+    setting their bias makes the log-variance exactly ``logvar`` at step 0; the KL term and the
+    reconstruction still train it from there, so the model stays LDM's KL autoencoder.
+    """
+    rows = slice(vae.config.latent_channels, None)
+    if vae.quant_conv is None:
+        raise ValueError("narrow_posterior: this AutoencoderKL has no quant_conv (use_quant_conv=False)")
+    vae.quant_conv.weight[rows] = 0.0
+    vae.quant_conv.bias[rows] = logvar
 
 
 def _reconstruct(vae: AutoencoderKL, images: torch.Tensor):
@@ -104,9 +122,12 @@ def train_vae(section: dict, seed: int, train: Dataset, val: Dataset, ckpt_dir: 
                       name="prior_vae", seed=seed, ckpt_dir=ckpt_dir, run=run,
                       fingerprint={**vae_cfg, "mixed_precision": section["mixed_precision"], "inputs": inputs})
     vae = AutoencoderKL(**MINI_VAE_D8)
+    if vae_cfg.get("posterior_logvar_init") is not None:
+        narrow_posterior(vae, vae_cfg["posterior_logvar_init"])
+    betas = tuple(vae_cfg.get("adam_betas", VAE_ADAM_BETAS))
     models = trainer.register(
         {"vae": Call(vae, _reconstruct)},
-        {"vae": torch.optim.Adam(vae.parameters(), lr=vae_cfg["lr"], betas=VAE_ADAM_BETAS)},
+        {"vae": torch.optim.Adam(vae.parameters(), lr=vae_cfg["lr"], betas=betas)},
     )
     vae = trainer.unwrap("vae").model
     reconstruction = configured_reconstruction_loss(vae_cfg, trainer.device, pixel="l1")  # LDM's L1
