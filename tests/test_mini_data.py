@@ -317,3 +317,43 @@ def test_bad_split_fractions_are_rejected(tmp_path):
     cfg["split"] = {"val": 0.5, "test": 0.5}
     with pytest.raises(ValueError, match="val=0.5, test=0.5"):
         mini.build_mini_dataset(cfg, tmp_path, SEED)
+
+
+# --- text pages (train split) ---------------------------------------------------------------
+
+def test_text_pages_join_the_train_split_only_and_change_no_other_image(built, tmp_path):
+    _, plain_rows = built
+    cfg = small_cfg(train_pages=3, page_size=128)
+    rows = read_manifest(mini.build_mini_dataset(cfg, tmp_path, SEED))
+    pages = [r for r in rows if r["kind"] == "page"]
+    assert [r["id"] for r in pages] == ["page-000", "page-001", "page-002"]
+    assert {r["split"] for r in pages} == {"train"}  # val and test keep photos and lines only
+    assert all(r["path"] == f"pages/{r['id']}.png" and (r["width"], r["height"]) == (128, 128) for r in pages)
+    assert [r["background"] for r in pages] == ["plain", "photo", "plain"]  # backgrounds cycle
+    # adding pages changes no photo or text line (their bytes are in the sha256 column)
+    assert [r for r in rows if r["kind"] != "page"] == plain_rows
+    for r in pages:
+        image = Image.open(tmp_path / r["path"])
+        ink = ink_mask(image)
+        # text from top to bottom: most pixel rows cross a glyph, and some ink is in every quarter
+        assert ink.any(axis=1).mean() > 0.5, r["id"]
+        assert all(q.any() for q in np.array_split(ink, 4, axis=0)), r["id"]
+    grey = np.asarray(Image.open(tmp_path / pages[1]["path"]).convert("L"))
+    assert len(np.unique(grey)) > 40  # the photo page keeps its backdrops' texture
+    again = read_manifest(mini.build_mini_dataset(cfg, tmp_path / "again", SEED))
+    assert [r["sha256"] for r in again] == [r["sha256"] for r in rows]  # deterministic
+
+
+def test_the_training_sets_read_text_pages_beside_photos(tmp_path):
+    from tvt import config
+    from tvt.data.manifest import TRAINING_KINDS
+    from tvt.training.data import OnlinePairDataset
+
+    assert TRAINING_KINDS == ("photo", "page")
+    manifest = mini.build_mini_dataset(small_cfg(train_pages=2, page_size=128), tmp_path, SEED)
+    online = OnlinePairDataset(manifest, config.load("config/config.yaml")["degrade"], SEED)
+    kinds = Counter(r["kind"] for r in online.rows)
+    assert kinds["page"] == 2 and kinds["photo"] > 0 and "text" not in kinds
+    page = next(i for i, r in enumerate(online.rows) if r["kind"] == "page")
+    item = online[page]
+    assert item["hr"].shape == (3, 128, 128) and item["pair_id"].startswith("page-")

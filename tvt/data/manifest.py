@@ -25,7 +25,11 @@ COLUMNS = (
 """Columns of the data manifest. The last five are filled for rendered text only."""
 
 SPLITS = ("train", "val", "test")
-KINDS = ("photo", "text")
+KINDS = ("photo", "text", "page")
+"""``photo``; ``text``: one rendered line, kept whole (the OCR benchmark); ``page``: a rendered page of
+text lines (mini mode's train split), cropped and trained on like a photo."""
+TRAINING_KINDS = ("photo", "page")
+"""The kinds the training stages read: crops that share one size, so they batch."""
 INT_COLUMNS = ("width", "height", "text_px", "crop_x", "crop_y")
 """Read as int (None when empty) wherever a manifest has them."""
 

@@ -211,3 +211,29 @@ def render_text_line(text: str, font: FontSpec, px: int, width: int,
         canvas = canvas.point(lut * 3)
     ImageDraw.Draw(canvas).text(origin, text, fill=ink, font=face, anchor="ls")
     return canvas
+
+
+def render_text_page(rng: random.Random, lang: str, fonts: list[FontSpec], sizes: tuple[int, int], side: int,
+                     backgrounds: list[Image.Image | None]) -> Image.Image:
+    """A ``side``² page of stacked text lines: sizes drawn from ``sizes`` (inclusive), fonts from
+    ``fonts``, each line on a backdrop drawn from ``backgrounds`` (``None``: white paper).
+
+    Why: a training image that is mostly fine strokes. SD's autoencoder learnt text from the text in
+    LAION; the mini photos hold none, so without pages the mini autoencoders never see a glyph.
+    Lines are set with a leading of px/8 (not a line canvas's wide margins), so glyphs fill the page;
+    the last line is cut at the page's bottom edge, as a crop of a real page would be.
+    """
+    if not fonts:
+        raise ValueError(f"no font for text language {lang!r}: cannot render a page")
+    page = Image.new("RGB", (side, side), "white")
+    y = 0
+    while y < side:
+        px, font = rng.randint(*sizes), rng.choice(fonts)
+        text = random_line(rng, lang, font.load(px), side - 2 * line_margin(px))
+        line = render_text_line(text, font, px, side, rng.choice(backgrounds))
+        ascent, descent = font.load(px).getmetrics()
+        top, leading = (line.height - ascent - descent) // 2, max(1, px // 8)  # the canvas centres the text
+        line = line.crop((0, max(0, top - leading), side, min(line.height, top + ascent + descent + leading)))
+        page.paste(line, (0, y))
+        y += line.height
+    return page

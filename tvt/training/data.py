@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tvt.data.manifest import read_manifest
+from tvt.data.manifest import TRAINING_KINDS, read_manifest
 from tvt.degradation import (
     crop_flip,
     degrade_online,
@@ -58,12 +58,13 @@ _NO_FIXED_TRAIN = (": the degrade stage writes fixed train pairs only for a conf
 class PairDataset(Dataset):
     """One split of a pairs folder: items ``{"hr", "lr", "pair_id"}`` (``lr`` only if ``with_lr``).
 
-    Training uses the photo crops only (``kinds``), as the paper trains on LSDIR/FFHQ photos:
-    all crops share one size, so they batch; the rendered text lines keep their own sizes and
-    stay a held-out fine-structure benchmark.
+    Training uses the photo crops (``kinds``), as the paper trains on LSDIR/FFHQ photos, and in
+    mini mode the crops of rendered text pages (``data.text.train_pages``): all crops share one
+    size, so they batch; the rendered text lines keep their own sizes and stay a held-out
+    fine-structure benchmark.
     """
 
-    def __init__(self, pairs_dir: Path, split: str, *, with_lr: bool = True, kinds: tuple[str, ...] = ("photo",)):
+    def __init__(self, pairs_dir: Path, split: str, *, with_lr: bool = True, kinds: tuple[str, ...] = TRAINING_KINDS):
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
         self.root = Path(pairs_dir)
@@ -164,7 +165,7 @@ class OnlinePairDataset(Dataset):
             raise FileNotFoundError(f"{manifest} not found: run the 'data' stage first")
         self.root, self.cfg, self.seed, self.degrade = manifest.parent, dict(cfg), int(seed), degrade
         self.size, self.scale = cfg["hr_size"], cfg["scale"]
-        self.rows = [r for r in read_manifest(manifest) if r["split"] == "train" and r["kind"] == "photo"]
+        self.rows = [r for r in read_manifest(manifest) if r["split"] == "train" and r["kind"] in TRAINING_KINDS]
         crops = crops or {}
         self.modes, counts = [], []
         for row in self.rows:
