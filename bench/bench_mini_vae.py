@@ -6,7 +6,8 @@ exactly as the ``prior`` stage does (:func:`tvt.training.prior.train_vae`) on th
 finished ``degrade`` stage, with some keys of ``prior.vae`` overridden, then scores it as the
 claims table does (:func:`tvt.claims.vae_psnr` on the test photos' 256² windows). Rows run
 one after another in one process, so their seconds are comparable with each other (on a
-shared machine, as upper bounds).
+shared machine, as upper bounds). ``--seeds K`` trains every variant K times (seeds seed … seed+K-1)
+and prints the mean and the range: after ~100 updates one seed says little (docs/mini-mode.md).
 
     python bench/bench_mini_vae.py '{}' '{"lr_warmup": 10, "lr_decay": "cosine"}' \\
         '{"steps": 200, "crop_size": 64, "batch_size": 8}'
@@ -24,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not progress bars
 
+import numpy as np
 import torch
 
 from tvt import claims, config
@@ -33,12 +35,19 @@ from tvt.training.engine import files_digest
 from tvt.training.prior import train_vae
 
 
+def _spread(values) -> str:
+    """``mean`` for one value, ``mean (min–max)`` for several."""
+    mean = float(np.mean(values))
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=["{}"], help="JSON objects overriding prior.vae keys")
     parser.add_argument("--config", default="config/config.yaml", help="the config whose data/degrade stages ran")
     parser.add_argument("--root", type=Path, default=Path("."), help="repository root holding resources/")
     parser.add_argument("--heldout-photos", type=Path, help="also score on a folder of never-used photographs")
+    parser.add_argument("--seeds", type=int, default=1, help="train each variant with this many seeds")
     args = parser.parse_args()
 
     cfg = config.load(args.config)
@@ -57,23 +66,28 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
 
-    header = "| overrides | steps | batch | crop | s/step | train s | val PSNR | test PSNR-Y | held-out PSNR-Y |"
+    header = "| overrides | steps | batch | crop | seeds | s/step | val PSNR | test PSNR-Y | held-out PSNR-Y |"
     rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for text in args.variants:
         overrides = json.loads(text)
         section = copy.deepcopy(cfg["prior"])
         section["vae"].update(overrides)
         vae_cfg = section["vae"]
-        with tempfile.TemporaryDirectory() as ckpt:
-            start = time.perf_counter()
-            vae, trainer, val_psnr = train_vae(section, cfg["seed"], train, val, Path(ckpt), None, digest)
-            seconds = time.perf_counter() - start
-        test = claims.vae_psnr(vae, crops, trainer.device)
-        held = claims.vae_psnr(vae, heldout, trainer.device) if heldout else float("nan")
+        per_seed = []
+        for seed in range(cfg["seed"], cfg["seed"] + args.seeds):
+            with tempfile.TemporaryDirectory() as ckpt:
+                start = time.perf_counter()
+                vae, trainer, val_psnr = train_vae(section, seed, train, val, Path(ckpt), None, digest)
+                seconds = time.perf_counter() - start
+            test = claims.vae_psnr(vae, crops, trainer.device)
+            held = claims.vae_psnr(vae, heldout, trainer.device) if heldout else float("nan")
+            per_seed.append((seconds / vae_cfg["steps"], val_psnr, test, held))
+            print(f"  {json.dumps(overrides)} seed {seed}: test {test:.2f}, held-out {held:.2f} dB", flush=True)
+        columns = list(zip(*per_seed))
         rows.append(
             f"| `{json.dumps(overrides)}` | {vae_cfg['steps']} | {vae_cfg['batch_size']} | "
-            f"{vae_cfg.get('crop_size', '—')} | {seconds / vae_cfg['steps']:.2f} | {seconds:.0f} | {val_psnr:.2f} | "
-            f"{test:.2f} | {held:.2f} |"
+            f"{vae_cfg.get('crop_size', '—')} | {args.seeds} | {np.mean(columns[0]):.2f} | "
+            + " | ".join(_spread(c) for c in columns[1:]) + " |"
         )
         print(rows[-1], flush=True)
     print("\n" + "\n".join(rows))

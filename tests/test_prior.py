@@ -66,7 +66,7 @@ def test_a_narrow_posterior_starts_at_the_given_log_variance_for_any_input_and_s
 
 def test_the_prior_vae_takes_its_optimiser_and_posterior_from_the_config(tmp_path, monkeypatch):
     """adam_betas reach Adam and posterior_logvar_init the model the stage trains (not only the schema)."""
-    import tvt.training.prior as prior
+    from tvt.training import prior
 
     seen = {}
 
