@@ -239,3 +239,29 @@ def test_ablation_s3_fine_tunes_the_prior_vae_d8_widened_to_8_latent_channels(wo
                                    atol=1e-4, rtol=1e-4)
     moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+
+
+def test_both_transfer_stages_take_the_autoencoders_adam_betas_from_their_section(workdir, tmp_path, monkeypatch):
+    """``adam_betas`` reaches the VAE's optimiser of either stage; the discriminator keeps LDM's."""
+    from tvt.training import vae_transfer
+
+    seen = []
+
+    def register(self, models, optimisers):
+        seen.append({name: opt.param_groups[0]["betas"] for name, opt in optimisers.items()})
+        raise RuntimeError("stop after register")
+
+    monkeypatch.setattr(vae_transfer.Trainer, "register", register)
+    cfg = stage_cfg(adam_betas=[0.9, 0.999])
+    cfg["encoder_transfer"]["adam_betas"] = [0.8, 0.99]
+    with pytest.raises(RuntimeError, match="stop after register"):
+        run_decoder_transfer(cfg, workdir / "pairs", workdir / "sd", tmp_path / "d", tmp_path / "c1", None)
+    monkeypatch.undo()
+    decoder_dir = tmp_path / "d4-decoder"
+    run_decoder_transfer({**cfg, "decoder_transfer": {**cfg["decoder_transfer"], "steps": 0}}, workdir / "pairs",
+                         workdir / "sd", decoder_dir, tmp_path / "c2", None)
+    monkeypatch.setattr(vae_transfer.Trainer, "register", register)
+    with pytest.raises(RuntimeError, match="stop after register"):
+        run_encoder_transfer(cfg, workdir / "pairs", decoder_dir, tmp_path / "e", tmp_path / "c3", None)
+    assert seen == [{"vae": (0.9, 0.999), "disc": vae_transfer.ADAM_BETAS}, {"vae": (0.8, 0.99)}]
+    assert vae_transfer.ADAM_BETAS == (0.5, 0.9)  # the default: LDM/taming's

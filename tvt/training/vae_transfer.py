@@ -55,7 +55,8 @@ from tvt.training.losses import (
 #: VAE-D4 variants by config name (paper's model, its V1/V2 ablations, mini mode's toy size)
 ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini": MINI_VAE_D4,
                  "mini_v1": MINI_VAE_D4_V1, "mini_v2": MINI_VAE_D4_V2}
-#: Adam betas of LDM/taming's autoencoder and discriminator optimisers
+#: Adam betas of LDM/taming's autoencoder and discriminator optimisers (a stage's ``adam_betas`` overrides
+#: the autoencoder's: mini mode's ~100-update runs swing by several dB with beta1 = 0.5, docs/mini-mode.md)
 ADAM_BETAS = (0.5, 0.9)
 
 PREVIEW_IMAGES = 2
@@ -118,7 +119,7 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
     models = trainer.register(
         {"vae": Call(vae, _decode if transfer else _encode_decode), "disc": discriminator},
         {"vae": torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=section["lr"],
-                                 betas=ADAM_BETAS),
+                                 betas=tuple(section.get("adam_betas", ADAM_BETAS))),
          "disc": torch.optim.Adam(discriminator.parameters(), lr=section["lr"], betas=ADAM_BETAS)},
     )
     vae, disc = trainer.unwrap("vae").model, trainer.unwrap("disc")
@@ -197,7 +198,7 @@ def run_encoder_transfer(cfg: dict, pairs_dir: Path, decoder_dir: Path, out_dir:
     models = trainer.register(
         {"vae": vae},
         {"vae": torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=section["lr"],
-                                 betas=ADAM_BETAS)},
+                                 betas=tuple(section.get("adam_betas", ADAM_BETAS)))},
     )
     vae = trainer.unwrap("vae")
     reconstruction = configured_reconstruction_loss(section, device)
