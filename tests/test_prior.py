@@ -18,6 +18,7 @@ from tvt.models.sd_configs import MINI_VAE_D8
 from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.training.data import PairDataset
 from tvt.training.engine import mean_psnr
+from tvt.training.losses import LDM_ADAM_BETAS
 from tvt.training.prior import (
     SD_SCALING_FACTOR,
     narrow_posterior,
@@ -82,7 +83,7 @@ def test_the_prior_vae_takes_its_optimiser_and_posterior_from_the_config(tmp_pat
     section = prior_cfg()["prior"]
     with pytest.raises(RuntimeError, match="stop after register"):
         prior.train_vae(section, 5, train, val, tmp_path / "ckpt", None, "x")
-    assert seen["betas"] == prior.VAE_ADAM_BETAS and seen["logvar"].abs().max() < 3  # defaults: LDM's
+    assert seen["betas"] == LDM_ADAM_BETAS and seen["logvar"].abs().max() < 3  # defaults: LDM's
     section["vae"].update(adam_betas=[0.9, 0.999], posterior_logvar_init=-6.0)
     with pytest.raises(RuntimeError, match="stop after register"):
         prior.train_vae(section, 5, train, val, tmp_path / "ckpt2", None, "x")

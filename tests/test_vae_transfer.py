@@ -20,6 +20,7 @@ from tvt.metrics import perceptual
 from tvt.models.sd_configs import MINI_VAE_D4, MINI_VAE_D8
 from tvt.models.vae_d4 import VAED4
 from tvt.training.losses import (
+    LDM_ADAM_BETAS,
     PatchDiscriminator,
     ReconstructionLoss,
     adaptive_gan_weight,
@@ -263,5 +264,5 @@ def test_both_transfer_stages_take_the_autoencoders_adam_betas_from_their_sectio
     monkeypatch.setattr(vae_transfer.Trainer, "register", register)
     with pytest.raises(RuntimeError, match="stop after register"):
         run_encoder_transfer(cfg, workdir / "pairs", decoder_dir, tmp_path / "e", tmp_path / "c3", None)
-    assert seen == [{"vae": (0.9, 0.999), "disc": vae_transfer.ADAM_BETAS}, {"vae": (0.8, 0.99)}]
-    assert vae_transfer.ADAM_BETAS == (0.5, 0.9)  # the default: LDM/taming's
+    assert seen == [{"vae": (0.9, 0.999), "disc": LDM_ADAM_BETAS}, {"vae": (0.8, 0.99)}]
+    assert LDM_ADAM_BETAS == (0.5, 0.9)  # the default: LDM/taming's

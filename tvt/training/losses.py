@@ -26,6 +26,16 @@ from tvt.metrics import perceptual
 
 PIXEL_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
+#: Adam betas of LDM/taming's autoencoder and discriminator optimisers (``AutoencoderKL.configure_optimizers``).
+#: A stage's ``adam_betas`` overrides the autoencoder's: mini mode's ~100-update runs swing by several dB
+#: with beta1 = 0.5 (docs/mini-mode.md); discriminators always keep these.
+LDM_ADAM_BETAS = (0.5, 0.9)
+
+
+def autoencoder_adam_betas(section: dict) -> tuple[float, float]:
+    """The Adam betas of a stage's autoencoder optimiser: its ``adam_betas``, else LDM's."""
+    return tuple(section.get("adam_betas", LDM_ADAM_BETAS))
+
 
 class ReconstructionLoss(nn.Module):
     """``pixel(pred, target) + lpips_weight · LPIPS(pred, target)``; returns every term.

@@ -35,13 +35,12 @@ from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
 from tvt.models.sd_weights import PROMPT_EMBEDS
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, mean_psnr
-from tvt.training.losses import configured_reconstruction_loss, kl_loss
+from tvt.training.losses import autoencoder_adam_betas, configured_reconstruction_loss, kl_loss
 
 SD_SCALING_FACTOR = 0.18215
 SCALING_TOLERANCE = 0.10  # relative
 PROMPT_LENGTH = 77  # CLIP's token sequence length
 PREVIEW_TIMESTEP = 500
-VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder optimiser (the default of prior.vae.adam_betas)
 
 
 def null_prompt_embeds(cross_attention_dim: int) -> torch.Tensor:
@@ -124,10 +123,9 @@ def train_vae(section: dict, seed: int, train: Dataset, val: Dataset, ckpt_dir: 
     vae = AutoencoderKL(**MINI_VAE_D8)
     if vae_cfg.get("posterior_logvar_init") is not None:
         narrow_posterior(vae, vae_cfg["posterior_logvar_init"])
-    betas = tuple(vae_cfg.get("adam_betas", VAE_ADAM_BETAS))
     models = trainer.register(
         {"vae": Call(vae, _reconstruct)},
-        {"vae": torch.optim.Adam(vae.parameters(), lr=vae_cfg["lr"], betas=betas)},
+        {"vae": torch.optim.Adam(vae.parameters(), lr=vae_cfg["lr"], betas=autoencoder_adam_betas(vae_cfg))},
     )
     vae = trainer.unwrap("vae").model
     reconstruction = configured_reconstruction_loss(vae_cfg, trainer.device, pixel="l1")  # LDM's L1

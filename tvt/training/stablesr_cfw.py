@@ -60,13 +60,13 @@ from tvt.training.data import (
 )
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
 from tvt.training.losses import (
+    LDM_ADAM_BETAS,
     PatchDiscriminator,
     adaptive_gan_weight,
     configured_reconstruction_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
 )
-from tvt.training.vae_transfer import ADAM_BETAS
 
 PREVIEW_IMAGES = 2
 PREVIEW_WEIGHTS = (0.0, 0.5, 1.0)
@@ -195,8 +195,8 @@ def run_stablesr_cfw(cfg: dict, pairs_dir: Path, sd_dir: Path, latents_file: Pat
     models = trainer.register(
         {"cfw": Call(cfw, lambda _cfw, latents, features: autoencoder.decode(latents, features, w=1.0)),
          "disc": discriminator},
-        {"cfw": torch.optim.Adam(cfw.parameters(), lr=section["lr"], betas=ADAM_BETAS),
-         "disc": torch.optim.Adam(discriminator.parameters(), lr=section["lr"], betas=ADAM_BETAS)},
+        {"cfw": torch.optim.Adam(cfw.parameters(), lr=section["lr"], betas=LDM_ADAM_BETAS),
+         "disc": torch.optim.Adam(discriminator.parameters(), lr=section["lr"], betas=LDM_ADAM_BETAS)},
     )
     disc = trainer.unwrap("disc")
     last_layer = trainer.unwrap("cfw").model.last_layer

@@ -44,8 +44,10 @@ from tvt.models.wide_latent import widen_vae
 from tvt.training.data import PAIRS_FILE, PairDataset, random_crop_flip
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, frozen, mean_psnr
 from tvt.training.losses import (
+    LDM_ADAM_BETAS,
     PatchDiscriminator,
     adaptive_gan_weight,
+    autoencoder_adam_betas,
     configured_reconstruction_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
@@ -55,9 +57,6 @@ from tvt.training.losses import (
 #: VAE-D4 variants by config name (paper's model, its V1/V2 ablations, mini mode's toy size)
 ARCHITECTURES = {"paper": VAE_D4_PAPER, "v1": VAE_D4_V1, "v2": VAE_D4_V2, "mini": MINI_VAE_D4,
                  "mini_v1": MINI_VAE_D4_V1, "mini_v2": MINI_VAE_D4_V2}
-#: Adam betas of LDM/taming's autoencoder and discriminator optimisers (a stage's ``adam_betas`` overrides
-#: the autoencoder's: mini mode's ~100-update runs swing by several dB with beta1 = 0.5, docs/mini-mode.md)
-ADAM_BETAS = (0.5, 0.9)
 
 PREVIEW_IMAGES = 2
 
@@ -119,8 +118,8 @@ def run_decoder_transfer(cfg: dict, pairs_dir: Path, sd_dir: Path, out_dir: Path
     models = trainer.register(
         {"vae": Call(vae, _decode if transfer else _encode_decode), "disc": discriminator},
         {"vae": torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=section["lr"],
-                                 betas=tuple(section.get("adam_betas", ADAM_BETAS))),
-         "disc": torch.optim.Adam(discriminator.parameters(), lr=section["lr"], betas=ADAM_BETAS)},
+                                 betas=autoencoder_adam_betas(section)),
+         "disc": torch.optim.Adam(discriminator.parameters(), lr=section["lr"], betas=LDM_ADAM_BETAS)},
     )
     vae, disc = trainer.unwrap("vae").model, trainer.unwrap("disc")
     last_layer = vae.decoder.conv_out.weight
@@ -198,7 +197,7 @@ def run_encoder_transfer(cfg: dict, pairs_dir: Path, decoder_dir: Path, out_dir:
     models = trainer.register(
         {"vae": vae},
         {"vae": torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=section["lr"],
-                                 betas=tuple(section.get("adam_betas", ADAM_BETAS)))},
+                                 betas=autoencoder_adam_betas(section))},
     )
     vae = trainer.unwrap("vae")
     reconstruction = configured_reconstruction_loss(section, device)
