@@ -51,10 +51,11 @@ def stablesr_fusion_params(c: int, g: int = 32, rrdbs: int = 2) -> int:
 
 
 def test_placement_and_shapes_mini(mini):
-    assert mini.cfw.levels == (1, 2) and tuple(mini.cfw.config.channels) == (64, 64)
+    # SD 2.1's (256, 512) at the mini VAE's 1/8 widths
+    assert mini.cfw.levels == (1, 2) and tuple(mini.cfw.config.channels) == (32, 64)
     latents, image = inputs(4)
     features = mini.encoder_features(image)
-    assert [tuple(f.shape) for f in features] == [(2, 64, 16, 16), (2, 64, 8, 8)]  # ½ and ¼ of 32²
+    assert [tuple(f.shape) for f in features] == [(2, 32, 16, 16), (2, 64, 8, 8)]  # ½ and ¼ of 32²
     with torch.no_grad():
         assert mini(latents, image, 1.0).shape == (2, 3, 32, 32)
 
