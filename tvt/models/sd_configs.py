@@ -81,9 +81,9 @@ VAE_D4_V2 = {**VAE_D4_PAPER, "encoder_channels": (128, 256, 512), "decoder_chann
 
 # ---- mini mode: same families, a few hundred thousand to a few million parameters ----
 
-# SD's VAE at 1/8 of its widths: (128, 256, 512, 512) -> (16, 32, 64, 64), the same 1:2:4:4 shape. Its
-# narrow full-resolution level is where the training time goes: (32, 64, 64, 64) cost ~3x per update, and
-# every VAE stage of mini mode is compute-bound (docs/mini-mode.md, "Widths").
+# SD's VAE at 1/8 of its widths: (128, 256, 512, 512) -> (16, 32, 64, 64), the same 1:2:4:4 shape. The
+# full-resolution level is where the training time goes: at (32, 64, 64, 64) an update cost ~3x as much,
+# and every VAE stage of mini mode is compute-bound (docs/mini-mode.md, "Widths").
 MINI_VAE_D8 = {
     "in_channels": 3,
     "out_channels": 3,
