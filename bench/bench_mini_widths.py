@@ -6,7 +6,8 @@ times the updates the stages make, on random data (timing only; quality is what
 ``bench/bench_mini_vae.py`` and ``bench/bench_mini_claims.py`` measure):
 
 * ``prior`` VAE-D8: encode → sample → decode → L1, backward, Adam (``tvt.training.prior.train_vae``);
-* ``decoder_transfer``: frozen E8 on the 2× upsampled batch, then D4 decode → L2, backward, Adam;
+* ``decoder_transfer``: frozen E8 on the 2× upsampled batch (the stage's ``transfer_latents``), then
+  D4 decode → L2, backward, Adam;
 * ``encoder_transfer``: E4 → frozen D4 → L2, backward through D4, Adam on E4.
 
 Rows alternate between the variants (``--repeats`` rounds), so machine noise hits both alike;
@@ -32,6 +33,7 @@ from diffusers import AutoencoderKL
 
 from tvt.models.sd_configs import MINI_VAE_D4, MINI_VAE_D8
 from tvt.models.vae_d4 import VAED4
+from tvt.training.vae_transfer import transfer_latents
 
 #: the widths mini mode shipped before 2026-12-02 (SD's VAE had a 1:2:2:2 shape in miniature)
 PREVIOUS = {
@@ -62,7 +64,7 @@ def _updates(widths: dict, batch: torch.Tensor) -> dict[str, Callable[[], None]]
 
     def decoder_transfer():
         with torch.no_grad():
-            z = e8.encode(F.interpolate(batch, scale_factor=2, mode="bicubic")).latent_dist.sample()
+            z = transfer_latents(e8, batch).sample()
         loss = F.mse_loss(d4.decode(z).sample, batch)
         opt_d4.zero_grad()
         loss.backward()
