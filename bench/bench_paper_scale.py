@@ -19,7 +19,10 @@ fp32 (``mixed_precision: "no"``), 2 steps, GANs switched on from step 2 (``disc_
 their memory path is measured, and 2 sampling steps where StableSR samples (stage A's
 previews/val, stage B's latent generation) instead of 50/200, and 2 drawn CFW training pairs
 instead of 5004. The online trainers draw from two photos (``data/``), one per paper training
-dataset, so that both of paper.yaml's crop modes (LSDIR windows, FFHQ resize) run.
+dataset, so that both of paper.yaml's crop modes (LSDIR windows, FFHQ resize) run. The ISR
+stages tag each draw with the weight-free ``colour`` tagger instead of RAM (its weights are on
+the hub, so RAM's own Swin-L forward is not in the figures); the tags still go through a
+random SD 2.1-size CLIP text encoder every step, as with RAM.
 
     PYTHONPATH=. nice -n 10 python bench/bench_paper_scale.py --workdir /tmp/tvt-paper-scale
     PYTHONPATH=. python bench/bench_paper_scale.py --counts-only
@@ -125,8 +128,36 @@ def lora_counts() -> list[tuple[str, int, int, str]]:
 # ------------------------------------------------------------------------------------------
 
 
+# SD 2.1-base's text encoder (OpenCLIP ViT-H/14's text tower, ``text_encoder/config.json`` of
+# stabilityai/stable-diffusion-2-1-base): the ISR stages encode each step's tags with it.
+SD21_BASE_TEXT_ENCODER = {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096,
+                          "num_hidden_layers": 23, "num_attention_heads": 16, "projection_dim": 512,
+                          "hidden_act": "gelu", "max_position_embeddings": 77}
+
+
+def write_text_encoder(sd: Path) -> None:
+    """``sd/tokenizer`` + ``sd/text_encoder``: a random SD 2.1-size CLIP text encoder and a character-level
+    tokenizer (CLIP's BPE vocabulary is on the hub; a prompt still fills the 77 positions it pads to)."""
+    import string
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ",-":
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    words = sd / "tokenizer"
+    words.mkdir(parents=True, exist_ok=True)
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>",
+                  model_max_length=77).save_pretrained(words)
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(sd / "text_encoder")
+
+
 def prepare(workdir: Path) -> None:
-    """Write sd/ (random SD 2.1-base VAE + UNet, SD's schedule, prompt embeddings) and pairs/."""
+    """Write sd/ (random SD 2.1-base VAE, UNet and text encoder, SD's schedule, prompt embeddings) and pairs/."""
     import numpy as np
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from PIL import Image
@@ -153,6 +184,8 @@ def prepare(workdir: Path) -> None:
             {"prompt_embeds": torch.randn(1, 77, dim), "negative_prompt_embeds": torch.randn(1, 77, dim)},
             str(sd / PROMPT_EMBEDS),
         )
+    if not (sd / "text_encoder").is_dir():
+        write_text_encoder(sd)
     write_training_photos(workdir / "data")
     pairs = workdir / "pairs"
     if (pairs / "pairs.csv").is_file():
@@ -245,6 +278,9 @@ def paper_config(steps: int) -> dict:
     ]
     for section in sections:
         section.update(engine)
+    for section in cfg["isr"].values():  # RAM's weights are on the hub; the text encoder still runs every step
+        if section.get("prompt") == "ram":
+            section["prompt"] = "colour"
     cfg["decoder_transfer"]["disc_start"] = 1
     cfg["stablesr"]["cfw"]["disc_start"] = 1
     cfg["stablesr"]["sft"]["sample_steps"] = 2

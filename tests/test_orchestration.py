@@ -413,6 +413,33 @@ def test_the_weight_cache_is_found_without_environment_variables(monkeypatch):
     assert default_weights_dir() == Path("/elsewhere")
 
 
+def test_the_perceptual_weights_each_training_stage_needs_are_read_from_its_config():
+    mini = stages.perceptual_weights_needed(CI, stages.build_stages(CI))
+    isr_stages = [f"isr_{name}" for name in CI["isr"]]
+    # the mini prior trains without LPIPS (lpips_weight 0); every ISR stage also validates with LPIPS-alex
+    assert mini == {"lpips": ["decoder_transfer", "encoder_transfer", *isr_stages, "stablesr_cfw"]}
+    paper = stages.perceptual_weights_needed(PAPER, stages.build_stages(PAPER))
+    assert paper == {"lpips-vgg": ["decoder_transfer", "encoder_transfer", "isr_tvt", "isr_osediff", "stablesr_cfw"],
+                     "lpips": ["isr_tvt", "isr_osediff"]}
+    no_lpips = copy.deepcopy(CI)
+    no_lpips["decoder_transfer"]["lpips_weight"] = 0
+    assert "decoder_transfer" not in stages.perceptual_weights_needed(no_lpips, stages.build_stages(no_lpips))["lpips"]
+    # only the stages asked about count (a target that needs no LPIPS needs no weights)
+    assert stages.perceptual_weights_needed(CI, [stages.stage_by_name(CI, "data")]) == {}
+
+
+def test_a_pipeline_without_its_perceptual_weights_is_refused_naming_the_fix(monkeypatch, tmp_path, perceptual_weights):
+    every = stages.build_stages(CI)
+    monkeypatch.setenv("TVT_WEIGHTS_DIR", str(perceptual_weights))
+    assert stages.missing_perceptual_weights(CI, every) is None
+    monkeypatch.setenv("TVT_WEIGHTS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nor in torchvision's cache
+    message = stages.missing_perceptual_weights(CI, every)
+    assert "lpips (for decoder_transfer, encoder_transfer" in message
+    assert "`tvt weights fetch`" in message and str(tmp_path / "empty") in message
+    assert stages.missing_perceptual_weights(CI, [stages.stage_by_name(CI, "data")]) is None
+
+
 @pytest.mark.slow
 def test_version_and_quiet_import():
     proc = subprocess.run([sys.executable, "-m", "tvt", "--version"], capture_output=True, text=True, check=True)

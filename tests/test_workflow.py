@@ -84,6 +84,27 @@ def test_config_overrides_are_snakemakes_own_idiom(tmp_path):
     assert bad.returncode != 0 and "config error:" in bad.stderr and "isr.tvt.lrr: unknown key" in bad.stderr
 
 
+@pytest.mark.slow
+def test_a_pipeline_without_perceptual_weights_stops_before_its_first_job(tmp_path):
+    """A fresh clone that skipped `make setup` is told so up front (Snakemake, and DVC through `tvt pipeline`),
+    not by decoder_transfer after the data and prior stages; a dry run and a target that needs no LPIPS still
+    go through."""
+    project = _project_copy(tmp_path / "project")  # no .tvt-cache/weights
+    torch_home = str(tmp_path / "torch")  # nor torchvision's cache
+    refused = _run([*SNAKEMAKE, "--cores", "1", "all"], project, ok=False, TORCH_HOME=torch_home)
+    assert refused.returncode != 0
+    assert "preflight: the perceptual weights these stages train with are missing: lpips (for decoder_transfer" \
+        in refused.stdout + refused.stderr
+    assert "`tvt weights fetch`" in refused.stdout + refused.stderr
+    assert not (project / "resources" / "store").exists()  # no job ran
+    refused = _run([*TVT, "pipeline", "--engine", "dvc"], project, ok=False, TORCH_HOME=torch_home)
+    assert refused.returncode == 1 and "preflight: the perceptual weights" in refused.stderr
+    assert not (project / "resources" / "store").exists()
+    _run([*SNAKEMAKE, "-n", "all"], project, TORCH_HOME=torch_home)
+    _run([*SNAKEMAKE, "--cores", "1", "complexity"], project, TORCH_HOME=torch_home)
+    assert stages.stage_by_name(config.load(project / "config" / "config.yaml"), "complexity").is_built(project)
+
+
 def _job_stats(dry_run_output: str) -> set[str]:
     if "Job stats:" not in dry_run_output:
         return set()

@@ -370,6 +370,10 @@ def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: li
         cmd = [sys.executable, "-m", "snakemake", *extra, "--cores", str(cores), "--configfile", str(config_path)]
         return subprocess.call(cmd, env=interpreter_env())
     cfg, name = write_dvc_yaml(config_path)
+    unready = stages_mod.missing_perceptual_weights(cfg, [st for st in stages_mod.build_stages(cfg) if not st.is_built()])
+    if unready:
+        print(f"preflight: {unready}", file=sys.stderr)
+        return 1
     run_id = tracking.start_pipeline_run(cfg, name, "dvc")
     code = subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro", *extra],
                            env=interpreter_env({**os.environ, tracking.PIPELINE_ENV: run_id}))

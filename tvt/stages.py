@@ -540,6 +540,54 @@ def _link(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
+def _lpips_nets(node) -> set[str]:
+    """The LPIPS ``net``s a (nested) section's losses load: wherever ``lpips_net`` stands beside a
+    positive ``lpips_weight`` (autoencoder losses) or ``lambda_lpips`` (ISR)."""
+    if not isinstance(node, Mapping):
+        return set()
+    nets = set().union(*(_lpips_nets(v) for v in node.values()))
+    if "lpips_net" in node and max(node.get("lpips_weight", 0), node.get("lambda_lpips", 0)) > 0:
+        nets.add(node["lpips_net"])
+    return nets
+
+
+def perceptual_weights_needed(cfg: Mapping, stages: list[Stage]) -> dict[str, list[str]]:
+    """``{metric: [stage, ...]}``: the LPIPS trunks these stages cannot train without — their losses'
+    and, for the ISR stages, the validation LPIPS (``METRIC_LPIPS_NET``). Metric names are those of
+    :func:`tvt.metrics.perceptual.weights_available`. The evaluation is not listed: it records a
+    metric it cannot build as unavailable instead of failing."""
+    from tvt.weights import LPIPS_METRICS, METRIC_LPIPS_NET
+
+    needed: dict[str, list[str]] = {}
+    for st in stages:
+        if not st.trains:
+            continue
+        nets = _lpips_nets(st.params(cfg)[st.section])
+        if st.handler == "_stage_isr":
+            nets.add(METRIC_LPIPS_NET)
+        for net in sorted(nets):
+            needed.setdefault(LPIPS_METRICS[net], []).append(st.name)
+    return needed
+
+
+def missing_perceptual_weights(cfg: Mapping, stages: list[Stage]) -> str | None:
+    """Why these stages would fail for want of perceptual weights (None when they would not), said
+    before a pipeline starts rather than by its first LPIPS stage, minutes or hours in."""
+    needed = perceptual_weights_needed(cfg, stages)
+    if not needed:
+        return None
+    from tvt.metrics.perceptual import weights_available
+    from tvt.weights import FETCH_COMMAND, default_weights_dir
+
+    available = weights_available()
+    missing = {metric: names for metric, names in needed.items() if not available[metric]}
+    if not missing:
+        return None
+    what = "; ".join(f"{metric} (for {', '.join(names)})" for metric, names in missing.items())
+    return (f"the perceptual weights these stages train with are missing: {what}. Run `{FETCH_COMMAND}` "
+            f"(writes {default_weights_dir()}), or point TVT_WEIGHTS_DIR at a cache it made.")
+
+
 def update_current_links(cfg: Mapping, root: Path = Path()) -> list[str]:
     """Point ``resources/models/<method>`` and ``results/latest`` at this config's outputs that
     exist; return the links made. Called when a pipeline run succeeds."""

@@ -40,6 +40,11 @@ WEIGHT_FILES = (ALEXNET_FILE, VGG16_FILE, LPIPS_LINEAR_FILE, DISTS_FILE)
 
 FETCH_COMMAND = "tvt weights fetch"
 
+#: LPIPS ``net`` → the name :func:`tvt.metrics.perceptual.weights_available` reports it under
+LPIPS_METRICS = {"alex": "lpips", "vgg": "lpips-vgg"}
+#: the LPIPS that SR papers report, and the ISR stages validate with (a training loss may use VGG)
+METRIC_LPIPS_NET = "alex"
+
 
 class WeightsFetchError(RuntimeError):
     """The registry could not be reached, or what it served or what is cached is not what we pinned."""

@@ -113,12 +113,12 @@ from tvt.training.data import (
 from tvt.training.engine import Call, TrainConfig, Trainer, files_digest, forked_rng, psnr
 from tvt.training.losses import ReconstructionLoss
 from tvt.training.vsd import VSDLoss, fake_score_unet, unet_sharing_weights
+from tvt.weights import METRIC_LPIPS_NET
 
 PREVIEW_IMAGES = 2
 #: section keys that only change the saved restorer, not training: editing them republishes
 #: from the finished checkpoint instead of retraining
 OUTPUT_ONLY_KEYS = frozenset({"color_fix"})
-METRIC_LPIPS_NET = "alex"  # the LPIPS that SR papers report (the training loss may use VGG)
 TAGS_FILE = "tags.json"  # in the checkpoint folder: the training HRs' tags, computed once
 
 

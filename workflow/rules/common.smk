@@ -45,6 +45,11 @@ if not workflow.dryrun and all(st.is_built() for st in STAGES.values()):
 onstart:
     from tvt import tracking
 
+    # refuse before the first job, not at the first LPIPS stage minutes or hours in
+    _to_run = {job.rule.name for job in workflow.dag.needrun_jobs()}
+    _unready = tvt_stages.missing_perceptual_weights(CFG, [st for st in STAGES.values() if st.name in _to_run])
+    if _unready:
+        raise SystemExit(f"preflight: {_unready}")
     tracking.start_pipeline_run(CFG, CONFIG_PATH, "snakemake")  # exports TVT_PIPELINE_RUN_ID
 
 
