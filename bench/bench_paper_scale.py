@@ -136,21 +136,13 @@ SD21_BASE_TEXT_ENCODER = {"vocab_size": 49408, "hidden_size": 1024, "intermediat
 
 
 def write_text_encoder(sd: Path) -> None:
-    """``sd/tokenizer`` + ``sd/text_encoder``: a random SD 2.1-size CLIP text encoder and a character-level
-    tokenizer (CLIP's BPE vocabulary is on the hub; a prompt still fills the 77 positions it pads to)."""
-    import string
+    """``sd/tokenizer`` + ``sd/text_encoder``: a random SD 2.1-size CLIP text encoder (its real 49 408-row
+    embedding) behind a character-level tokenizer (CLIP's BPE vocabulary is on the hub)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from tvt.models.prompts import save_character_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ",-":
-        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
-    words = sd / "tokenizer"
-    words.mkdir(parents=True, exist_ok=True)
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>",
-                  model_max_length=77).save_pretrained(words)
+    save_character_tokenizer(sd / "tokenizer")
     torch.manual_seed(0)
     CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT_ENCODER, bos_token_id=0, eos_token_id=1,
                                  pad_token_id=1)).save_pretrained(sd / "text_encoder")

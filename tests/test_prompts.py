@@ -4,7 +4,6 @@ format → CLIP text encoder → UNet conditioning, and the tags written beside 
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from tvt import compat
 compat.apply()
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from tvt.models.prompts import (
     OFFICIAL_NEGATIVE_PROMPTS,
@@ -25,6 +24,7 @@ from tvt.models.prompts import (
     clip_text_encoder,
     describe_prompt,
     inference_prompt,
+    save_character_tokenizer,
     training_prompt,
     write_tags,
 )
@@ -44,18 +44,11 @@ def brightness_tagger(images: torch.Tensor) -> list[str]:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """A tiny CLIP tokenizer (letters only: CLIP's BPE vocabulary is on the hub) and text encoder."""
-    folder = tmp_path_factory.mktemp("clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + ",-8":
-        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
-    tokenizer.model_max_length = 77
+    tokenizer = save_character_tokenizer(tmp_path_factory.mktemp("clip"))
     torch.manual_seed(0)
     encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab),
+            vocab_size=len(tokenizer),
             hidden_size=MINI_UNET["cross_attention_dim"],
             intermediate_size=64,
             num_hidden_layers=2,

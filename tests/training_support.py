@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
-import string
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from sample_photos import COLOUR_PHOTOS, photo
 
+from tvt.models.prompts import save_character_tokenizer
 from tvt.models.restorer import sd_noise_scheduler
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8
 from tvt.models.sd_weights import PROMPT_EMBEDS
@@ -114,20 +113,11 @@ def save_tiny_prior(sd_dir: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
 def save_tiny_text_encoder(sd_dir: Path, hidden_size: int = MINI_UNET["cross_attention_dim"]):
     """A tiny CLIP tokenizer (letters, digits, a few signs: CLIP's BPE vocabulary is on the hub) and a
     random text encoder (seed 0) as an SD snapshot's ``tokenizer/`` and ``text_encoder/``; returns both."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ",-":
-        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
-    words = sd_dir / "tokenizer"
-    words.mkdir(parents=True, exist_ok=True)
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token="<|endoftext|>",
-                              model_max_length=77)
-    tokenizer.save_pretrained(words)
+    tokenizer = save_character_tokenizer(sd_dir / "tokenizer")
     torch.manual_seed(0)
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=64,
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2, eos_token_id=1,
                                            bos_token_id=0, pad_token_id=1)).eval()
     encoder.save_pretrained(sd_dir / "text_encoder")

@@ -162,6 +162,30 @@ def load_text_encoder(folder: str | Path, device: str | torch.device = "cpu") ->
     return clip_text_encoder(tokenizer, encoder)
 
 
+def save_character_tokenizer(folder: str | Path):
+    """A CLIP tokenizer over single characters (a–z, 0–9, ``,`` and ``-``), saved to ``folder`` and returned.
+
+    An offline stand-in for CLIP's 49 408-token BPE vocabulary, which only the hub serves: it pads
+    and truncates to SD's 77 positions, so a text encoder built on it (``vocab_size=len(tokenizer)``)
+    runs at its real cost and on real prompts (tests, ``bench/bench_paper_scale.py``).
+    """
+    import string
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ",-":
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=CLIP_CONTEXT_LENGTH)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 class TaggedPrompt(nn.Module):
     """Per-image prompt ``"<tags>, <positive prompt>,"`` from a tagger run on the upsampled LR, CLIP-encoded.
 
