@@ -43,7 +43,7 @@ def brightness_tagger(images: torch.Tensor) -> list[str]:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    """A tiny CLIP tokenizer (letters only: CLIP's BPE vocabulary is on the hub) and text encoder."""
+    """A tiny CLIP tokenizer (single characters: CLIP's BPE vocabulary is on the hub) and text encoder."""
     tokenizer = save_character_tokenizer(tmp_path_factory.mktemp("clip"))
     torch.manual_seed(0)
     encoder = CLIPTextModel(

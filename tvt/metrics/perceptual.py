@@ -33,6 +33,7 @@ from tvt.weights import (
     ALEXNET_FILE,
     DISTS_FILE,
     FETCH_COMMAND,
+    LPIPS_METRICS,
     VGG16_FILE,
     MissingWeightsError,
     default_weights_dir,
@@ -71,8 +72,7 @@ def weights_available(weights_dir: Path | str | None = None) -> dict[str, bool]:
         for net, (filename, weights) in _TRUNKS.items()
     }
     return {
-        "lpips": trunk["alex"],
-        "lpips-vgg": trunk["vgg"],
+        **{LPIPS_METRICS[net]: found for net, found in trunk.items()},
         "dists": trunk["vgg"] and (weights_dir / DISTS_FILE).is_file(),
     }
 
