@@ -440,6 +440,27 @@ def test_a_pipeline_without_its_perceptual_weights_is_refused_naming_the_fix(mon
     assert stages.missing_perceptual_weights(CI, [stages.stage_by_name(CI, "data")]) is None
 
 
+def test_the_dvc_preflight_checks_the_stages_its_targets_may_build():
+    """`tvt pipeline --engine dvc -- TARGET` is refused only for what that target needs: its own and its
+    upstream stages' weights, not those of stages `dvc repro TARGET` would never run."""
+    from tvt.runner import dvc_stages_to_run
+
+    every = [st.name for st in stages.build_stages(CI)]
+    names = lambda args: [st.name for st in dvc_stages_to_run(CI, args)]  # noqa: E731
+    assert names([]) == every and names(["-f"]) == every
+    assert names(["degrade"]) == ["data", "degrade"]
+    upstream_of_encoder = names(["dvc.yaml:encoder_transfer"])
+    assert upstream_of_encoder == ["data", "degrade", "prior", "decoder_transfer", "encoder_transfer"]
+    assert names(["-s", "encoder_transfer"]) == ["encoder_transfer"]
+    assert names(["prior", "-f"]) == ["data", "degrade", "prior"]
+    # what the preflight cannot resolve to stages, it checks in full
+    assert names(["nonsense"]) == every and names(["--downstream", "prior"]) == every
+    assert names(["dvc.yaml"]) == every
+    needs_lpips = stages.perceptual_weights_needed(CI, dvc_stages_to_run(CI, ["encoder_transfer"]))
+    assert needs_lpips == {"lpips": ["decoder_transfer", "encoder_transfer"]}
+    assert stages.perceptual_weights_needed(CI, dvc_stages_to_run(CI, ["prior"])) == {}
+
+
 @pytest.mark.slow
 def test_version_and_quiet_import():
     proc = subprocess.run([sys.executable, "-m", "tvt", "--version"], capture_output=True, text=True, check=True)

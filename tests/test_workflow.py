@@ -100,6 +100,8 @@ def test_a_pipeline_without_perceptual_weights_stops_before_its_first_job(tmp_pa
     refused = _run([*TVT, "pipeline", "--engine", "dvc"], project, ok=False, TORCH_HOME=torch_home)
     assert refused.returncode == 1 and "preflight: the perceptual weights" in refused.stderr
     assert not (project / "resources" / "store").exists()
+    dry = _run([*TVT, "pipeline", "--engine", "dvc", "--", "--dry"], project, TORCH_HOME=torch_home)
+    assert "tvt stage decoder_transfer" in dry.stdout and not (project / "resources" / "store").exists()
     _run([*SNAKEMAKE, "-n", "all"], project, TORCH_HOME=torch_home)
     _run([*SNAKEMAKE, "--cores", "1", "complexity"], project, TORCH_HOME=torch_home)
     assert stages.stage_by_name(config.load(project / "config" / "config.yaml"), "complexity").is_built(project)

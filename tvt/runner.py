@@ -358,6 +358,23 @@ def write_dvc_yaml(config_path: str | Path, output: Path = Path("dvc.yaml")) -> 
     return cfg, name
 
 
+_DVC_WHOLE_PIPELINE = {"-p", "--pipeline", "-P", "--all-pipelines", "-R", "--recursive", "--glob", "--downstream"}
+
+
+def dvc_stages_to_run(cfg: Mapping, dvc_args: list[str]) -> list[stages_mod.Stage]:
+    """The stages ``dvc repro <dvc_args>`` may build: its targets (a stage name, or ``path:name``) with
+    everything upstream of them, or the targets alone with ``-s``. Every stage when there is no target,
+    a target that is not a stage name, or an option that widens the run (the preflight then errs on the
+    side of checking too much)."""
+    every = stages_mod.build_stages(cfg)
+    targets = {a.rpartition(":")[2] for a in dvc_args if not a.startswith("-")}
+    if not targets or not targets <= {st.name for st in every} or _DVC_WHOLE_PIPELINE & set(dvc_args):
+        return every
+    if {"-s", "--single-item"} & set(dvc_args):
+        return [st for st in every if st.name in targets]
+    return stages_mod.with_upstream(every, targets)
+
+
 def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: list[str] | None = None) -> int:
     """Run the pipeline with Snakemake or DVC under one MLflow parent run.
 
@@ -370,13 +387,15 @@ def run_pipeline(engine: str, config_path: str | Path, cores: int = 2, extra: li
         cmd = [sys.executable, "-m", "snakemake", *extra, "--cores", str(cores), "--configfile", str(config_path)]
         return subprocess.call(cmd, env=interpreter_env())
     cfg, name = write_dvc_yaml(config_path)
-    unready = stages_mod.missing_perceptual_weights(cfg, [st for st in stages_mod.build_stages(cfg) if not st.is_built()])
+    dvc = [str(Path(sys.executable).parent / "dvc"), "repro", *extra]
+    if "--dry" in extra:  # prints the commands: nothing to check, nothing to track
+        return subprocess.call(dvc, env=interpreter_env())
+    unready = stages_mod.missing_perceptual_weights(cfg, [st for st in dvc_stages_to_run(cfg, extra) if not st.is_built()])
     if unready:
         print(f"preflight: {unready}", file=sys.stderr)
         return 1
     run_id = tracking.start_pipeline_run(cfg, name, "dvc")
-    code = subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro", *extra],
-                           env=interpreter_env({**os.environ, tracking.PIPELINE_ENV: run_id}))
+    code = subprocess.call(dvc, env=interpreter_env({**os.environ, tracking.PIPELINE_ENV: run_id}))
     tracking.end_pipeline_run(cfg, run_id, ok=code == 0)
     if code == 0:
         stages_mod.update_current_links(cfg)

@@ -521,6 +521,19 @@ def stage_by_name(cfg: Mapping, name: str) -> Stage:
     return stages[name]
 
 
+def with_upstream(stages: list[Stage], names: set[str]) -> list[Stage]:
+    """The named stages and every stage they read from, directly or not, in pipeline order: what a
+    run of those targets may have to build."""
+    by_name = {st.name: st for st in stages}
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(by_name[name].needs)
+    return [st for st in stages if st.name in wanted]
+
+
 def inputs_of(stage: Stage, stages: Mapping[str, Stage]) -> tuple[str, ...]:
     """The paths a stage reads: its upstream stages' products and its external inputs."""
     return tuple(p for n in stage.needs for p in stages[n].products) + stage.external
