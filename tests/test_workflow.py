@@ -100,8 +100,14 @@ def test_a_pipeline_without_perceptual_weights_stops_before_its_first_job(tmp_pa
     refused = _run([*TVT, "pipeline", "--engine", "dvc"], project, ok=False, TORCH_HOME=torch_home)
     assert refused.returncode == 1 and "preflight: the perceptual weights" in refused.stderr
     assert not (project / "resources" / "store").exists()
-    dry = _run([*TVT, "pipeline", "--engine", "dvc", "--", "--dry"], project, TORCH_HOME=torch_home)
-    assert "tvt stage decoder_transfer" in dry.stdout and not (project / "resources" / "store").exists()
+    _run([DVC, "init", "--no-scm", "-q"], project)
+    # a dry run is not checked (DVC itself stops at the first stage whose input is not built yet)
+    dry = _run([*TVT, "pipeline", "--engine", "dvc", "--", "--dry"], project, ok=False, TORCH_HOME=torch_home)
+    assert "Running stage 'data'" in dry.stdout and "preflight" not in dry.stderr
+    assert not (project / "resources" / "store").exists()
+    # a target that trains without LPIPS runs
+    _run([*TVT, "pipeline", "--engine", "dvc", "--", "data"], project, TORCH_HOME=torch_home)
+    assert stages.stage_by_name(config.load(project / "config" / "config.yaml"), "data").is_built(project)
     _run([*SNAKEMAKE, "-n", "all"], project, TORCH_HOME=torch_home)
     _run([*SNAKEMAKE, "--cores", "1", "complexity"], project, TORCH_HOME=torch_home)
     assert stages.stage_by_name(config.load(project / "config" / "config.yaml"), "complexity").is_built(project)
