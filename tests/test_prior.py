@@ -140,3 +140,68 @@ def test_prior_refuses_paper_mode(tmp_path):
     cfg = {**prior_cfg(), "mode": "paper"}
     with pytest.raises(ValueError, match="paper mode uses the downloaded SD 2.1-base"):
         run_prior(cfg, tmp_path, tmp_path / "out", tmp_path / "ckpt", None)
+
+
+def _online_prior_cfg(tmp_path, vae_steps=6):
+    import yaml
+    from training_support import make_manifest
+
+    from tvt.config import REPO_ROOT
+
+    data = make_manifest(tmp_path / "data", [("astronaut", (96, 80), "mini", "train"),
+                                             ("coffee", (90, 70), "mini", "train"),
+                                             ("rocket", (70, 70), "mini", "val")]).parent
+    degrade = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())["degrade"]
+    cfg = prior_cfg(vae_steps=vae_steps, unet_steps=2)
+    cfg["prior"]["vae"].update(data="online", batch_size=2, lpips_weight=0.0)
+    return {**cfg, "degrade": {**degrade, "hr_size": 32}, "data": {"source": "mini"}}, data
+
+
+def test_online_prior_crops_are_fresh_each_epoch_and_replay_under_the_same_key(tmp_path):
+    """`prior.vae.data: online`: each draw is a new crop of a training image (never the val photo),
+    a pure function of (seed, epoch, index), in the range the fixed crops have."""
+    from tvt.training.data import OnlineCrops, online_dataset
+
+    cfg, data = _online_prior_cfg(tmp_path)
+    crops = OnlineCrops(online_dataset(cfg, cfg["degrade"], data / "manifest.csv", degrade_in_loader=False))
+    assert len(crops) == 2  # the two training photos
+    first = crops[0]["hr"]
+    assert first.shape == (3, 32, 32) and -1 <= first.min() < first.max() <= 1
+    assert torch.equal(crops[0]["hr"], first)  # same epoch, same crop
+    crops.set_epoch(1)
+    assert not torch.equal(crops[0]["hr"], first)  # a new epoch draws anew
+    crops.set_epoch(0)
+    assert torch.equal(crops[0]["hr"], first)
+    with pytest.raises(ValueError, match="degrade=False"):
+        OnlineCrops(online_dataset(cfg, cfg["degrade"], data / "manifest.csv", degrade_in_loader=True))
+
+
+def test_the_online_prior_stage_reads_the_data_stage_and_trains_its_vae_there(tmp_path, monkeypatch):
+    from tvt import config, stages
+    from tvt.training import prior
+    from tvt.training.data import OnlineCrops
+
+    cfg, data = _online_prior_cfg(tmp_path)
+    pairs = make_pairs_dir(tmp_path / "pairs", 32, {"train": 4, "val": 2}, seed=1, n_photos=2)
+    with pytest.raises(ValueError, match="prior.vae.data: online needs the data stage"):
+        run_prior(cfg, pairs, tmp_path / "x", tmp_path / "ckpt-x", None)
+    seen = {}
+    real_train_vae = prior.train_vae
+
+    def train_vae(section, seed, train, *args):
+        seen["train"] = train
+        return real_train_vae(section, seed, train, *args)
+
+    monkeypatch.setattr(prior, "train_vae", train_vae)
+    run = RecordingRun()
+    run_prior(cfg, pairs, tmp_path / "sd", tmp_path / "ckpt", run, data_dir=data)
+    assert isinstance(seen["train"], OnlineCrops) and len(seen["train"]) == 2  # the manifest's 2 train photos
+    losses = run.series("prior_vae/loss")
+    assert losses and np.isfinite(losses).all()
+    assert AutoencoderKL.from_pretrained(tmp_path / "sd" / "vae").config.scaling_factor > 0
+    # the stage reads the data stage only when its VAE trains online
+    shipped = config.load(config.REPO_ROOT / "config" / "config.yaml")
+    assert stages.stage_by_name(shipped, "prior").needs == ("degrade",)
+    shipped["prior"]["vae"]["data"] = "online"
+    config.validate(shipped)
+    assert stages.stage_by_name(shipped, "prior").needs == ("data", "degrade")

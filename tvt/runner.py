@@ -131,7 +131,8 @@ def _stage_prior_hub(ctx: StageContext) -> None:
 def _stage_prior_train(ctx: StageContext) -> None:
     from tvt.training.prior import run_prior
 
-    run_prior(ctx.cfg, ctx.input("degrade"), ctx.folder, ctx.ckpt_dir, ctx.run)
+    run_prior(ctx.cfg, ctx.input("degrade"), ctx.folder, ctx.ckpt_dir, ctx.run,
+              data_dir=ctx.input("data") if "data" in ctx.stage.needs else None)
 
 
 def _stage_decoder_transfer(ctx: StageContext) -> None:

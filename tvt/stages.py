@@ -400,7 +400,8 @@ def _declare(cfg: Mapping) -> list[Stage]:
         if cfg["prior"]["source"] == "train":
             stages.append(Stage(
                 "prior", "prior", "pre-train the tiny SD (VAE-D8 + UNet) that mini mode uses as its prior",
-                "_stage_prior_train", needs=("degrade",), trains=True, train_split="hr",
+                "_stage_prior_train", trains=True, train_split="hr",
+                needs=("data", "degrade") if cfg["prior"].get("vae", {}).get("data") == "online" else ("degrade",),
                 resources=Resources(cpus=2, mem_mb=8000, runtime=120)))
         else:
             stages.append(Stage(

@@ -286,6 +286,27 @@ class OnlineDraws(Dataset):
         return [self.online.recipe(index, epoch) for epoch, index in self.draws]
 
 
+class OnlineCrops(Dataset):
+    """The HR side of an :class:`OnlinePairDataset` built with ``degrade=False``: a fresh crop and flip of a
+    training image per draw, keyed on (seed, epoch, index), in [-1, 1] as :class:`PairDataset` gives it.
+    What an autoencoder trains on (``prior.vae.data: online``): it needs no LR, so nothing is degraded."""
+
+    def __init__(self, online: OnlinePairDataset):
+        if online.degrade:
+            raise ValueError("OnlineCrops reads the uint8 crops of an OnlinePairDataset built with degrade=False")
+        self.online = online
+
+    def set_epoch(self, epoch: int) -> None:
+        self.online.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.online)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.online[index]
+        return {"hr": item["hr_u8"].float() / 127.5 - 1.0, "pair_id": item["pair_id"]}
+
+
 def degrade_batch(batch: Mapping, device: torch.device | str) -> dict:
     """Add ``lr``/``lr_up`` to a batch of :class:`OnlinePairDataset` built with ``degrade=False``, applying each
     sample's recipe on ``device`` (Real-ESRGAN degrades its batches on the GPU: ``RealESRGANModel.feed_data``).
