@@ -446,7 +446,10 @@ def test_the_dvc_preflight_checks_the_stages_its_targets_may_build():
     from tvt.runner import dvc_stages_to_run
 
     every = [st.name for st in stages.build_stages(CI)]
-    names = lambda args: [st.name for st in dvc_stages_to_run(CI, args)]  # noqa: E731
+
+    def names(args):
+        return [st.name for st in dvc_stages_to_run(CI, args)]
+
     assert names([]) == every and names(["-f"]) == every
     assert names(["degrade"]) == ["data", "degrade"]
     upstream_of_encoder = names(["dvc.yaml:encoder_transfer"])
