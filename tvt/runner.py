@@ -131,8 +131,7 @@ def _stage_prior_hub(ctx: StageContext) -> None:
 def _stage_prior_train(ctx: StageContext) -> None:
     from tvt.training.prior import run_prior
 
-    run_prior(ctx.cfg, ctx.input("degrade"), ctx.folder, ctx.ckpt_dir, ctx.run,
-              data_dir=ctx.input("data") if "data" in ctx.stage.needs else None)
+    run_prior(ctx.cfg, ctx.input("degrade"), ctx.folder, ctx.ckpt_dir, ctx.run, data_dir=ctx.inputs.get("data"))
 
 
 def _stage_decoder_transfer(ctx: StageContext) -> None:
