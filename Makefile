@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml constraints.lock.txt build-constraints.txt
 	$(BIN)/python -m pip install --require-hashes --no-deps --build-constraint build-constraints.txt \
 		-r constraints.lock.txt
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pip check
+	$(BIN)/python scripts/check-install.py constraints.lock.txt
 	touch $@
 
 # Re-resolve pyproject.toml under constraints.txt and write the lock (review the diff, then commit).

@@ -1,7 +1,9 @@
 """Write constraints.lock.txt from a `pip install --dry-run --report` (see `make lock`).
 
-Every resolved distribution but the project itself, as ``name==version --hash=sha256:...``
-of the very file pip chose, sorted by name.
+Every resolved distribution but the project itself and :data:`OMITTED`, as
+``name==version --hash=sha256:...`` of the very file pip chose, sorted by name. The omitted ones
+are listed in the lock's header (``# omitted: NAME: why``), where ``scripts/check-install.py``
+reads them: `pip check` may report them missing, nothing else.
 """
 
 from __future__ import annotations
@@ -18,12 +20,26 @@ HEADER = """\
 # pyproject.toml or constraints.txt. GPU clusters install from environment.yml (CUDA torch) instead.
 """
 
+#: Declared by a dependency but imported by nothing that runs here. Left out of the lock, each
+#: with the reason, which `make lock` writes into the header.
+OMITTED = {
+    "bitsandbytes": (
+        "pyiqa's metadata requires it, but no pyiqa module imports it (tests/test_packaging.py checks); "
+        "where it is installed peft and diffusers import it at start-up, ~1.8 s of every stage process, "
+        "and it is 125 MB"
+    ),
+}
+
+
+def header() -> str:
+    return HEADER + "".join(f"# omitted: {name}: {why}\n" for name, why in OMITTED.items())
+
 
 def lock_lines(report: dict, project: str = "tvt") -> list[str]:
     lines = []
     for item in sorted(report["install"], key=lambda i: i["metadata"]["name"].lower()):
         name, version = item["metadata"]["name"], item["metadata"]["version"]
-        if name == project:
+        if name == project or name.lower() in OMITTED:
             continue
         hashes = item["download_info"].get("archive_info", {}).get("hashes", {})
         if "sha256" not in hashes:
@@ -34,5 +50,5 @@ def lock_lines(report: dict, project: str = "tvt") -> list[str]:
 
 if __name__ == "__main__":
     report_path, out = sys.argv[1:3]
-    Path(out).write_text(HEADER + "\n".join(lock_lines(json.loads(Path(report_path).read_text()))) + "\n")
+    Path(out).write_text(header() + "\n".join(lock_lines(json.loads(Path(report_path).read_text()))) + "\n")
     print(f"wrote {out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 
 import yaml
 
@@ -62,3 +63,48 @@ def test_ci_runs_the_readme_test_command():
     assert "rc -eq 5" in makefile  # pytest's "no tests collected" must fail CI
     assert "--require-hashes" in makefile and "-r constraints.lock.txt" in makefile  # the lock, nothing resolved
     assert "--build-constraint build-constraints.txt" in makefile
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_leaves_out_exactly_the_omitted_packages_and_says_why():
+    write_lock = _script("write-lock")
+    text = (REPO_ROOT / "constraints.lock.txt").read_text()
+    assert text.startswith(write_lock.header()), "the lock's header is not what `make lock` writes"
+    assert set(write_lock.OMITTED) == {"bitsandbytes"}
+    assert not set(write_lock.OMITTED) & set(_lock())
+    assert _script("check-install").omitted(text) == set(write_lock.OMITTED)
+
+    def item(name):
+        return {"metadata": {"name": name, "version": "1.0"},
+                "download_info": {"url": "u", "archive_info": {"hashes": {"sha256": "0" * 64}}}}
+
+    lines = write_lock.lock_lines({"install": [item("tvt"), item("BitsAndBytes"), item("pyiqa")]})
+    assert lines == [f"pyiqa==1.0 --hash=sha256:{'0' * 64}"]
+
+
+def test_no_module_of_the_declaring_package_imports_what_the_lock_omits():
+    """Omitting bitsandbytes is safe only while pyiqa (whose metadata requires it) never imports it: a pyiqa
+    release that starts to would fail here, not in a user's evaluation."""
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("pyiqa").origin).parent
+    users = [p for p in root.rglob("*.py") if "bitsandbytes" in p.read_text(errors="replace")]
+    assert len(list(root.rglob("*.py"))) > 50 and not users, users
+
+
+def test_the_install_check_passes_only_what_the_lock_omits():
+    check = _script("check-install")
+    report = """pyiqa 0.1.16 requires bitsandbytes, which is not installed.
+basicsr 1.4.2 requires lmdb, which is not installed.
+mlflow 3.17.2 has requirement pandas<3, but you have pandas 3.1.1."""
+    assert check.problems(report, {"bitsandbytes"}) == report.splitlines()[1:]
+    assert check.problems(report.splitlines()[0], {"bitsandbytes"}) == []
+    assert check.problems(report.splitlines()[0], set()) == report.splitlines()[:1]

@@ -10,9 +10,10 @@ Two library problems (docs/method.md §2), isolated here so nothing else needs t
 2. basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``, which was renamed
    to ``_functional_tensor`` in torchvision 0.17. We alias the old name when it is missing.
 
-3. bitsandbytes (pulled in by peft and accelerate, never used here: no quantised training)
-   logs a kernel warning at import on machines without its CUDA build ("no 4-bit kernels",
-   "no prebuilt binary for CUDA x.y"). Its logger is set to errors only.
+3. bitsandbytes (required by pyiqa's metadata, never used here: no quantised training; `make`
+   leaves it out, see constraints.lock.txt, but a cluster's `pip install` brings it) logs a
+   kernel warning at import on machines without its CUDA build ("no 4-bit kernels", "no
+   prebuilt binary for CUDA x.y"). Its logger is set to errors only.
 
 Call :func:`apply` before importing torchvision, lpips, pyiqa or basicsr. It is
 idempotent and cheap after the first call.
