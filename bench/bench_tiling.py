@@ -12,6 +12,7 @@ with the untiled one (peak = the untiled output's range; random weights).
     PYTHONPATH=. python bench/bench_tiling.py --model sd-decoder --sizes 512 1024 2048 --max-untiled 512
     PYTHONPATH=. python bench/bench_tiling.py --model vae --max-untiled 2048
     PYTHONPATH=. python bench/bench_tiling.py --model cfw-decoder --sizes 512 1024 --modes exact
+    PYTHONPATH=. python bench/bench_tiling.py --model sd-cfw-decoder --sizes 512 --modes exact
     PYTHONPATH=. python bench/bench_tiling.py --model restorer --sizes 256 512   # slow
 
 Default run: a few minutes on 2 CPU cores (untiled runs stop at 1024² by default); the
@@ -35,6 +36,7 @@ MODELS = {
     "d4-decoder": "paper-size VAE-D4 decoder (TVT)",
     "sd-decoder": "SD 2.1 VAE-D8 decoder (OSEDiff, StableSR; attention in the mid-block)",
     "cfw-decoder": "mini VAE-D8 decoder + StableSR's CFW (2 RRDBs per level, w = 1; exact tiling only)",
+    "sd-cfw-decoder": "SD 2.1 VAE-D8 decoder + StableSR's CFW (2 RRDBs per level, w = 1; exact tiling only)",
     "vae": "mini VAE-D4 encoder + decoder",
     "restorer": "whole mini TVT restorer (encoder, CE-UNet, decoder; slow)",
 }
@@ -73,11 +75,11 @@ def run_case(model: str, size: int, tile: int | None, norm_stats: str, save: str
     torch.manual_seed(0)
     if model == "sd-decoder":
         vae, factor = AutoencoderKL(**SD21_BASE_VAE).eval(), 8
-    elif model == "cfw-decoder":
+    elif model in ("cfw-decoder", "sd-cfw-decoder"):
         from tvt.models.cfw import CFWAutoencoder, CFWModule
         from tvt.models.sd_configs import MINI_VAE_D8
 
-        vae, factor = AutoencoderKL(**MINI_VAE_D8).eval(), 8
+        vae, factor = AutoencoderKL(**(SD21_BASE_VAE if model == "sd-cfw-decoder" else MINI_VAE_D8)).eval(), 8
         autoencoder = CFWAutoencoder(vae, CFWModule.for_vae(vae).eval())
     else:
         vae = VAED4(**(VAE_D4_PAPER if model == "d4-decoder" else MINI_VAE_D4)).eval()
@@ -90,7 +92,7 @@ def run_case(model: str, size: int, tile: int | None, norm_stats: str, save: str
                 return vae.decode(latent).sample
             return tiled_decode(vae, latent, tile // factor, tile // factor // 4, norm_stats=norm_stats)
 
-    elif model == "cfw-decoder":
+    elif model in ("cfw-decoder", "sd-cfw-decoder"):
         latent = _photo_latent(size // factor)
         lr_image = torch.nn.functional.interpolate(latent[:, :3], scale_factor=factor, mode="bicubic") / 2
 
@@ -188,7 +190,7 @@ def main() -> None:
         for size in args.sizes:
             reference = Path(tmp) / f"untiled-{size}.pt"
             runs = [("untiled", None, "tile")] if size <= args.max_untiled else []
-            runs += [(mode, args.tile, mode) for mode in args.modes if mode == "exact" or args.model != "cfw-decoder"]
+            runs += [(mode, args.tile, mode) for mode in args.modes if mode == "exact" or "cfw" not in args.model]
             for label, tile, norm_stats in runs:
                 save = Path(tmp) / f"{label}-{size}.pt"
                 result = spawn(args.model, size, tile, norm_stats, save)
