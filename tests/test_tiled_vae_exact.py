@@ -94,6 +94,20 @@ def test_spilled_tile_states_give_the_same_result():
         torch.testing.assert_close(in_ram[1:], vae.decode(latents[1:]).sample, rtol=0, atol=1e-4)
 
 
+def test_the_default_budget_follows_the_device_and_reaches_the_store(monkeypatch):
+    """128 MiB of resident states on CPU (flat memory at SD size, docs/inference.md), the earlier 1 GiB
+    on an accelerator; a run without ``resident_bytes`` hands the CPU figure to its tile store."""
+    from tvt.models import tiled_vae
+
+    assert tiled_vae.default_resident_bytes(torch.device("cpu")) == tiled_vae.CPU_RESIDENT_BYTES == 128 << 20
+    assert tiled_vae.default_resident_bytes("cuda") == tiled_vae.ACCELERATOR_RESIDENT_BYTES == 1 << 30
+    budgets = []
+    store = tiled_vae._TileStore
+    monkeypatch.setattr(tiled_vae, "_TileStore", lambda budget: budgets.append(budget) or store(budget))
+    exact_tiled_decode(VAES["d4"], torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(1)), 12)
+    assert budgets == [128 << 20]
+
+
 def test_attention_runs_untiled_on_its_low_resolution_side():
     vae = VAES["d8"]
     head, tiled, tail = split_tiled(encoder_program(vae))

@@ -55,10 +55,10 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from tvt.models.tiled_vae import (
-    DEFAULT_RESIDENT_BYTES,
     FeatureMap,
     Op,
     decoder_program,
+    default_resident_bytes,
     encoder_program,
     exact_tiled_decode,
     module_end,
@@ -276,10 +276,11 @@ class CFWAutoencoder(nn.Module):
         w: float,
         tile: int,
         *,
-        resident_bytes: int = DEFAULT_RESIDENT_BYTES,
+        resident_bytes: int | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` on latent tiles of about ``tile`` px, exactly (tiled_vae.py), so memory
-        depends on ``tile`` and ``resident_bytes``, not on the image.
+        depends on ``tile`` and ``resident_bytes`` (by default
+        :func:`~tvt.models.tiled_vae.default_resident_bytes`), not on the image.
 
         1. The encoder up to the deepest fused level runs exactly tiled over ``image`` (tiles of
            ``tile`` x the VAE factor) and writes F_e of every fused level into a
@@ -297,6 +298,8 @@ class CFWAutoencoder(nn.Module):
         """
         w = _checked_weight(w)
         self._check_image(latents, image)
+        if resident_bytes is None:
+            resident_bytes = default_resident_bytes(latents.device)
         if w == 0.0:
             return exact_tiled_decode(self.vae, latents, tile, resident_bytes=resident_bytes)
         names = {module: name for name, module in self.vae.named_modules()}

@@ -65,10 +65,18 @@ from torch import nn
 
 from tvt.models.tiling import _group_norm_with_stats
 
-#: Tile states kept in RAM before spilling to disk. 128 MiB, not more: with SD 2.1's decoder a 1 GiB
-#: budget took the working memory from 2.3 GB (1024²) to 3.6 GB (2048²), 128 MiB held it at 1.3 GB for
-#: both, for 11 % more CPU time at 1024² and none at 2048² (docs/inference.md, "Exact tiling").
-DEFAULT_RESIDENT_BYTES = 128 << 20
+#: Tile states kept in RAM before spilling to disk, on CPU. 128 MiB, not more: with SD 2.1's decoder
+#: a 1 GiB budget took the working memory from 2.3 GB (1024²) to 3.6 GB (2048²), 128 MiB held it at
+#: 1.3 GB for both, for 11 % more CPU time at 1024² and none at 2048² (docs/inference.md).
+CPU_RESIDENT_BYTES = 128 << 20
+#: The same on an accelerator, where the states sit in device memory and a spill is a device -> host
+#: -> disk round trip per GroupNorm that the CPU figures do not price: the earlier 1 GiB (unmeasured).
+ACCELERATOR_RESIDENT_BYTES = 1 << 30
+
+
+def default_resident_bytes(device: torch.device) -> int:
+    """The tile-state budget for maps on ``device`` (see the two constants above)."""
+    return CPU_RESIDENT_BYTES if torch.device(device).type == "cpu" else ACCELERATOR_RESIDENT_BYTES
 
 
 @dataclass(frozen=True)
@@ -460,7 +468,7 @@ def run_tiled(
     x: torch.Tensor,
     tile: int,
     *,
-    resident_bytes: int = DEFAULT_RESIDENT_BYTES,
+    resident_bytes: int | None = None,
     into: FeatureMap | None = None,
 ) -> torch.Tensor | None:
     """Run local and GroupNorm tasks on cores of side about ``tile`` (input pixels) plus the halo.
@@ -469,7 +477,8 @@ def run_tiled(
     the mean and variance pooled over every tile's core, so the result is the untiled one. A
     tile's window shrinks as it advances, to what the remaining tasks need (the decoder's
     full-resolution stages run on little more than the core). The result is returned, or
-    written to ``into`` (then None is returned).
+    written to ``into`` (then None is returned). ``resident_bytes``: the RAM budget of the tile
+    states, by default :func:`default_resident_bytes` of ``x``'s device.
     """
     if any(op.kind == "global" for op in ops):
         raise ValueError("run_tiled: global tasks (attention) must run untiled; see split_tiled")
@@ -494,7 +503,7 @@ def run_tiled(
         elif op.kind == "add":
             residual_margins[i] = saved_at.pop()
     segments = [i for i, op in enumerate(program) if op.kind == "norm"] + [len(program)]
-    store = _TileStore(resident_bytes)
+    store = _TileStore(default_resident_bytes(x.device) if resident_bytes is None else resident_bytes)
     try:
         for key, t in enumerate(tiles):
             rows, cols = t.window(Fraction(1), margins[0])
@@ -559,10 +568,12 @@ def exact_tiled_decode(vae: nn.Module, latents: torch.Tensor, tile: int, **optio
 
 
 __all__ = [
-    "DEFAULT_RESIDENT_BYTES",
+    "ACCELERATOR_RESIDENT_BYTES",
+    "CPU_RESIDENT_BYTES",
     "FeatureMap",
     "Op",
     "decoder_program",
+    "default_resident_bytes",
     "encoder_program",
     "exact_tiled_decode",
     "exact_tiled_encode",
