@@ -40,6 +40,7 @@ MODELS = {
     "vae": "mini VAE-D4 encoder + decoder",
     "restorer": "whole mini TVT restorer (encoder, CE-UNet, decoder; slow)",
 }
+CFW_MODELS = ("cfw-decoder", "sd-cfw-decoder")  # exact tiling only: CFW has no blended-tile path
 
 
 def _status_mb(key: str) -> float:
@@ -75,7 +76,7 @@ def run_case(model: str, size: int, tile: int | None, norm_stats: str, save: str
     torch.manual_seed(0)
     if model == "sd-decoder":
         vae, factor = AutoencoderKL(**SD21_BASE_VAE).eval(), 8
-    elif model in ("cfw-decoder", "sd-cfw-decoder"):
+    elif model in CFW_MODELS:
         from tvt.models.cfw import CFWAutoencoder, CFWModule
         from tvt.models.sd_configs import MINI_VAE_D8
 
@@ -92,7 +93,7 @@ def run_case(model: str, size: int, tile: int | None, norm_stats: str, save: str
                 return vae.decode(latent).sample
             return tiled_decode(vae, latent, tile // factor, tile // factor // 4, norm_stats=norm_stats)
 
-    elif model in ("cfw-decoder", "sd-cfw-decoder"):
+    elif model in CFW_MODELS:
         latent = _photo_latent(size // factor)
         lr_image = torch.nn.functional.interpolate(latent[:, :3], scale_factor=factor, mode="bicubic") / 2
 
@@ -190,7 +191,7 @@ def main() -> None:
         for size in args.sizes:
             reference = Path(tmp) / f"untiled-{size}.pt"
             runs = [("untiled", None, "tile")] if size <= args.max_untiled else []
-            runs += [(mode, args.tile, mode) for mode in args.modes if mode == "exact" or "cfw" not in args.model]
+            runs += [(mode, args.tile, mode) for mode in args.modes if mode == "exact" or args.model not in CFW_MODELS]
             for label, tile, norm_stats in runs:
                 save = Path(tmp) / f"{label}-{size}.pt"
                 result = spawn(args.model, size, tile, norm_stats, save)
