@@ -10,8 +10,15 @@ median latency, the speed-up over fp32 and the PSNR of the output against the fp
     PYTHONPATH=. python bench/bench_precision.py                     # mini models, 256² output
     PYTHONPATH=. python bench/bench_precision.py --compile           # + torch.compile (minutes)
     PYTHONPATH=. python bench/bench_precision.py --sd-scale --sd-size 256   # SD-size TVT/OSEDiff
+    PYTHONPATH=. python bench/bench_precision.py --weights resources/models/tvt resources/models/osediff \
+        --pairs resources/store/degrade/<key>/pairs.csv   # the ground-truth check on trained restorers
 
 Default run: a few minutes on 2 CPU cores.
+
+``--weights`` is the second half of the default rule: each trained restorer restores the test split
+(``split == test`` in the degrade stage's pairs.csv) under each candidate option; the table gives
+the mean PSNR-Y against the HR images (the evaluation's convention: 8-bit outputs, ``--crop-border``
+pixels off each side), its change from fp32 and the worst image's PSNR against the fp32 output.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import csv
 import math
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,10 +45,13 @@ from bench_latency import build_pair  # bench/ is on sys.path when run as a scri
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tvt.evaluate import load_image
 from tvt.inference import InferenceOptions, prepare_for_inference
+from tvt.metrics.fidelity import quantise, y_channel_metric
 from tvt.models.cfw import CFWModule
 from tvt.models.prompts import NullPrompt
 from tvt.models.restorer import sd_noise_scheduler
+from tvt.models.saved import load_restorer as load_saved
 from tvt.models.sd_configs import MINI_UNET, MINI_VAE_D8, STABLESR_CONDITIONER_MINI
 from tvt.models.stablesr import StableSRConditioner
 from tvt.models.stablesr_restorer import StableSRRestorer
@@ -54,6 +66,16 @@ OPTIONS = [
     ("", InferenceOptions(precision="bf16"), None),
     ("", InferenceOptions(precision="bf16", vae_fp32=False), None),
     ("", InferenceOptions(precision="fp16"), None),
+    ("", InferenceOptions(precision="bf16", channels_last=True), None),
+]
+
+# The candidates for tvt sr's default, checked against ground truth on trained weights (--weights)
+CANDIDATES = [
+    InferenceOptions(),
+    InferenceOptions(channels_last=True),
+    InferenceOptions(precision="bf16"),
+    InferenceOptions(precision="bf16", channels_last=True),
+    InferenceOptions(precision="fp16", channels_last=True),  # CUDA's candidate; its numbers, not its speed, here
 ]
 
 
@@ -114,6 +136,51 @@ def bench(name: str, reference, lr, options, repeats: int) -> None:
         )
 
 
+def test_pairs(pairs_csv: Path, kinds: list[str] | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(pair id, LR, HR) of the test split in ``pairs_csv``, optionally only the given kinds."""
+    root = pairs_csv.parent
+    with pairs_csv.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "test" and (not kinds or r["kind"] in kinds)]
+    if not rows:
+        raise SystemExit(f"{pairs_csv}: no test pairs{f' of kind {kinds}' if kinds else ''}")
+    return [(r["pair_id"], load_image(root / r["lr_path"]), load_image(root / r["hr_path"])) for r in rows]
+
+
+def ground_truth_check(folders: list[Path], pairs, crop_border: int, repeats: int) -> None:
+    """Per trained restorer and candidate option: seconds per image, mean PSNR-Y vs HR, its change
+    from fp32, and the lowest PSNR of any output against that image's fp32 output."""
+    psnr_y = y_channel_metric("psnr", crop_border)
+    print(f"{len(pairs)} test pairs; PSNR-Y with {crop_border} px cropped per side, outputs as 8-bit PNGs")
+    print(f"{'restorer':>9} | {'option':<34} | {'s / image':>9} | {'speed-up':>9} | {'PSNR-Y':>7} "
+          f"| {'Δ vs fp32':>9} | {'worst vs fp32':>13} | {'default ok':>10}")
+    threads = torch.get_num_threads()
+    for folder in folders:
+        name = folder.name
+        base = None
+        for option in CANDIDATES:
+            restorer = prepare_for_inference(load_saved(folder), option)
+            outputs, seconds = [], []
+            with torch.inference_mode():
+                for index, (_, lr, _) in enumerate(pairs):
+                    lr = lr.to(restorer.vae.dtype)
+                    for attempt in range(repeats + (index == 0)):  # the first call also warms up
+                        start = time.perf_counter()
+                        out = restorer(lr)
+                        if index > 0 or attempt > 0:
+                            seconds.append(time.perf_counter() - start)
+                    outputs.append(quantise(out.float()))
+            torch.set_num_threads(threads)
+            score = statistics.fmean(psnr_y(o, hr).item() for o, (_, _, hr) in zip(outputs, pairs))
+            per_image = statistics.fmean(seconds)
+            if base is None:
+                base = {"score": score, "seconds": per_image, "outputs": outputs}
+            worst = min(psnr(b, o) for b, o in zip(base["outputs"], outputs))
+            delta = score - base["score"]
+            ok = abs(delta) <= 0.1 and worst >= 40
+            print(f"{name:>9} | {option.label:<34} | {per_image:9.3f} | {base['seconds'] / per_image:8.2f}x "
+                  f"| {score:7.3f} | {delta:+9.3f} | {worst:10.1f} dB | {'yes' if ok else 'no':>10}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256, help="output side, mini models")
@@ -122,7 +189,20 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiles first: minutes)")
     parser.add_argument("--sd-scale", action="store_true", help="also SD-size TVT and OSEDiff (slow)")
     parser.add_argument("--sd-size", type=int, default=256, help="output side for SD-size models")
+    parser.add_argument("--no-mini", action="store_true", help="skip the mini models (with --sd-scale)")
+    parser.add_argument("--weights", type=Path, nargs="+", metavar="DIR",
+                        help="trained restorer folders: run the ground-truth check instead")
+    parser.add_argument("--pairs", type=Path, help="with --weights: the degrade stage's pairs.csv")
+    parser.add_argument("--kinds", nargs="+", help="with --weights: only these pair kinds (photo, text)")
+    parser.add_argument("--crop-border", type=int, default=4, help="with --weights (default: 4 = scale)")
     args = parser.parse_args()
+    if args.weights:
+        if args.pairs is None:
+            parser.error("--weights needs --pairs (the degrade stage's pairs.csv)")
+        print(f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, batch 1, "
+              f"mean over the test split of {args.repeats} timed calls each")
+        ground_truth_check(args.weights, test_pairs(args.pairs, args.kinds), args.crop_border, args.repeats)
+        return
     options = OPTIONS + ([("", InferenceOptions(compile=True), None)] if args.compile else [])
 
     cpu = torch.backends.cpu.get_cpu_capability()
@@ -132,11 +212,13 @@ def main() -> None:
     )
     print(f"{'method':>9} | {'option':<34} | {'seconds':>9} | {'speed-up':>9} | {'vs fp32':>12} | {'≥ 40 dB':>7}")
     lr = photo_lr(args.size // 4)
-    restorers = {**build_pair("mini"), "StableSR": mini_stablesr(args.stablesr_steps)}
-    for name, restorer in restorers.items():
-        bench(name, restorer, lr, options, args.repeats)
-    if args.sd_scale:
-        sd_options = [o for o in options if o[1].threads is None and o[2] is None and o[1].vae_fp32]
+    if not args.no_mini:
+        restorers = {**build_pair("mini"), "StableSR": mini_stablesr(args.stablesr_steps)}
+        for name, restorer in restorers.items():
+            bench(name, restorer, lr, options, args.repeats)
+    if args.sd_scale:  # fp16 has no CPU arithmetic units: 4-10x slower than fp32 at mini size, minutes here
+        sd_options = [o for o in options if o[1].threads is None and o[2] is None and o[1].vae_fp32
+                      and o[1].precision != "fp16"]
         for name, restorer in build_pair("sd").items():
             bench(f"SD {name}", restorer, photo_lr(args.sd_size // 4), sd_options, max(1, args.repeats - 2))
 

@@ -407,6 +407,30 @@ def test_module_entry_point_starts_without_torch(tmp_path):
     assert probe.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_the_default_runs_the_fastest_exact_options_and_says_so(weights, tmp_path, capsys, monkeypatch, bf16_units):
+    from tvt import inference
+
+    monkeypatch.setattr(inference, "cpu_has_bf16_units", lambda: bf16_units)
+    monkeypatch.setattr(sr, "load_restorer", sr.load_restorer.__wrapped__)  # uncached: the probe decides
+    Image.fromarray(photo(32, 24)).save(tmp_path / "a.png")
+    runs = {"auto": (), "plain": ("--dtype", "fp32", "--no-channels-last")}
+    outputs = {}
+    for name, options in runs.items():
+        code, stdout, err = run_sr(capsys, tmp_path / "a.png", "-o", tmp_path / name, "--weights", weights,
+                                   "--device", "cpu", *options)
+        assert code == 0, err
+        outputs[name] = np.asarray(Image.open(tmp_path / name / "a.png"), np.float64)
+        expected = (f"denoiser {'bf16' if bf16_units else 'fp32'}, VAE fp32, channels-last (auto)" if name == "auto"
+                    else "denoiser fp32, VAE fp32, contiguous")
+        assert f"running in: {expected}\n" in stdout
+    difference = np.abs(outputs["auto"] - outputs["plain"])
+    if bf16_units:  # rounded in the UNet, not broken
+        assert 0 < difference.mean() < 2
+    else:  # fp32 in another memory layout: summation order only
+        assert difference.max() <= 1
+
+
 def test_registered_in_the_tvt_cli(weights, tmp_path, capsys):
     from tvt import cli
 
