@@ -332,6 +332,29 @@ def test_large_outputs_run_tiled(weights, tmp_path, capsys):
     assert 0 < np.abs(tiled - untiled).mean() < 40  # another computation of the same image
 
 
+def test_tile_memory_bounds_the_tile_states_and_not_the_result(weights, tmp_path, capsys, monkeypatch):
+    from tvt.models import tiled_vae
+
+    stores = []
+    original = tiled_vae._TileStore.close
+
+    def spy(store):  # each exact tiled pass closes its store: (budget, whether states went to disk)
+        stores.append((store.budget, store._tmp is not None))
+        original(store)
+
+    monkeypatch.setattr(tiled_vae._TileStore, "close", spy)
+    Image.fromarray(photo(24, 20)).save(tmp_path / "big.png")  # 96x80 output, 64-px tiles
+    outputs, seen = {}, {}
+    for name, extra in {"default": (), "1 MiB": ("--tile-memory", 1)}.items():
+        stores.clear()
+        code, _, err = run_sr(capsys, tmp_path / "big.png", "-o", tmp_path / name, "--weights", weights, "--tile", 64,
+                              "--dtype", "fp32", "--no-channels-last", *extra)
+        assert code == 0, err
+        outputs[name], seen[name] = (tmp_path / name / "big.png").read_bytes(), set(stores)
+    assert seen == {"default": {(128 << 20, False)}, "1 MiB": {(1 << 20, True)}}  # encoder and decoder alike
+    assert outputs["1 MiB"] == outputs["default"]  # states round-trip through the disk exactly
+
+
 def test_same_input_gives_the_same_bytes(weights, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()

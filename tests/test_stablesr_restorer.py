@@ -127,18 +127,24 @@ def test_one_tile_covering_the_image_equals_untiled(restorer):
 def test_tiled_encoder_and_cfw_decoder_equal_untiled(restorer, monkeypatch):
     """The sampling held fixed (z_0 = z_lr; its UNet tiles are blended, so never exact): the
     tiled restorer's encoder and CFW decoder then give the untiled output to float rounding."""
-    from tvt.models import stablesr_restorer
+    from tvt.models import stablesr_restorer, tiled_vae
 
     monkeypatch.setattr(stablesr_restorer, "sample_latents", lambda _denoiser, z_lr, *_args, **_kwargs: z_lr)
+    budgets, close = [], tiled_vae._TileStore.close
+    monkeypatch.setattr(tiled_vae._TileStore, "close", lambda store: (budgets.append(store.budget), close(store)))
     lr = lr_image(24, 40)  # 96 x 160 output: 2 x 3 pixel tiles of 64, latent tiles 8 of 12 x 20
     untiled = restorer(lr, w=1.0)
     restorer.tile = 64
     try:
         tiled = restorer(lr, w=1.0)
+        restorer.tile_memory = 1 << 10  # 1 KiB: every tile state and the encoder's features go to disk
+        spilled = restorer(lr, w=1.0)
     finally:
-        restorer.tile = None
+        restorer.tile, restorer.tile_memory = None, None
     # measured: max abs difference 5.8e-6 (7.7e-6 at w = 0.5), output in [0, 1]
     assert (tiled - untiled).abs().max() <= 3e-5
+    assert torch.equal(spilled, tiled)  # the budget moves memory, not values
+    assert budgets[-2:] == [1 << 10] * 2 and (128 << 20) in budgets  # encoder and CFW decoder got it
     assert (untiled - restorer(lr, w=0.0)).abs().mean() > 1e-3  # the fusion is in what was compared
 
 

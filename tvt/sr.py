@@ -38,7 +38,9 @@ time, not in memory, with PyTorch's fused attention). An image whose output has 
 runs through the restorer's tiled path (tiles of ``--tile`` output pixels, Gaussian-blended),
 whose activation memory is fixed by the tile; only image-sized buffers (input, bicubic
 upsample, output) still grow with the image, and ``--max-input-pixels`` bounds those. An
-explicit ``--tile`` tiles every image larger than one tile.
+explicit ``--tile`` tiles every image larger than one tile. The VAE's tiles pool their GroupNorm
+statistics (exact tiling), so their states wait between GroupNorms: in RAM up to ``--tile-memory``
+MiB, on disk beyond.
 
 **Prompts** (``--tagger``): by default the restorer conditions on the prompt stored with it: the
 null prompt, or, for a restorer trained on tags (``restorer.json``'s ``prompt``), tags of the same
@@ -362,6 +364,7 @@ class TilingPolicy:
     tile: int = DEFAULT_TILE
     overlap: int | None = None  # None: the restorer's default, a quarter tile
     always: bool = False  # an explicit --tile: tile whatever is larger than one tile
+    memory: int | None = None  # exact tiling's RAM budget for tile states, bytes (None: the device's default)
 
     def tile_for(self, out_width: int, out_height: int) -> int | None:
         """The tile side for an output of this size, None for one untiled pass."""
@@ -370,8 +373,10 @@ class TilingPolicy:
         return None
 
 
-def upscale(restorer: OneStepRestorer, picture: Picture, tile: int | None, overlap: int | None = None) -> Picture:
-    """The restorer's output for ``picture`` (alpha upscaled bicubically beside it)."""
+def upscale(restorer: OneStepRestorer, picture: Picture, tile: int | None, overlap: int | None = None,
+            tile_memory: int | None = None) -> Picture:
+    """The restorer's output for ``picture`` (alpha upscaled bicubically beside it); ``tile_memory``:
+    the RAM budget (bytes) of exact tiling's tile states, None for the device's default."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -379,6 +384,7 @@ def upscale(restorer: OneStepRestorer, picture: Picture, tile: int | None, overl
     parameter = next(restorer.parameters())
     restorer.tile = tile
     restorer.tile_overlap = overlap if overlap is not None else (tile or 0) // 4
+    restorer.tile_memory = tile_memory
     lr = torch.from_numpy(picture.rgb).permute(2, 0, 1)[None].to(parameter.device, restorer.vae.dtype)
     try:
         with torch.inference_mode():
@@ -491,7 +497,7 @@ def restore_image(restorer: OneStepRestorer, item: BatchItem, options: BatchOpti
         picture = read_image(item.source, min_side=options.min_side, max_pixels=options.max_input_pixels)
         input_size = picture.size
         tile = options.tiling.tile_for(input_size[0] * restorer.scale, input_size[1] * restorer.scale)
-        restored = upscale(restorer, picture, tile, options.tiling.overlap)
+        restored = upscale(restorer, picture, tile, options.tiling.overlap, options.tiling.memory)
         payload = encode_image(restored, item.output, quality=options.quality)
         try:
             write_last_tags(getattr(restorer, "prompt", None), item.output)  # first: no output without its tags
@@ -734,6 +740,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tile every image larger than N x N output pixels (a multiple of the restorer's "
                              f"64-pixel alignment; default: {DEFAULT_TILE}, only above --max-pixels-untiled)")
     parser.add_argument("--overlap", type=_int_between(0), metavar="M", help="tile overlap in output pixels (default: N/4)")
+    parser.add_argument("--tile-memory", type=_int_between(1), metavar="MIB",
+                        help="RAM for the tile states of exact VAE tiling, in MiB; beyond it they wait on disk "
+                             "(default: 128 on CPU, 1024 on a GPU; more is a little faster, see docs/inference.md)")
     parser.add_argument("--max-pixels-untiled", type=_int_between(1), default=DEFAULT_MAX_PIXELS_UNTILED, metavar="P",
                         help="outputs with more pixels run tiled, so memory stays bounded (default: %(default)s)")
     parser.add_argument("--max-input-pixels", type=_int_between(1), default=DEFAULT_MAX_INPUT_PIXELS, metavar="P",
@@ -770,7 +779,8 @@ def _tiling_policy(args: argparse.Namespace, pixel_multiple: int) -> TilingPolic
         raise UsageError(f"--tile {tile} must be a multiple of {pixel_multiple} (the restorer's alignment)")
     if args.overlap is not None and not 0 <= args.overlap < tile:
         raise UsageError(f"--overlap {args.overlap} must be in [0, {tile})")
-    return TilingPolicy(args.max_pixels_untiled, tile, args.overlap, always=args.tile is not None)
+    memory = args.tile_memory and args.tile_memory << 20
+    return TilingPolicy(args.max_pixels_untiled, tile, args.overlap, always=args.tile is not None, memory=memory)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -161,6 +161,7 @@ class OneStepRestorer(nn.Module):
         self.tile = tile
         self.tile_overlap = tile_overlap if tile_overlap is not None else (tile or 0) // 4
         self.tile_norm_stats = tile_norm_stats
+        self.tile_memory: int | None = None  # exact tiling's RAM budget for tile states (bytes; None: the device's)
 
     # ---- geometry ----
 
@@ -214,7 +215,7 @@ class OneStepRestorer(nn.Module):
             posterior, skips = self.vae.encode_with_skips(x)
             mean = posterior.latent_dist.sample() if sample else posterior.latent_dist.mode()
         elif self.tile and self.tile_norm_stats == "exact" and not sample:
-            mean = tiled_encode(self.vae, x, self.tile, 0, norm_stats="exact")
+            mean = tiled_encode(self.vae, x, self.tile, 0, norm_stats="exact", resident_bytes=self.tile_memory)
         else:
             encode = lambda x: self.vae.encode(x).latent_dist.sample() if sample else self.vae.encode(x).latent_dist.mode()
             mean = self._tiled(encode, x, self.tile, 1 / self.vae_factor, self.vae)
@@ -237,7 +238,7 @@ class OneStepRestorer(nn.Module):
         if skips is not None:
             image = self.vae.decode(z, skips=skips).sample
         elif tile and self.tile_norm_stats == "exact":
-            image = tiled_decode(self.vae, z, tile, 0, norm_stats="exact")
+            image = tiled_decode(self.vae, z, tile, 0, norm_stats="exact", resident_bytes=self.tile_memory)
         else:
             decode = lambda z: self.vae.decode(z).sample
             image = self._tiled(decode, z, tile, self.vae_factor, self.vae)

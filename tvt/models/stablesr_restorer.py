@@ -101,6 +101,7 @@ class StableSRRestorer(nn.Module):
             raise ValueError(f"tile must be a multiple of {self.pixel_multiple} px, got {tile}")
         self.tile = tile
         self.tile_overlap = tile_overlap if tile_overlap is not None else (tile or 0) // 4
+        self.tile_memory: int | None = None  # exact tiling's RAM budget for tile states (bytes; None: the device's)
 
     @property
     def vae_factor(self) -> int:
@@ -124,7 +125,8 @@ class StableSRRestorer(nn.Module):
         factor, scaling = self.vae_factor, self.vae.config.scaling_factor
         dtype = self.vae.dtype  # VAE and CFW; the denoiser casts its own inputs (sample_latents)
         if self.tile:
-            mean = tiled_encode(self.vae, image.to(dtype), self.tile, self.tile_overlap, norm_stats="exact")
+            mean = tiled_encode(self.vae, image.to(dtype), self.tile, self.tile_overlap, norm_stats="exact",
+                                resident_bytes=self.tile_memory)
         else:
             mean = self.vae.encode(image.to(dtype)).latent_dist.mode()
         latent_tile = self.tile and self.tile // factor
@@ -141,7 +143,8 @@ class StableSRRestorer(nn.Module):
         )
         latents = (z_0 / scaling).to(dtype)
         if self.tile:
-            decoded = self.autoencoder.tiled_decode(latents, image.to(dtype), w, latent_tile)
+            decoded = self.autoencoder.tiled_decode(latents, image.to(dtype), w, latent_tile,
+                                                    resident_bytes=self.tile_memory)
         else:
             features = self.autoencoder.encoder_features(image.to(dtype)) if w > 0 else None
             decoded = self.autoencoder.decode(latents, features, w)

@@ -222,12 +222,14 @@ def tiled_encode(vae: nn.Module, image: torch.Tensor, tile: int, overlap: int, *
 
     ``tile`` and ``overlap`` are in pixels; ``tiling`` goes to :func:`tiled_apply`, except with
     ``norm_stats="exact"`` (:func:`~tvt.models.tiled_vae.exact_tiled_encode`; ``overlap`` unused:
-    the halo follows from the network).
+    the halo follows from the network; ``resident_bytes``: its RAM budget for tile states, None for
+    the device's default).
     """
+    resident_bytes = tiling.pop("resident_bytes", None)
     if tiling.get("norm_stats") == "exact":
         from tvt.models.tiled_vae import exact_tiled_encode  # tiled_vae builds on this module
 
-        return exact_tiled_encode(vae, image, tile)
+        return exact_tiled_encode(vae, image, tile, resident_bytes=resident_bytes)
     factor = vae_downsample_factor(vae)
     encode = lambda x: vae.encode(x).latent_dist.mode()
     return tiled_apply(encode, image, tile, overlap, 1 / factor, norm_module=vae, **tiling)
@@ -237,12 +239,14 @@ def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile: int, overlap: int,
     """Image in [-1, 1] decoded from unscaled ``latents`` by latent tiles.
 
     ``tile`` and ``overlap`` are in latent pixels; ``tiling`` goes to :func:`tiled_apply`, except
-    with ``norm_stats="exact"`` (:func:`~tvt.models.tiled_vae.exact_tiled_decode`).
+    with ``norm_stats="exact"`` (:func:`~tvt.models.tiled_vae.exact_tiled_decode`, with
+    ``resident_bytes`` as in :func:`tiled_encode`).
     """
+    resident_bytes = tiling.pop("resident_bytes", None)
     if tiling.get("norm_stats") == "exact":
         from tvt.models.tiled_vae import exact_tiled_decode  # tiled_vae builds on this module
 
-        return exact_tiled_decode(vae, latents, tile)
+        return exact_tiled_decode(vae, latents, tile, resident_bytes=resident_bytes)
     factor = vae_downsample_factor(vae)
     decode = lambda z: vae.decode(z).sample
     return tiled_apply(decode, latents, tile, overlap, factor, norm_module=vae, **tiling)
