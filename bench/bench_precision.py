@@ -10,6 +10,7 @@ median latency, the speed-up over fp32 and the PSNR of the output against the fp
     PYTHONPATH=. python bench/bench_precision.py                     # mini models, 256² output
     PYTHONPATH=. python bench/bench_precision.py --compile           # + torch.compile (minutes)
     PYTHONPATH=. python bench/bench_precision.py --sd-scale --sd-size 256   # SD-size TVT/OSEDiff
+    PYTHONPATH=. python bench/bench_precision.py --device cuda --sd-scale --sd-size 512   # on a GPU
     PYTHONPATH=. python bench/bench_precision.py --weights resources/models/tvt resources/models/osediff \
         --pairs resources/store/degrade/<key>/pairs.csv   # the ground-truth check on trained restorers
 
@@ -101,16 +102,22 @@ def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def timed(restorer, lr) -> tuple[torch.Tensor, float]:
+    """One call and its seconds; on a GPU, until its kernels have finished."""
+    synchronize = torch.cuda.synchronize if lr.device.type == "cuda" else lambda: None
+    synchronize()
+    start = time.perf_counter()
+    out = restorer(lr)
+    synchronize()
+    return out, time.perf_counter() - start
+
+
 def run(restorer, lr, repeats: int, kernel) -> tuple[float, torch.Tensor]:
     """Median seconds over ``repeats`` calls after one warm-up (which also compiles), and the output."""
     context = sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()
     with torch.inference_mode(), context:
         out = restorer(lr).float()
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            restorer(lr)
-            seconds.append(time.perf_counter() - start)
+        seconds = [timed(restorer, lr)[1] for _ in range(repeats)]
     return statistics.median(seconds), out
 
 
@@ -118,7 +125,7 @@ def bench(name: str, reference, lr, options, repeats: int) -> None:
     threads = torch.get_num_threads()
     base_seconds = base_out = None
     for suffix, option, kernel in options:
-        restorer = prepare_for_inference(copy.deepcopy(reference), option)
+        restorer = prepare_for_inference(copy.deepcopy(reference).to(lr.device), option)
         try:  # the input in the VAE's dtype, as tvt sr feeds it
             seconds, out = run(restorer, lr.to(restorer.vae.dtype), repeats, kernel)
         except RuntimeError as exc:  # an op without a kernel for this dtype on this device
@@ -146,7 +153,7 @@ def test_pairs(pairs_csv: Path, kinds: list[str] | None) -> list[tuple[str, torc
     return [(r["pair_id"], load_image(root / r["lr_path"]), load_image(root / r["hr_path"])) for r in rows]
 
 
-def ground_truth_check(folders: list[Path], pairs, crop_border: int, repeats: int) -> None:
+def ground_truth_check(folders: list[Path], pairs, crop_border: int, repeats: int, device: torch.device) -> None:
     """Per trained restorer and candidate option: seconds per image, mean PSNR-Y vs HR, its change
     from fp32, and the lowest PSNR of any output against that image's fp32 output."""
     psnr_y = y_channel_metric("psnr", crop_border)
@@ -158,17 +165,16 @@ def ground_truth_check(folders: list[Path], pairs, crop_border: int, repeats: in
         name = folder.name
         base = None
         for option in CANDIDATES:
-            restorer = prepare_for_inference(load_saved(folder), option)
+            restorer = prepare_for_inference(load_saved(folder).to(device), option)
             outputs, seconds = [], []
             with torch.inference_mode():
                 for index, (_, lr, _) in enumerate(pairs):
-                    lr = lr.to(restorer.vae.dtype)
+                    lr = lr.to(device, restorer.vae.dtype)
                     for attempt in range(repeats + (index == 0)):  # the first call also warms up
-                        start = time.perf_counter()
-                        out = restorer(lr)
+                        out, elapsed = timed(restorer, lr)
                         if index > 0 or attempt > 0:
-                            seconds.append(time.perf_counter() - start)
-                    outputs.append(quantise(out.float()))
+                            seconds.append(elapsed)
+                    outputs.append(quantise(out.float()).cpu())
             torch.set_num_threads(threads)
             score = statistics.fmean(psnr_y(o, hr).item() for o, (_, _, hr) in zip(outputs, pairs))
             per_image = statistics.fmean(seconds)
@@ -195,32 +201,35 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, help="with --weights: the degrade stage's pairs.csv")
     parser.add_argument("--kinds", nargs="+", help="with --weights: only these pair kinds (photo, text)")
     parser.add_argument("--crop-border", type=int, default=4, help="with --weights (default: 4 = scale)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
     if args.weights:
         if args.pairs is None:
             parser.error("--weights needs --pairs (the degrade stage's pairs.csv)")
-        print(f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, batch 1, "
-              f"mean over the test split of {args.repeats} timed calls each")
-        ground_truth_check(args.weights, test_pairs(args.pairs, args.kinds), args.crop_border, args.repeats)
+        print(f"{where}, batch 1, mean over the test split of {args.repeats} timed calls each")
+        ground_truth_check(args.weights, test_pairs(args.pairs, args.kinds), args.crop_border, args.repeats, device)
         return
     options = OPTIONS + ([("", InferenceOptions(compile=True), None)] if args.compile else [])
+    if device.type != "cpu":  # thread counts are a CPU setting
+        options = [o for o in options if o[1].threads is None]
 
-    cpu = torch.backends.cpu.get_cpu_capability()
-    print(
-        f"CPU ({cpu}), {torch.get_num_threads()} threads, batch 1, median of {args.repeats}; "
-        f"mini models at {args.size}² output; StableSR {args.stablesr_steps} steps"
-    )
+    print(f"{where}, batch 1, median of {args.repeats}; mini models at {args.size}² output; "
+          f"StableSR {args.stablesr_steps} steps")
     print(f"{'method':>9} | {'option':<34} | {'seconds':>9} | {'speed-up':>9} | {'vs fp32':>12} | {'≥ 40 dB':>7}")
-    lr = photo_lr(args.size // 4)
+    lr = photo_lr(args.size // 4).to(device)
     if not args.no_mini:
         restorers = {**build_pair("mini"), "StableSR": mini_stablesr(args.stablesr_steps)}
         for name, restorer in restorers.items():
             bench(name, restorer, lr, options, args.repeats)
-    if args.sd_scale:  # fp16 has no CPU arithmetic units: 4-10x slower than fp32 at mini size, minutes here
+    if args.sd_scale:  # fp16 has no CPU arithmetic units: 4-10x slower than fp32 at mini size, minutes there
         sd_options = [o for o in options if o[1].threads is None and o[2] is None and o[1].vae_fp32
-                      and o[1].precision != "fp16"]
+                      and (o[1].precision != "fp16" or device.type == "cuda")]
+        repeats = args.repeats if device.type == "cuda" else max(1, args.repeats - 2)
         for name, restorer in build_pair("sd").items():
-            bench(f"SD {name}", restorer, photo_lr(args.sd_size // 4), sd_options, max(1, args.repeats - 2))
+            bench(f"SD {name}", restorer, photo_lr(args.sd_size // 4).to(device), sd_options, repeats)
 
 
 if __name__ == "__main__":
