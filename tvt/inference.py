@@ -73,7 +73,8 @@ def fastest_exact_options(restorer: nn.Module, device: torch.device | str) -> In
     (bench/bench_precision.py, docs/inference.md).
 
     * channels-last always: fp32 reordering only (> 75 dB from the contiguous output), faster everywhere measured;
-    * on CUDA an fp16 denoiser (the VAE fp32), the precision of OSEDiff's official ``test_osediff.py``;
+    * on CUDA an fp16 denoiser (the VAE fp32), the precision the official inference runs in (OSEDiff's
+      ``test_osediff.py`` ``--mixed_precision``, StableSR's ``sr_val_ddpm_text_T_vqganfin_old.py`` autocast);
     * on a CPU with bf16 units a bf16 denoiser, for restorers whose ε error is not amplified
       (:data:`MAX_EPS_ERROR_GAIN`; TVT but not OSEDiff, not StableSR's multi-step sampler);
     * fp32 otherwise.
