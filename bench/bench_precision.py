@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import math
 import statistics
 import time
@@ -46,7 +45,8 @@ from bench_latency import build_pair  # bench/ is on sys.path when run as a scri
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tvt.evaluate import load_image
+from tvt import config
+from tvt.evaluate import load_image, load_test_pairs
 from tvt.inference import InferenceOptions, prepare_for_inference
 from tvt.metrics.fidelity import quantise, y_channel_metric
 from tvt.models.cfw import CFWModule
@@ -143,11 +143,11 @@ def bench(name: str, reference, lr, options, repeats: int) -> None:
         )
 
 
-def test_pairs(pairs_csv: Path, kinds: list[str] | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(pair id, LR, HR) of the test split in ``pairs_csv``, optionally only the given kinds."""
-    root = pairs_csv.parent
-    with pairs_csv.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] == "test" and (not kinds or r["kind"] in kinds)]
+def scored_pairs(cfg, pairs_csv: Path, kinds: list[str] | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(pair id, LR, HR) of the pairs the evaluation scores (:func:`tvt.evaluate.load_test_pairs`),
+    optionally only the given kinds."""
+    root = pairs_csv.parent  # (paper mode's rows hold absolute paths, which the join keeps)
+    rows = [r for r in load_test_pairs(cfg, pairs_csv) if not kinds or r["kind"] in kinds]
     if not rows:
         raise SystemExit(f"{pairs_csv}: no test pairs{f' of kind {kinds}' if kinds else ''}")
     return [(r["pair_id"], load_image(root / r["lr_path"]), load_image(root / r["hr_path"])) for r in rows]
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, nargs="+", metavar="DIR",
                         help="trained restorer folders: run the ground-truth check instead")
     parser.add_argument("--pairs", type=Path, help="with --weights: the degrade stage's pairs.csv")
+    parser.add_argument("--config", default="config/config.yaml", help="with --weights: the config the pipeline ran")
     parser.add_argument("--kinds", nargs="+", help="with --weights: only these pair kinds (photo, text)")
     parser.add_argument("--crop-border", type=int, default=4, help="with --weights (default: 4 = scale)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
@@ -210,7 +211,8 @@ def main() -> None:
         if args.pairs is None:
             parser.error("--weights needs --pairs (the degrade stage's pairs.csv)")
         print(f"{where}, batch 1, mean over the test split of {args.repeats} timed calls each")
-        ground_truth_check(args.weights, test_pairs(args.pairs, args.kinds), args.crop_border, args.repeats, device)
+        pairs = scored_pairs(config.load(args.config), args.pairs, args.kinds)
+        ground_truth_check(args.weights, pairs, args.crop_border, args.repeats, device)
         return
     options = OPTIONS + ([("", InferenceOptions(compile=True), None)] if args.compile else [])
     if device.type != "cpu":  # thread counts are a CPU setting
