@@ -16,12 +16,12 @@ demo: setup
 	@tvt runs
 	@echo "Browse the runs: make mlflow-ui   (http://127.0.0.1:5000)"
 
-test: setup
-	@$(BIN)/python -m pytest -q; rc=$$?; \
+test: setup  # one pytest-xdist worker per core (CORES); worksteal evens out the long pipeline tests
+	@$(BIN)/python -m pytest -q -n $(CORES) --dist worksteal; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup  # without the end-to-end pipeline, SLURM and multi-process training runs
-	@$(BIN)/python -m pytest -q -m "not slow"
+	@$(BIN)/python -m pytest -q -n $(CORES) --dist worksteal -m "not slow"
 
 setup: venv system-deps weights
 

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs ``-n $(CORES)``) the workers share the machine's cores:
+    each worker's torch gets its share of them, and OpenMP threads sleep instead of spinning while
+    they wait, so that a worker's stage subprocesses and the other worker do not oversubscribe the
+    cores with spinning threads (tens of times slower, see :func:`_torch_threads_kept`)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when OpenMP starts: here and in every subprocess
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
 
 @pytest.fixture(autouse=True)
