@@ -19,7 +19,8 @@ def pytest_configure(config):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when OpenMP starts: here and in every subprocess
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(workers)))
 
 
 @pytest.fixture(autouse=True)
