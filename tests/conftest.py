@@ -54,7 +54,7 @@ def perceptual_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ci_pipeline(tmp_path_factory, perceptual_weights):
-    """The CI-config pipeline, trained once: the end-to-end workflow test and the ablation test both
+    """The CI-config pipeline, trained once per (xdist) worker: the end-to-end workflow test and the ablation test both
     start from it (the keyed store reruns nothing that exists), each on a fresh copy."""
     from workflow_support import TrainedPipeline
 
