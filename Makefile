@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 CORES  ?= 2
+# one pytest-xdist worker per core; worksteal evens out the long pipeline tests
+PYTEST := $(BIN)/python -m pytest -q -n $(CORES) --dist worksteal
 export PATH := $(BIN):$(PATH)
 
 .PHONY: demo test test-fast setup lock venv system-deps weights clean-results mlflow-ui
@@ -16,12 +18,12 @@ demo: setup
 	@tvt runs
 	@echo "Browse the runs: make mlflow-ui   (http://127.0.0.1:5000)"
 
-test: setup  # one pytest-xdist worker per core (CORES); worksteal evens out the long pipeline tests
-	@$(BIN)/python -m pytest -q -n $(CORES) --dist worksteal; rc=$$?; \
+test: setup
+	@$(PYTEST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup  # without the end-to-end pipeline, SLURM and multi-process training runs
-	@$(BIN)/python -m pytest -q -n $(CORES) --dist worksteal -m "not slow"
+	@$(PYTEST) -m "not slow"
 
 setup: venv system-deps weights
 
